@@ -1,0 +1,1 @@
+"""Teacher detectors: the zoo of detectors (teachers and students alike)."""

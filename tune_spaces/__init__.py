@@ -1,0 +1,1 @@
+"""Named search spaces for `curriculum tune` (loss weights, temperatures, decay schedules)."""
