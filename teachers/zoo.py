@@ -1,0 +1,566 @@
+"""The detector zoo: one front door, `build_detector(name, num_classes, **overrides)`.
+
+A detector name is ``<head>_<backbone>``: a torchvision head (``retinanet``, ``fcos``, ``fasterrcnn``) on a
+timm backbone built with ``features_only=True`` and a torchvision FPN. Full-size backbones (ResNet-18/34/50/101,
+MobileNetV3, ConvNeXt, Swin T/S/B) sit beside width- and depth-reduced members that train on a 2-core CPU
+in minutes at the built-in data set's 128 px: these are the built-in teachers and students.
+
+Every detector is a `Detector` whose `forward` returns a `DetectorOutput` holding what distillation needs
+(FPN features per level; dense head outputs per level with their anchors or points; RPN outputs, proposals and
+RoI-head outputs) beside the usual losses and detections. It composes torchvision's public sub-modules
+(transform, backbone, head, anchor generator, RPN, RoI heads) instead of patching their forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from curriculum.errors import ModelError
+
+HEADS = ("retinanet", "fcos", "fasterrcnn")
+CHECKPOINT_FORMAT = "curriculum.detector/1"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A timm backbone and the neck/head sizes that suit it.
+
+    `timm_kwargs` reduce width and depth for the built-in members; `fpn_channels` and `head_convs` are the
+    defaults of detectors on this backbone (overridable per build).
+    """
+
+    timm_name: str
+    family: str
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    fpn_channels: int = 256
+    head_convs: int = 4
+    builtin: bool = False  # a reduced member: built-in teacher or student
+    torchvision_weights: str | None = None  # torchvision ImageNet weights whose keys fit this timm body
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    # Full-size members (pretrained weights exist for these in timm; not used offline).
+    "resnet18": BackboneSpec("resnet18", "resnet", torchvision_weights="ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet34": BackboneSpec("resnet34", "resnet", torchvision_weights="ResNet34_Weights.IMAGENET1K_V1"),
+    "resnet50": BackboneSpec("resnet50", "resnet", torchvision_weights="ResNet50_Weights.IMAGENET1K_V1"),
+    "resnet101": BackboneSpec("resnet101", "resnet", torchvision_weights="ResNet101_Weights.IMAGENET1K_V1"),
+    "mobilenetv3_small": BackboneSpec("mobilenetv3_small_100", "mobilenetv3", fpn_channels=128, head_convs=2),
+    "mobilenetv3_large": BackboneSpec("mobilenetv3_large_100", "mobilenetv3", fpn_channels=128, head_convs=2),
+    "convnext_tiny": BackboneSpec("convnext_tiny", "convnext"),
+    "convnext_small": BackboneSpec("convnext_small", "convnext"),
+    "swin_t": BackboneSpec("swin_tiny_patch4_window7_224", "swin"),
+    "swin_s": BackboneSpec("swin_small_patch4_window7_224", "swin"),
+    "swin_b": BackboneSpec("swin_base_patch4_window7_224", "swin"),
+    # Reduced members: the built-in ladder, from the smallest student to a Swin teacher.
+    "mobilenetv3_micro": BackboneSpec(
+        "mobilenetv3_small_050", "mobilenetv3", fpn_channels=32, head_convs=1, builtin=True
+    ),
+    "resnet_mini": BackboneSpec(
+        "resnet18", "resnet",
+        dict(layers=(1, 1, 1, 1), channels=(24, 48, 96, 192), stem_width=24),
+        fpn_channels=64, head_convs=2, builtin=True,
+    ),
+    "resnet18_half": BackboneSpec(
+        "resnet18", "resnet", dict(channels=(32, 64, 128, 256), stem_width=32),
+        fpn_channels=96, head_convs=2, builtin=True,
+    ),
+    "convnext_mini": BackboneSpec(
+        "convnext_atto", "convnext", dict(depths=(1, 1, 3, 1), dims=(32, 64, 128, 256)),
+        fpn_channels=96, head_convs=2, builtin=True,
+    ),
+    "swin_mini": BackboneSpec(
+        "swin_tiny_patch4_window7_224", "swin",
+        dict(embed_dim=48, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.05),
+        fpn_channels=96, head_convs=2, builtin=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything `build_detector` needs; stored in checkpoints so a detector rebuilds from its file alone."""
+
+    name: str
+    num_classes: int  # including background (label 0), torchvision's convention
+    image_size: int = 128
+    fpn_channels: int | None = None  # None: the backbone's default
+    head_convs: int | None = None
+    anchor_scale: float = 2.0  # anchor side = anchor_scale * stride (torchvision uses 4 at 800 px)
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    weights: str = "random"  # "random" | "timm" | "torchvision" (backbone ImageNet weights) | checkpoint path
+
+    @property
+    def head(self) -> str:
+        return self.name.split("_", 1)[0]
+
+    @property
+    def backbone(self) -> str:
+        return self.name.split("_", 1)[1]
+
+
+def list_detectors(builtin_only: bool = False) -> list[str]:
+    """All registered detector names, `<head>_<backbone>`."""
+    return [f"{h}_{b}" for b, spec in BACKBONES.items() if spec.builtin or not builtin_only for h in HEADS]
+
+
+def _check_name(name: str) -> None:
+    head, _, backbone = name.partition("_")
+    if head not in HEADS or backbone not in BACKBONES:
+        raise ModelError(
+            f"unknown detector {name!r}: a name is <head>_<backbone> with head one of {list(HEADS)} and backbone "
+            f"one of {sorted(BACKBONES)} (e.g. 'retinanet_resnet_mini'); `curriculum zoo` lists them all"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class DetectorOutput:
+    """What one forward pass recorded. Fields not asked for stay None.
+
+    features: FPN maps per level, ``{"p3": [N, C, H, W], ...}``.
+    head (one-stage): ``cls_logits`` / ``bbox_regression`` (/ ``bbox_ctrness`` for FCOS) as per-level lists of
+      ``[N, H*W*A, K]`` / ``[N, H*W*A, 4]``; ``anchors`` per image ``[sum HWA, 4]``, ``anchors_per_level``.
+    head (two-stage): ``objectness`` / ``rpn_deltas`` per level ``[N, A, H, W]`` / ``[N, 4A, H, W]``;
+      ``proposals`` per image; ``roi_boxes`` the boxes the RoI head scored, ``class_logits`` ``[R, K]``,
+      ``box_regression`` ``[R, 4K]``, and when training ``roi_labels`` / ``roi_regression_targets``.
+    """
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    features: "OrderedDict[str, Tensor] | None" = None
+    head: dict[str, Any] = field(default_factory=dict)
+    detections: list[dict[str, Tensor]] | None = None
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------- backbone
+
+
+class TimmFPNBackbone(nn.Module):
+    """A timm `features_only` body feeding a torchvision FPN; the `backbone` torchvision's detectors expect.
+
+    Swin's feature maps come out NHWC from timm: they are permuted to NCHW here, once.
+    """
+
+    def __init__(self, body: nn.Module, strides: tuple[int, ...], out_channels: int, extra: str) -> None:
+        super().__init__()
+        self.body = body
+        info = body.feature_info
+        reductions = info.reduction()
+        missing = [s for s in strides if s not in reductions]
+        if missing:
+            raise ModelError(f"backbone {type(body).__name__} has no feature map at stride(s) {missing}")
+        self.indices = [reductions.index(s) for s in strides]
+        self.level_names = [f"p{int(math.log2(s))}" for s in strides]
+        self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")
+        in_channels = [info.channels()[i] for i in self.indices]
+        if extra == "p6p7":
+            extra_blocks = LastLevelP6P7(out_channels, out_channels)
+            self.extra_names = [f"p{int(math.log2(strides[-1])) + 1}", f"p{int(math.log2(strides[-1])) + 2}"]
+        else:
+            extra_blocks = LastLevelMaxPool()
+            self.extra_names = [f"p{int(math.log2(strides[-1])) + 1}"]
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+        self.strides = tuple(strides) + tuple(strides[-1] * 2 ** (i + 1) for i in range(len(self.extra_names)))
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        maps = self.body(x)
+        picked = OrderedDict()
+        for name, i in zip(self.level_names, self.indices):
+            m = maps[i]
+            picked[name] = m.permute(0, 3, 1, 2).contiguous() if self.nhwc else m
+        out = self.fpn(picked)
+        # torchvision names the extra levels 'p6','p7' or 'pool': give every level its stride name.
+        return OrderedDict(zip(self.level_names + self.extra_names, out.values()))
+
+
+def _swin_window(image_size: int) -> int:
+    """The largest window <= 7 that tiles every Swin stage at this input size (7 at 224 px, 4 at 128 px)."""
+    sizes = [image_size // (4 * 2**i) for i in range(4)]
+    for w in range(7, 0, -1):
+        if all(s % w == 0 for s in sizes):
+            return w
+    return 1
+
+
+def _build_body(spec: BackboneSpec, cfg: DetectorConfig) -> nn.Module:
+    kwargs = dict(spec.timm_kwargs)
+    if spec.family == "swin":
+        kwargs.update(img_size=cfg.image_size, window_size=_swin_window(cfg.image_size))
+    pretrained = cfg.weights == "timm"
+    try:
+        body = timm.create_model(spec.timm_name, features_only=True, pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm raises many kinds when the hub is out of reach
+        if pretrained:
+            raise ModelError(
+                f"could not fetch timm pretrained weights for {spec.timm_name!r} ({type(e).__name__}: {e}). "
+                "This machine may be offline: download the weights elsewhere and pass a checkpoint path as "
+                "`weights`, or use weights='random'"
+            ) from e
+        raise
+    if cfg.weights == "torchvision":
+        _load_torchvision_weights(body, spec)
+    return body
+
+
+def _load_torchvision_weights(body: nn.Module, spec: BackboneSpec) -> None:
+    if spec.torchvision_weights is None or spec.timm_kwargs:
+        raise ModelError(
+            f"torchvision ImageNet weights fit only the full ResNets; backbone {spec.timm_name!r} "
+            f"with {spec.timm_kwargs or 'no changes'} has none: use weights='timm', 'random' or a checkpoint"
+        )
+    import torchvision.models as tvm
+
+    enum_name, member = spec.torchvision_weights.split(".")
+    weights = getattr(getattr(tvm, enum_name), member)
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as e:
+        raise ModelError(
+            f"could not download torchvision weights {spec.torchvision_weights} ({type(e).__name__}: {e}). "
+            "This machine may be offline: put the file in $TORCH_HOME/hub/checkpoints or use weights='random'"
+        ) from e
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ModelError(f"torchvision weights do not fit {spec.timm_name}: unexpected keys {unexpected[:5]}")
+
+
+# --------------------------------------------------------------------------------------------------- detector
+
+
+class Detector(nn.Module):
+    """A torchvision detector plus a forward that records what distillation needs."""
+
+    def __init__(self, cfg: DetectorConfig, model: nn.Module) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = model
+        self.kind = "two_stage" if cfg.head == "fasterrcnn" else "one_stage"
+
+    @property
+    def backbone(self) -> TimmFPNBackbone:
+        return self.model.backbone
+
+    @property
+    def level_channels(self) -> dict[str, int]:
+        return {n: self.backbone.out_channels for n in self.backbone.level_names + self.backbone.extra_names}
+
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        want: tuple[str, ...] = ("losses",),
+    ) -> DetectorOutput:
+        """One pass. `want` picks from 'losses' (needs targets), 'features', 'head', 'detections'.
+
+        Head outputs are always computed when losses or detections are asked for; only recorded when wanted.
+        """
+        m = self.model
+        unknown = set(want) - {"losses", "features", "head", "detections"}
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}")
+        if "losses" in want and targets is None:
+            raise ValueError("losses need targets")
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        tv_targets = None
+        if targets is not None:
+            tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        image_list, tv_targets = m.transform(images, tv_targets)
+        features = m.backbone(image_list.tensors)
+        out = DetectorOutput(image_sizes=list(image_list.image_sizes))
+        if "features" in want:
+            out.features = features
+        if self.kind == "one_stage":
+            self._one_stage(image_list, features, tv_targets, want, out)
+        else:
+            self._two_stage(image_list, features, tv_targets, want, out)
+        if out.detections is not None:
+            out.detections = m.transform.postprocess(out.detections, image_list.image_sizes, original_sizes)
+        return out
+
+    def _one_stage(self, image_list, features, targets, want, out: DetectorOutput) -> None:
+        m = self.model
+        feats = list(features.values())
+        head = m.head(feats)
+        anchors = m.anchor_generator(image_list, feats)
+        hw = [f.shape[-2] * f.shape[-1] for f in feats]
+        per_loc = head["cls_logits"].shape[1] // sum(hw)
+        per_level = [n * per_loc for n in hw]
+        if "losses" in want:
+            if isinstance(m, FCOS):
+                out.losses = m.compute_loss(targets, head, anchors, hw)
+            else:
+                out.losses = m.compute_loss(targets, head, anchors)
+        split = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+        if "head" in want:
+            out.head = dict(split, anchors=anchors, anchors_per_level=per_level)
+        if "detections" in want:
+            split_anchors = [list(a.split(per_level)) for a in anchors]
+            with torch.no_grad():
+                out.detections = m.postprocess_detections(split, split_anchors, image_list.image_sizes)
+
+    def _two_stage(self, image_list, features, targets, want, out: DetectorOutput) -> None:
+        m = self.model
+        rpn, roi = m.rpn, m.roi_heads
+        feats = list(features.values())
+        objectness, rpn_deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(image_list, feats)
+        per_level = [o[0].numel() for o in objectness]
+        obj_flat, deltas_flat = concat_box_prediction_layers(objectness, rpn_deltas)
+        decoded = rpn.box_coder.decode(deltas_flat.detach(), anchors).view(len(anchors), -1, 4)
+        proposals, _ = rpn.filter_proposals(decoded, obj_flat, image_list.image_sizes, per_level)
+        roi_boxes, roi_labels, roi_reg_targets = proposals, None, None
+        if "losses" in want:
+            labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+            reg_targets = rpn.box_coder.encode(matched, anchors)
+            loss_obj, loss_rpn = rpn.compute_loss(obj_flat, deltas_flat, labels, reg_targets)
+            roi_boxes, _, roi_labels, roi_reg_targets = roi.select_training_samples(proposals, targets)
+        class_logits, box_regression = self._roi_forward(features, roi_boxes, image_list.image_sizes)
+        if "losses" in want:
+            loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, roi_labels, roi_reg_targets)
+            out.losses = {
+                "loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn,
+                "loss_classifier": loss_cls, "loss_box_reg": loss_box,
+            }
+        if "head" in want:
+            out.head = {
+                "objectness": objectness, "rpn_deltas": rpn_deltas, "anchors": anchors,
+                "anchors_per_level": per_level, "proposals": proposals, "roi_boxes": roi_boxes,
+                "class_logits": class_logits, "box_regression": box_regression,
+                "roi_labels": roi_labels, "roi_regression_targets": roi_reg_targets,
+            }
+        if "detections" in want:
+            if roi_boxes is not proposals:  # training samples are a subset: score every proposal for detections
+                class_logits, box_regression = self._roi_forward(features, proposals, image_list.image_sizes)
+            with torch.no_grad():
+                boxes, scores, labels = roi.postprocess_detections(
+                    class_logits, box_regression, proposals, image_list.image_sizes
+                )
+            out.detections = [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+
+    def _roi_forward(self, features, boxes, image_sizes) -> tuple[Tensor, Tensor]:
+        roi = self.model.roi_heads
+        pooled = roi.box_roi_pool(features, boxes, image_sizes)
+        return roi.box_predictor(roi.box_head(pooled))
+
+    def score_boxes(
+        self, features: "OrderedDict[str, Tensor]", boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """RoI-head class logits ``[R, K]`` and deltas ``[R, 4K]`` for given boxes (e.g. a student's proposals).
+
+        Works on cached FPN features too: no backbone runs.
+        """
+        if self.kind != "two_stage":
+            raise ModelError(f"{self.config.name} is one-stage: it has no RoI head to score boxes with")
+        return self._roi_forward(features, boxes, image_sizes)
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections per image in input-image coordinates (eval mode is the caller's choice)."""
+        return self.forward(images, want=("detections",)).detections
+
+    def checkpoint(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A plain checkpoint that `load_detector` rebuilds with the zoo alone."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.__dict__ | {"weights": "random"},
+            "model": self.state_dict(),
+            **(extra or {}),
+        }
+
+
+def _anchor_sizes(strides: tuple[int, ...], scale: float) -> tuple[tuple[int, ...], ...]:
+    # Three octave scales per level as in RetinaNet, starting at `scale` strides.
+    return tuple(tuple(max(2, int(round(s * scale * 2 ** (i / 3)))) for i in range(3)) for s in strides)
+
+
+def _trim_convs(seq: nn.Sequential, n: int) -> nn.Sequential:
+    """Keep the first `n` conv blocks of a RetinaNet head tower (depth reduction for small members)."""
+    return nn.Sequential(*list(seq)[:n])
+
+
+def build_detector(name: str, num_classes: int, **overrides: Any) -> Detector:
+    """Build a registered detector. `num_classes` counts the background (label 0).
+
+    overrides: any `DetectorConfig` field: image_size, fpn_channels, head_convs, anchor_scale, score_thresh,
+    nms_thresh, detections_per_img, weights ("random", "timm", "torchvision" or a checkpoint path).
+    """
+    _check_name(name)
+    fields = set(DetectorConfig.__dataclass_fields__) - {"name", "num_classes"}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ModelError(f"unknown detector option(s) {bad} for {name!r}; allowed: {sorted(fields)}")
+    if num_classes < 2:
+        raise ModelError(f"num_classes={num_classes}: it counts the background, so it must be at least 2")
+    cfg = DetectorConfig(name=name, num_classes=num_classes, **overrides)
+    checkpoint_path = None
+    if cfg.weights not in ("random", "timm", "torchvision"):
+        checkpoint_path, cfg = cfg.weights, replace(cfg, weights="random")
+    detector = _assemble(cfg)
+    if checkpoint_path is not None:
+        _load_weights_into(detector, checkpoint_path)
+        detector.config = replace(detector.config, weights=str(checkpoint_path))
+    return detector
+
+
+def _assemble(cfg: DetectorConfig) -> Detector:
+    spec = BACKBONES[cfg.backbone]
+    fpn_ch = cfg.fpn_channels or spec.fpn_channels
+    if cfg.head == "fcos":
+        # FCOS's head has GroupNorm(32, C): C a multiple of 32, and at least 64 so that P7 (1x1 at 128 px)
+        # still has two values per group in training.
+        fpn_ch = max(64, -(-fpn_ch // 32) * 32)
+    convs = cfg.head_convs if cfg.head_convs is not None else spec.head_convs
+    body = _build_body(spec, cfg)
+    common = dict(
+        min_size=cfg.image_size, max_size=cfg.image_size,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )
+    if cfg.head in ("retinanet", "fcos"):
+        backbone = TimmFPNBackbone(body, (8, 16, 32), fpn_ch, "p6p7")
+        strides = backbone.strides
+        if cfg.head == "retinanet":
+            sizes = _anchor_sizes(strides, cfg.anchor_scale)
+            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+            head = RetinaNetHead(fpn_ch, anchors.num_anchors_per_location()[0], cfg.num_classes,
+                                 norm_layer=partial(nn.GroupNorm, _groups(fpn_ch)))
+            head.classification_head.conv = _trim_convs(head.classification_head.conv, convs)
+            head.regression_head.conv = _trim_convs(head.regression_head.conv, convs)
+            model = RetinaNet(backbone, cfg.num_classes, anchor_generator=anchors, head=head,
+                              score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
+                              detections_per_img=cfg.detections_per_img, **common)
+        else:
+            from torchvision.models.detection.fcos import FCOSHead
+
+            sizes = tuple((int(s * cfg.anchor_scale / 2),) for s in strides)  # FCOS: one point per location
+            anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+            head = FCOSHead(fpn_ch, 1, cfg.num_classes, num_convs=convs)
+            model = FCOS(backbone, cfg.num_classes, anchor_generator=anchors, head=head,
+                         score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
+                         detections_per_img=cfg.detections_per_img, **common)
+    else:
+        backbone = TimmFPNBackbone(body, (4, 8, 16, 32), fpn_ch, "maxpool")
+        strides = backbone.strides
+        sizes = tuple((max(2, int(s * cfg.anchor_scale)),) for s in strides)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        rep = 4 * fpn_ch
+        model = FasterRCNN(
+            backbone, None,
+            rpn_anchor_generator=anchors, rpn_head=RPNHead(fpn_ch, 3, conv_depth=max(1, convs // 2)),
+            box_roi_pool=MultiScaleRoIAlign(backbone.level_names, 7, 2),
+            box_head=TwoMLPHead(fpn_ch * 49, rep), box_predictor=FastRCNNPredictor(rep, cfg.num_classes),
+            rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+            rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
+            box_batch_size_per_image=128, box_score_thresh=cfg.score_thresh, box_nms_thresh=cfg.nms_thresh,
+            box_detections_per_img=cfg.detections_per_img, **common,
+        )
+    return Detector(cfg, model)
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2):
+        if channels % g == 0 and channels // g >= 2:
+            return g
+    return 1
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def _read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist: give the path of a file written by `curriculum train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:
+        hint = "" if trust else " (loaded with weights_only=True; pass trust=True only for files you trust)"
+        raise ModelError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}{hint}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is not a curriculum detector checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
+    return ckpt
+
+
+def _load_weights_into(detector: Detector, path: str | os.PathLike, trust: bool = False) -> None:
+    ckpt = _read_checkpoint(path, trust)
+    saved = ckpt["config"]
+    if saved["name"] != detector.config.name or saved["num_classes"] != detector.config.num_classes:
+        raise ModelError(
+            f"checkpoint {path} holds {saved['name']} with {saved['num_classes']} classes, but "
+            f"{detector.config.name} with {detector.config.num_classes} classes was asked for"
+        )
+    try:
+        detector.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ModelError(f"checkpoint {path} does not fit {detector.config.name}: {str(e)[:400]}") from e
+
+
+def load_detector(path: str | os.PathLike, trust: bool = False, **overrides: Any) -> Detector:
+    """Rebuild a detector from a checkpoint written by `Detector.checkpoint` (zoo alone, no Ray)."""
+    ckpt = _read_checkpoint(path, trust)
+    cfg = dict(ckpt["config"])
+    cfg.update(overrides)
+    cfg["weights"] = "random"
+    name, num_classes = cfg.pop("name"), cfg.pop("num_classes")
+    detector = build_detector(name, num_classes, **cfg)
+    try:
+        detector.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ModelError(f"checkpoint {path} does not fit {name}: {str(e)[:400]}") from e
+    detector.config = replace(detector.config, weights=str(path))
+    return detector
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Content hash of a checkpoint file (the teacher cache keys on it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_gflops(detector: Detector, image_size: int | None = None) -> float:
+    """GFLOPs of one eval forward (backbone, neck, head, post-processing) at `image_size`; 2 FLOPs per MAC."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = image_size or detector.config.image_size
+    was_training = detector.training
+    detector.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        detector([torch.rand(3, size, size)], want=("detections",))
+    detector.train(was_training)
+    return counter.get_total_flops() / 1e9
