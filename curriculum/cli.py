@@ -1,0 +1,166 @@
+"""The `curriculum` command line.
+
+    curriculum data shapes --out DIR [--train N --val N --size S --seed S]
+    curriculum zoo [--all] [--figures]
+    curriculum train CONFIG [CONFIG ...] [--set section.key=value ...] [--resume]
+    curriculum eval CHECKPOINT [--config CONFIG] [--out DIR]
+
+Errors a user can fix (bad config, bad data, unknown model) are printed as one message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from curriculum.errors import CurriculumError
+
+log = logging.getLogger("curriculum")
+
+
+def _fmt(v: float) -> str:
+    return "  -  " if v is None or v < 0 else f"{100 * v:5.1f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of COCO metrics (x100) per model."""
+    cols = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    lines = ["| model | " + " | ".join(cols) + " | train img/s |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        val = r.get("val", {})
+        lines.append(f"| {r['name']} | " + " | ".join(_fmt(val.get(c, -1)) for c in cols)
+                     + f" | {r.get('train_images_per_s', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from curriculum.shapes import make_shapes
+
+    summary = make_shapes(args.out, train_images=args.train, val_images=args.val, image_size=args.size,
+                          seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from teachers.zoo import BACKBONES, build_detector, count_gflops, count_parameters, list_detectors
+
+    names = list_detectors(builtin_only=not args.all)
+    print(f"{'detector':34s} {'family':12s} {'params (M)':>10s} {'GFLOPs@128':>11s}" if args.figures
+          else f"{'detector':34s} family")
+    for name in names:
+        family = BACKBONES[name.split("_", 1)[1]].family
+        if args.figures:
+            d = build_detector(name, 7)
+            print(f"{name:34s} {family:12s} {count_parameters(d) / 1e6:10.2f} {count_gflops(d, 128):11.2f}")
+        else:
+            print(f"{name:34s} {family}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from curriculum.config import TrainJobConfig, load_config
+    from trainers.train import train_detector
+
+    jobs = [load_config(c, TrainJobConfig, args.set) for c in args.configs]  # check every config first
+    rows = []
+    for path, job in zip(args.configs, jobs):
+        log.info("training %s (%s) into %s", job.model.name, path, job.output_dir)
+        rows.append(train_detector(job, resume=args.resume, progress=not args.quiet))
+    table = format_table(rows)
+    print("\nval metrics (COCO AP@[.5:.95] etc., x100)\n" + table)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(table + "\n")
+        Path(args.table).with_suffix(".json").write_text(
+            json.dumps([{k: r[k] for k in ("name", "output_dir", "val", "train_images_per_s", "epochs")}
+                        for r in rows], indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from curriculum.config import EvalConfig, TrainJobConfig, load_config
+    from teachers.zoo import load_detector
+    from trainers.train import build_dataset, ensure_builtin_data, evaluate_model
+
+    job = load_config(args.config, TrainJobConfig, args.set) if args.config else TrainJobConfig()
+    ensure_builtin_data(job.data)
+    ds = build_dataset(job.data, args.split)
+    model = load_detector(args.checkpoint, trust=args.trust_checkpoint)
+    if model.config.num_classes != ds.num_classes:
+        raise CurriculumError(
+            f"{args.checkpoint} predicts {model.config.num_classes - 1} classes but {ds.ann_file} has "
+            f"{ds.num_classes - 1}: evaluate it on the data set it was trained for"
+        )
+    out = Path(args.out or Path(args.checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    e = EvalConfig(batch_size=job.eval.batch_size, max_images=args.max_images or job.eval.max_images)
+    metrics = evaluate_model(model, ds, e, out / f"detections_{args.split}.json", progress=not args.quiet)
+    (out / f"eval_{args.split}.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table([{"name": model.config.name, "val": metrics}]))
+    print(f"detections: {out / f'detections_{args.split}.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="curriculum", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    shapes = data.add_parser("shapes", help="write the built-in synthetic COCO data set")
+    shapes.add_argument("--out", required=True, help="output folder (train/ and val/ inside)")
+    shapes.add_argument("--train", type=int, default=1200, help="training images (default 1200)")
+    shapes.add_argument("--val", type=int, default=300, help="validation images (default 300)")
+    shapes.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.set_defaults(func=cmd_data_shapes)
+
+    zoo = sub.add_parser("zoo", help="list the detectors of the zoo")
+    zoo.add_argument("--all", action="store_true", help="also the full-size members")
+    zoo.add_argument("--figures", action="store_true", help="build each and print parameters and GFLOPs")
+    zoo.set_defaults(func=cmd_zoo)
+
+    train = sub.add_parser("train", help="train detectors without distillation, then evaluate them")
+    train.add_argument("configs", nargs="+", help="YAML config(s); several are trained one after another")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=2")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of output_dir")
+    train.add_argument("--table", help="also write the metrics table (Markdown, and JSON beside it)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="COCO evaluation of a detector checkpoint")
+    ev.add_argument("checkpoint", help="a model.pt written by `curriculum train`")
+    ev.add_argument("--config", help="config naming the data (default: the built-in data set)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--split", choices=("val", "train"), default="val")
+    ev.add_argument("--out", help="folder for eval_<split>.json and detections_<split>.json")
+    ev.add_argument("--max-images", type=int, default=0)
+    ev.add_argument("--trust-checkpoint", action="store_true",
+                    help="load with weights_only=False (only for files you trust)")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except CurriculumError as e:
+        print(f"curriculum: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curriculum: interrupted; checkpoints written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Typed configuration loaded from YAML.
+
+Every section is a dataclass; `load_config` checks each key against it and names the file, the key and
+the allowed values when something is wrong. YAML is parsed with `yaml.safe_load`: config text is data, never
+code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from curriculum.errors import ConfigError
+
+
+@dataclass
+class ShapesConfig:
+    """Parameters of the built-in synthetic data set (`curriculum data shapes`)."""
+
+    train: int = 1200
+    val: int = 300
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the images and COCO instance files are. Defaults: the built-in data set under `root`.
+
+    With `builtin: shapes` the data set is generated under `root` when it is missing.
+    """
+
+    root: str = "data/shapes"
+    builtin: Literal["shapes", "none"] = "shapes"
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    train_images: str | None = None  # default: <root>/train/images
+    train_annotations: str | None = None  # default: <root>/train/instances.json
+    val_images: str | None = None
+    val_annotations: str | None = None
+    image_size: int = 128
+    flip: Literal["none", "random", "always"] = "random"
+    on_bad_box: Literal["clip", "drop", "error"] = "clip"
+    workers: int = 0  # DataLoader worker processes
+
+    def split_paths(self, split: Literal["train", "val"]) -> tuple[Path, Path]:
+        images = getattr(self, f"{split}_images") or str(Path(self.root) / split / "images")
+        ann = getattr(self, f"{split}_annotations") or str(Path(self.root) / split / "instances.json")
+        return Path(images), Path(ann)
+
+
+@dataclass
+class ModelConfig:
+    """A zoo detector: `name` is <head>_<backbone> (`curriculum zoo` lists them)."""
+
+    name: str = "retinanet_mobilenetv3_micro"
+    weights: str = "random"  # random | timm | torchvision | path of a curriculum checkpoint
+    fpn_channels: int | None = None
+    head_convs: int | None = None
+    anchor_scale: float = 2.0
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation schedule of plain (non-distilled) training."""
+
+    epochs: int = 12
+    batch_size: int = 8
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_iters: int = 100
+    grad_clip: float = 10.0  # max gradient norm; 0 disables
+    eval_every: int = 0  # evaluate on val every N epochs (0: only at the end)
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    seed: int = 0
+    max_iters_per_epoch: int = 0  # 0: the whole training split (a smaller value is for smoke tests)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_images: int = 0  # 0: the whole val split
+
+
+@dataclass
+class TrainJobConfig:
+    """`curriculum train CONFIG`: one detector trained without distillation, then evaluated."""
+
+    output_dir: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------------- generic loader
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    obj = cls(**kwargs)
+    _check_ranges(obj, where)
+    return obj
+
+
+_POSITIVE = {"epochs", "batch_size", "image_size", "train", "val", "lr", "detections_per_img"}
+_NON_NEGATIVE = {"weight_decay", "momentum", "warmup_iters", "grad_clip", "eval_every", "num_threads",
+                 "max_iters_per_epoch", "max_images", "workers", "score_thresh"}
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name in _POSITIVE and v <= 0:
+            raise ConfigError(f"{key}: must be positive, got {v}")
+        if f.name in _NON_NEGATIVE and v < 0:
+            raise ConfigError(f"{key}: must be zero or more, got {v}")
+
+
+def config_from_dict(cls: type, data: dict[str, Any] | None, source: str = "config") -> Any:
+    """Build the dataclass `cls` from a plain mapping, checking every key and value."""
+    try:
+        return _build(cls, data or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path, cls: type = TrainJobConfig, overrides: list[str] | None = None) -> Any:
+    """Load a YAML config file into `cls`; `overrides` are `section.key=value` strings (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(cls, data, str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

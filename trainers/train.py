@@ -1,0 +1,326 @@
+"""Plain (non-distilled) detector training and COCO evaluation.
+
+`train_detector(job)` is what `curriculum train CONFIG` runs: it makes the built-in teachers and the
+baseline students. The pieces (`train_one_epoch`, `evaluate_model`, `make_optimizer`, `make_scheduler`) are
+plain functions over a model and a loader so that a Ray Train worker can call them as they are.
+
+Output folder: ``checkpoints/last.pt`` (training state after each epoch, written atomically), ``model.pt``
+(the plain detector, loads with the zoo alone), ``metrics.jsonl`` (one line per epoch), ``eval.json`` and
+``detections_val.json``, ``config.yaml``, and ``loss.png`` / ``ap.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from curriculum.config import DataConfig, EvalConfig, TrainConfig, TrainJobConfig, dump_config, to_dict
+from curriculum.data import CocoDetection, collate_fn
+from curriculum.errors import CurriculumError
+from teachers.zoo import Detector, build_detector
+from trainers.coco_eval import detections_to_coco, evaluate_detections, write_detections
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_FORMAT = "curriculum.train_state/1"
+
+
+class NonFiniteLossError(CurriculumError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def ensure_builtin_data(data: DataConfig) -> None:
+    """Generate the built-in data set under `data.root` when the config asks for it and it is missing."""
+    if data.builtin != "shapes":
+        return
+    root = Path(data.root)
+    if (root / "train" / "instances.json").is_file() and (root / "val" / "instances.json").is_file():
+        return
+    from curriculum.shapes import make_shapes
+
+    log.info("generating the built-in shapes data set in %s", root)
+    make_shapes(root, train_images=data.shapes.train, val_images=data.shapes.val,
+                image_size=data.image_size, seed=data.shapes.seed)
+
+
+def build_dataset(data: DataConfig, split: str, seed: int = 0) -> CocoDetection:
+    images, ann = data.split_paths(split)
+    flip = data.flip if split == "train" else "none"
+    return CocoDetection(images, ann, data.image_size, flip=flip, seed=seed, on_bad_box=data.on_bad_box)
+
+
+def make_loader(ds: CocoDetection, batch_size: int, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=g,
+                      num_workers=workers, drop_last=shuffle and len(ds) >= batch_size)
+
+
+def _progress(iterable: Iterable, **kw: Any) -> tqdm:
+    # In a log (CI, `ray job logs`) a bar redrawn ten times a second is noise: update rarely there.
+    return tqdm(iterable, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 15.0,
+                dynamic_ncols=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(it: int, total: int, t: TrainConfig) -> float:
+    """Linear warm-up then the schedule: cosine to 1% of lr, step (x0.1 at 2/3 and 8/9), or constant."""
+    warm = min(1.0, (it + 1) / t.warmup_iters) if t.warmup_iters else 1.0
+    frac = it / max(1, total)
+    if t.lr_schedule == "cosine":
+        sched = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    elif t.lr_schedule == "step":
+        sched = 0.1 ** sum(frac >= m for m in (2 / 3, 8 / 9))
+    else:
+        sched = 1.0
+    return warm * sched
+
+
+def make_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, total_iters, t))
+
+
+def train_one_epoch(
+    model: Detector,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    t: TrainConfig,
+    epoch: int,
+    progress: bool = True,
+    extra_loss: Callable[[Any, list[dict]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of each loss term, images/s and the last lr.
+
+    `extra_loss(output, targets)` adds terms (distillation) computed from the same forward pass.
+    Raises NonFiniteLossError naming the epoch and batch when a loss is NaN or infinite.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    n_images, n_batches = 0, 0
+    start = time.perf_counter()
+    want = ("losses", "features", "head") if extra_loss else ("losses",)
+    limit = t.max_iters_per_epoch or len(loader)
+    bar = _progress(loader, total=min(limit, len(loader)), desc=f"epoch {epoch + 1}/{t.epochs}",
+                    disable=not progress, unit="batch")
+    for b, (images, targets) in enumerate(bar):
+        if b >= limit:
+            break
+        out = model(images, targets, want=want)
+        terms = dict(out.losses)
+        if extra_loss:
+            terms.update(extra_loss(out, targets))
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
+            ids = [tg["image_id"] for tg in targets]
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1}, batch {b} (image ids {ids}): {bad}; the last good "
+                "checkpoint is kept. Lower the learning rate or the loss weights, or raise grad_clip protection"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        n_images += len(images)
+        n_batches += 1
+        if progress:
+            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    stats = {k: v / max(1, n_batches) for k, v in sums.items()}
+    stats.update(images_per_s=n_images / max(elapsed, 1e-9), lr=scheduler.get_last_lr()[0], seconds=elapsed)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def predict_coco(
+    model: Detector, ds: CocoDetection, batch_size: int = 16, max_images: int = 0, progress: bool = True
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Detections of `model` on `ds` as COCO result dicts, in original image coordinates."""
+    was_training = model.training
+    model.eval()
+    indices = list(range(len(ds) if not max_images else min(max_images, len(ds))))
+    subset = torch.utils.data.Subset(ds, indices)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    results: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    for images, targets in _progress(loader, desc="eval", disable=not progress, unit="batch"):
+        for det, tg in zip(model.predict(images), targets):
+            boxes = tg["view"].unmap_boxes(det["boxes"])
+            results += detections_to_coco(tg["image_id"], boxes, det["scores"], det["labels"], ds.label_to_category)
+            image_ids.append(tg["image_id"])
+    model.train(was_training)
+    return results, image_ids
+
+
+def evaluate_model(
+    model: Detector, ds: CocoDetection, e: EvalConfig | None = None, detections_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """COCO box metrics of `model` on `ds` (fractions; -1 where undefined), optionally saving the detections."""
+    e = e or EvalConfig()
+    results, image_ids = predict_coco(model, ds, e.batch_size, e.max_images, progress)
+    if detections_path is not None:
+        write_detections(detections_path, results)
+    metrics = evaluate_detections(ds.coco, results, image_ids=image_ids, per_class=True)
+    metrics["images"] = len(image_ids)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_train_state(path: Path, model: Detector, opt, sched, epoch: int, history: list[dict]) -> None:
+    _atomic_save({
+        "format": TRAIN_STATE_FORMAT, "epoch": epoch, "model": model.checkpoint(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
+    }, path)
+
+
+def load_train_state(path: Path, trust: bool = False) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as ex:
+        raise CurriculumError(
+            f"training checkpoint {path} cannot be read ({type(ex).__name__}: {ex}); delete it to start over"
+        ) from ex
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise CurriculumError(f"{path} is not a curriculum training checkpoint; delete it to start over")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_detector(job: TrainJobConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train one detector without distillation, evaluate it, write the output folder; return the summary."""
+    out = Path(job.output_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if ckpt_path.exists() and not resume:
+        raise CurriculumError(
+            f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another "
+            "output_dir (nothing was overwritten)"
+        )
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    dump_config(job, out / "config.yaml")
+    t = job.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    seed_everything(t.seed)
+    ensure_builtin_data(job.data)
+    train_ds = build_dataset(job.data, "train", seed=t.seed)
+    val_ds = build_dataset(job.data, "val", seed=t.seed)
+    model = build_detector(job.model.name, train_ds.num_classes, image_size=job.data.image_size,
+                           **job.model.overrides())
+    loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, workers=job.data.workers)
+    iters = min(len(loader), t.max_iters_per_epoch or len(loader))
+    opt = make_optimizer(model.parameters(), t)
+    sched = make_scheduler(opt, t, iters * t.epochs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume and ckpt_path.exists():
+        state = load_train_state(ckpt_path)
+        model.load_state_dict(state["model"]["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads(state["history"])
+        start_epoch = state["epoch"] + 1
+        log.info("resuming %s at epoch %d", out, start_epoch + 1)
+    metrics_file = out / "metrics.jsonl"
+    for epoch in range(start_epoch, t.epochs):
+        train_ds.set_epoch(epoch)
+        # The loader's shuffle order must not depend on whether the run was resumed.
+        loader.generator.manual_seed(t.seed * 1000 + epoch)
+        stats = train_one_epoch(model, loader, opt, sched, t, epoch, progress)
+        record: dict[str, Any] = {"epoch": epoch + 1, **stats}
+        last = epoch + 1 == t.epochs
+        if (t.eval_every and (epoch + 1) % t.eval_every == 0) or last:
+            metrics = evaluate_model(model, val_ds, job.eval, out / "detections_val.json" if last else None, progress)
+            record["val"] = {k: v for k, v in metrics.items() if k not in ("stats", "per_class")}
+            if last:
+                (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        history.append(record)
+        save_train_state(ckpt_path, model, opt, sched, epoch, history)
+        metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
+    _atomic_save(model.checkpoint(), out / "model.pt")
+    plot_history(history, out)
+    final = history[-1].get("val", {}) if history else {}
+    return {"name": job.model.name, "output_dir": str(out), "val": final,
+            "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else 0.0,
+            "epochs": t.epochs, "history": history}
+
+
+def plot_history(history: list[dict[str, Any]], out: Path, borders: list[int] | None = None) -> None:
+    """loss.png (each loss term per epoch) and ap.png (val AP per evaluated epoch); `borders` marks stages."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    skip = {"epoch", "images_per_s", "lr", "seconds", "val"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in sorted({k for h in history for k in h if k not in skip}):
+        ax.plot(epochs, [h.get(k, float("nan")) for h in history], marker="o", label=k)
+    for b in borders or []:
+        ax.axvline(b + 0.5, color="grey", ls="--")
+    ax.set_xlabel("epoch"), ax.set_ylabel("training loss"), ax.set_yscale("log"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(out / "loss.png", dpi=100), plt.close(fig)
+    evals = [h for h in history if "val" in h]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in ("AP", "AP50", "AP75"):
+            ax.plot([h["epoch"] for h in evals], [100 * h["val"][k] for h in evals], marker="o", label=k)
+        for b in borders or []:
+            ax.axvline(b + 0.5, color="grey", ls="--")
+        ax.set_xlabel("epoch"), ax.set_ylabel("val AP (%)"), ax.legend()
+        fig.tight_layout(), fig.savefig(out / "ap.png", dpi=100), plt.close(fig)
