@@ -1,0 +1,68 @@
+"""Typed config: every bad key or value is named, with the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from curriculum.config import TrainJobConfig, config_from_dict, load_config
+from curriculum.errors import ConfigError
+
+
+def test_defaults_and_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: fcos_resnet_mini}\ntrain: {epochs: 3, lr: 1e-4, batch_size: 4}\n")
+    cfg = load_config(p)
+    assert cfg.model.name == "fcos_resnet_mini"
+    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert cfg.data.image_size == 128 and cfg.data.flip == "random"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("trian: {epochs: 3}", r"unknown key 'trian' \(did you mean 'train'\?\)"),
+        ("train: {epoch: 3}", r"unknown key 'epoch' \(did you mean 'epochs'\?\); allowed keys: epochs"),
+        ("train: {epochs: three}", r"train.epochs: 'three' is not an integer"),
+        ("train: {epochs: 2.5}", r"train.epochs: 2.5 is not an integer"),
+        ("train: {optimizer: adam}", r"train.optimizer: 'adam' is not allowed; expected one of 'sgd', 'adamw'"),
+        ("data: {flip: sometimes}", r"data.flip: 'sometimes' is not allowed"),
+        ("train: {lr: -1}", r"train.lr: must be positive"),
+        ("train: {batch_size: 0}", r"train.batch_size: must be positive"),
+        ("train: 5", r"train: expected a mapping of TrainConfig keys"),
+        ("- a\n- b", r"top level must be a mapping"),
+        ("train: {epochs: [1, 2", r"not valid YAML"),
+        ("train: {grad_clip: true}", r"train.grad_clip: True is not a number"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert "bad.yaml" in str(e.value)
+
+
+def test_overrides_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {epochs: 3}\n")
+    cfg = load_config(p, TrainJobConfig, ["train.epochs=5", "model.name=fcos_resnet_mini", "data.shapes.seed=3"])
+    assert cfg.train.epochs == 5 and cfg.model.name == "fcos_resnet_mini" and cfg.data.shapes.seed == 3
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(p, TrainJobConfig, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_data_not_code(tmp_path):
+    """Python tags are refused by safe_load: config text is never evaluated."""
+    p = tmp_path / "evil.yaml"
+    p.write_text("output_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_optional_fields():
+    cfg = config_from_dict(TrainJobConfig, {"model": {"fpn_channels": None, "head_convs": 3}})
+    assert cfg.model.fpn_channels is None and cfg.model.head_convs == 3
+    with pytest.raises(ConfigError, match="model.fpn_channels: 'wide' is not an integer or null"):
+        config_from_dict(TrainJobConfig, {"model": {"fpn_channels": "wide"}})
