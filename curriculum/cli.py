@@ -106,6 +106,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from curriculum.config import PrecomputeJobConfig, load_config
+    from teachers.cache import format_inspect, inspect_cache
+    from teachers.pool import precompute
+
+    job = load_config(args.config, PrecomputeJobConfig, args.set)
+    reports = precompute(job, progress=not args.quiet)
+    for r in reports:
+        print(f"{r.teacher}: {r.cache}\n  shards {r.shards}: {len(r.computed)} computed, {r.already_done} already "
+              f"done, {len(r.adopted)} adopted; {len(r.retried)} retried, {r.actors_replaced} actors replaced; "
+              f"{r.images} images in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s)")
+        print("  " + format_inspect(inspect_cache(r.cache)).replace("\n", "\n  "))
+    return 0
+
+
+def cmd_cache_inspect(args: argparse.Namespace) -> int:
+    from teachers.cache import find_caches, format_inspect, inspect_cache
+
+    paths = find_caches(args.path) or [args.path]  # a cache root (all caches under it) or one cache folder
+    infos = [inspect_cache(p) for p in paths]
+    if args.json:
+        print(json.dumps(infos, indent=2))
+    else:
+        print("\n\n".join(format_inspect(i) for i in infos))
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from teachers.cache import find_caches
+    from teachers.pool import verify_cache
+
+    paths = find_caches(args.path) or [args.path]
+    ok = True
+    for p in paths:
+        r = verify_cache(p, sample=args.sample, seed=args.seed, atol=args.atol)
+        ok &= r["ok"]
+        print(f"{p}: {'ok' if r['ok'] else 'MISMATCH'} ({r['checked']} rows recomputed with the live teacher)")
+        for k, v in sorted(r.get("max_abs_error", {}).items()):
+            print(f"  {k:32s} max |cached - live| {v:.3g}")
+        for problem in r["problems"]:
+            print(f"  {problem}")
+    return 0 if ok else 1
+
+
+def cmd_cache_rebuild(args: argparse.Namespace) -> int:
+    from teachers.pool import rebuild
+
+    r = rebuild(args.path, args.shard, progress=not args.quiet)
+    print(f"{args.path}: rebuilt shard(s) {r.computed}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curriculum", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -145,6 +197,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load with weights_only=False (only for files you trust)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    pre = sub.add_parser("precompute", help="run the teacher pool (Ray actors) over the data and write the cache")
+    pre.add_argument("config", help="YAML: data, teachers (checkpoint, actors, cpus/gpus per actor), cache")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_precompute)
+
+    cache = sub.add_parser("cache", help="teacher caches").add_subparsers(dest="cache_command", required=True)
+    ins = cache.add_parser("inspect", help="teachers, views, images, bytes per image per target kind, completeness")
+    ins.add_argument("path", help="a cache root or one cache folder (local path or URI)")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_cache_inspect)
+    ver = cache.add_parser("verify", help="recompute a random sample with the live teacher and compare")
+    ver.add_argument("path", help="a cache root or one cache folder")
+    ver.add_argument("--sample", type=int, default=8, help="images to recompute per cache (default 8)")
+    ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--atol", type=float, default=1e-4, help="tolerance, relative to max(1, max|live|)")
+    ver.set_defaults(func=cmd_cache_verify)
+    reb = cache.add_parser("rebuild", help="recompute some shards of a cache alone (e.g. one reported corrupt)")
+    reb.add_argument("path", help="one cache folder")
+    reb.add_argument("--shard", type=int, action="append", required=True, help="shard number (repeatable)")
+    reb.add_argument("--quiet", action="store_true")
+    reb.set_defaults(func=cmd_cache_rebuild)
     return p
 
 

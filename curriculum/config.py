@@ -249,3 +249,123 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------- teacher cache
+# Sections of `curriculum precompute CONFIG` (issue 3): teachers run as Ray actors over the data set and their
+# outputs are written to a Parquet cache (teachers/cache.py, teachers/pool.py).
+
+
+@dataclass
+class TeacherSpec:
+    """One teacher of the pool: a zoo detector checkpoint and the Ray resources of its actors.
+
+    `name` is optional: the checkpoint records its zoo name; when given it must match (a guard against a
+    config pointing at the wrong file).
+    """
+
+    checkpoint: str = ""
+    name: str | None = None
+    actors: int = 1  # actors of this teacher (each loads the teacher once)
+    cpus_per_actor: float = 1.0  # fractions allowed
+    gpus_per_actor: float = 0.0  # fractions allowed; autocast is used on GPU
+    batch_size: int = 8  # images per forward inside an actor
+    threads: int = 0  # torch intra-op threads per actor; 0: max(1, round(cpus_per_actor))
+    shards_in_flight: int = 2  # per actor: one shard's decode/encode/write overlaps the next one's forward
+
+    def __post_init__(self) -> None:
+        if self.shards_in_flight < 1:
+            raise ConfigError(f"teachers[].shards_in_flight: must be at least 1, got {self.shards_in_flight}")
+        if not self.checkpoint:
+            raise ConfigError("teachers[]: checkpoint is required (a model.pt written by `curriculum train`)")
+        if self.actors < 1:
+            raise ConfigError(f"teachers[].actors: must be at least 1, got {self.actors}")
+        if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
+            raise ConfigError("teachers[]: an actor needs some CPU or GPU (cpus_per_actor or gpus_per_actor > 0)")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.threads < 0:
+            raise ConfigError("teachers[]: cpus_per_actor, gpus_per_actor and threads must be zero or more")
+
+
+@dataclass
+class CompressionConfig:
+    """How cached tensors are stored; each option's cost is documented in teachers/cache.py.
+
+    dtype: fp32 (exact), fp16 (relative rounding <= 2**-11), int8 (per-channel symmetric scale,
+      abs error <= scale/2 with scale = max|x_c|/127).
+    logits: dense; topk (keep the `topk` largest class logits per location, the rest decode to the
+      (k+1)-th largest value of that location: an upper bound); threshold (keep the locations whose best
+      class has sigmoid score >= score_threshold, the others decode to the largest dropped logit).
+    features_region: all; boxes (keep feature cells inside the ground-truth boxes dilated by
+      box_dilation of their size per side plus one cell, zero elsewhere); pooled (average pooling by `pool`).
+    """
+
+    dtype: Literal["fp32", "fp16", "int8"] = "fp16"
+    logits: Literal["dense", "topk", "threshold"] = "dense"
+    topk: int = 8
+    score_threshold: float = 0.05
+    features_region: Literal["all", "boxes", "pooled"] = "all"
+    box_dilation: float = 0.5
+    pool: int = 2
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise ConfigError(f"compression.topk: must be at least 1, got {self.topk}")
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ConfigError(f"compression.score_threshold: must be in (0, 1), got {self.score_threshold}")
+        if self.box_dilation < 0:
+            raise ConfigError(f"compression.box_dilation: must be zero or more, got {self.box_dilation}")
+        if self.pool < 1:
+            raise ConfigError(f"compression.pool: must be at least 1, got {self.pool}")
+
+
+@dataclass
+class CacheConfig:
+    """Where and what to cache.
+
+    root: a local folder or a URI pyarrow understands (file://, s3://, gs://, hdfs://).
+    targets: any of features, head, detections, proposals (two-stage: proposals and RoI-head outputs).
+    levels: FPN levels whose features are kept (null: all); head outputs always cover every level.
+    views: noflip and/or flip; a flipped view is computed from the flipped image, never by flipping outputs.
+    memory_bytes: bound on decoded shards a reader keeps in memory (a bigger cache is streamed shard by shard).
+    """
+
+    root: str = "runs/teacher_cache"
+    split: Literal["train", "val"] = "train"
+    targets: list[str] = field(default_factory=lambda: ["features", "head", "detections"])
+    levels: list[str] | None = None
+    views: list[str] = field(default_factory=lambda: ["noflip"])
+    shard_size: int = 64  # images per shard (every view of an image lives in the same shard)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    memory_bytes: int = 1 << 30
+    max_attempts: int = 3  # tries per shard before precompute gives up on it (actor deaths, I/O errors)
+
+    def __post_init__(self) -> None:
+        kinds = ("features", "head", "detections", "proposals")
+        bad = [t for t in self.targets if t not in kinds]
+        if bad or not self.targets:
+            raise ConfigError(f"cache.targets: {bad or 'empty'}; choose from {list(kinds)}")
+        badv = [v for v in self.views if v not in ("noflip", "flip")]
+        if badv or not self.views or len(set(self.views)) != len(self.views):
+            raise ConfigError(f"cache.views: {self.views}; a non-empty list of distinct 'noflip' / 'flip'")
+        if self.shard_size < 1 or self.memory_bytes < 1 or self.max_attempts < 1:
+            raise ConfigError("cache.shard_size, cache.memory_bytes and cache.max_attempts must be positive")
+
+
+@dataclass
+class RayInitConfig:
+    """How `curriculum precompute` joins Ray: RAY_ADDRESS set (e.g. under `ray job submit`) joins that
+    cluster; otherwise a local Ray starts with `num_cpus` logical CPUs (null: all cores)."""
+
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_memory: int | None = None
+
+
+@dataclass
+class PrecomputeJobConfig:
+    """`curriculum precompute CONFIG`: every teacher over the data set, into the cache."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: list[TeacherSpec] = field(default_factory=list)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    ray: RayInitConfig = field(default_factory=RayInitConfig)

@@ -1,0 +1,368 @@
+"""The teacher cache without Ray: codecs, shards, manifest, reader, stale and corrupt caches (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curriculum.config import CacheConfig, CompressionConfig
+from curriculum.data import View
+from curriculum.errors import DataError
+from teachers.cache import (
+    CacheError, CacheKey, CacheReader, CorruptShardError, StaleCacheError, TeacherCache,
+    data_fingerprint, decode, encode, format_inspect, inspect_cache, open_dataset, produce_shard, region_mask,
+    shard_batches, shard_entry, shard_ranges, table_to_bytes, target_spec, teacher_fingerprint, teacher_outputs,
+    view_config, view_sample,
+)
+from teachers.zoo import build_detector
+
+K = 7
+
+
+def make_subset(shapes_root: Path, out: Path, n: int) -> tuple[str, str]:
+    """The first `n` training images of the shapes data set as their own annotation file (same image folder)."""
+    data = json.loads((shapes_root / "train" / "instances.json").read_text())
+    data["images"] = data["images"][:n]
+    keep = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data))
+    return str(shapes_root / "train" / "images"), str(out)
+
+
+def save_teacher(path: Path, name: str = "retinanet_mobilenetv3_micro", seed: int = 0):
+    torch.manual_seed(seed)
+    det = build_detector(name, K)
+    torch.save(det.checkpoint(), path)
+    return det.eval()
+
+
+def build_cache(root: Path, ckpt: Path, images: str, ann: str, cfg: CacheConfig, batch_size: int = 2,
+                only: list[int] | None = None) -> TeacherCache:
+    """What the Ray driver does, in process: every shard produced, written under a temporary name, committed."""
+    det = save_or_load(ckpt)
+    ds = open_dataset(images, ann, 128)
+    key = CacheKey(det.config.name, teacher_fingerprint(ckpt), data_fingerprint(ds), view_config(128, cfg.views),
+                   target_spec(cfg))
+    header = {"teacher": {"name": det.config.name, "checkpoint": str(ckpt), "fingerprint": key.teacher_fp,
+                          "kind": det.kind},
+              "data": {"images": images, "annotations": ann, "fingerprint": key.data_fp, "on_bad_box": "clip"},
+              "batch_size": batch_size}
+    cache = TeacherCache.create_or_resume(str(root), key, header, ds.image_ids, cfg.shard_size)
+    ranges = shard_ranges(len(ds), cfg.shard_size)
+    spec = target_spec(cfg)
+    for i in (only if only is not None else cache.missing_shards()):
+        s, e = ranges[i]
+        table = produce_shard(det, ds, s, e, cfg.views, spec, batch_size)
+        data = table_to_bytes(table, cache.shard_meta(i))
+        cache.commit(i, cache.write_tmp(i, data), shard_entry(i, data, table.num_rows, (s, e)))
+    cache.write_manifest(force=True)  # the driver's `finally` (commits throttle manifest writes)
+    return cache
+
+
+def save_or_load(ckpt: Path):
+    from teachers.zoo import load_detector
+
+    return load_detector(ckpt).eval()
+
+
+def reference_rows(det, images: str, ann: str, cfg: CacheConfig, batch_size: int) -> dict[tuple[int, str], dict]:
+    """The same teacher in process, on the same forward batches: (image id, view key) -> raw outputs."""
+    ds = open_dataset(images, ann, 128)
+    out = {}
+    for s, e in shard_ranges(len(ds), cfg.shard_size):
+        for idx, vname in shard_batches(s, e, cfg.views, batch_size):
+            samples = [view_sample(ds, i, vname) for i in idx]
+            with torch.no_grad():
+                raws = teacher_outputs(det, [x[0] for x in samples], cfg.targets, cfg.levels)
+            for (img, boxes, iid, view), raw in zip(samples, raws):
+                out[(iid, view.key())] = (raw, boxes, img, view)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~100x faster than two when the cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def subset(shapes_root, tmp_path_factory):
+    return make_subset(shapes_root, tmp_path_factory.mktemp("subset") / "instances.json", 6)
+
+
+# ------------------------------------------------------------------------------------------------ codecs
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 6), (40, 7), (0, 7)])
+def test_codec_bounds(shape):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    assert np.array_equal(decode(encode(x, "fp32")), x)
+    y = decode(encode(x, "fp16"))
+    assert np.all(np.abs(y - x) <= np.abs(x) * 2.0**-11 + 1e-7)
+    cell = encode(x, "int8")
+    y = decode(cell)
+    if x.size:
+        ax = -1 if x.ndim == 2 else 0
+        other = tuple(a for a in range(x.ndim) if a != ax % x.ndim)
+        scale = np.abs(x).max(axis=other, keepdims=True) / 127
+        assert np.all(np.abs(y - x) <= scale / 2 * (1 + 1e-5) + 1e-7)
+        assert len(cell["data"]) == x.size  # one byte per value
+
+
+def test_codec_topk_threshold_region_ints():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((50, 9)) * 4 - 3).astype(np.float32)
+    y = decode(encode(x, "fp32|topk=3"))
+    order = np.argsort(-x, axis=1)
+    top = np.take_along_axis(x, order[:, :3], 1)
+    assert np.array_equal(np.take_along_axis(y, order[:, :3], 1), top)  # kept: exact
+    fill = np.take_along_axis(x, order[:, 3:4], 1)
+    rest = np.take_along_axis(y, order[:, 3:], 1)
+    assert np.all(rest == fill) and np.all(rest >= np.take_along_axis(x, order[:, 3:], 1))  # upper bound
+    y16 = decode(encode(x, "fp16|topk=3"))
+    assert np.allclose(np.take_along_axis(y16, order[:, :3], 1), top, rtol=2.0**-11, atol=0)
+    assert np.array_equal(decode(encode(x, "fp16|topk=20")), x.astype(np.float16).astype(np.float32))  # k >= K
+
+    t = 0.2
+    cell = encode(x, f"fp32|thresh={t}")
+    y = decode(cell)
+    keep = 1 / (1 + np.exp(-x.max(1))) >= t
+    assert 0 < keep.sum() < len(x)
+    assert np.array_equal(y[keep], x[keep])
+    assert np.all(y[~keep] >= x[~keep]) and np.all(1 / (1 + np.exp(-y[~keep])) < t)
+    yq = decode(encode(x, f"int8|thresh={t}"))
+    assert np.allclose(yq[keep], x[keep], atol=np.abs(x[keep]).max() / 127)
+
+    f = rng.standard_normal((4, 16, 16)).astype(np.float32)
+    m = region_mask(np.array([[10.0, 20.0, 40.0, 50.0]]), (16, 16), (128, 128), 0.5)
+    assert m.any() and not m.all()
+    y = decode(encode(f, "fp32|region", mask=m))
+    assert np.array_equal(y[:, m], f[:, m]) and np.all(y[:, ~m] == 0)
+    assert np.all(np.abs(decode(encode(f, "int8|region", mask=m))[:, m] - f[:, m]) <= np.abs(f).max() / 254 + 1e-6)
+
+    ints = np.array([1, 5, 6], np.int64)
+    assert np.array_equal(decode(encode(ints, "i64")), ints)
+
+
+def test_fp16_overflow_is_refused():
+    with pytest.raises(DataError, match="float16"):
+        encode(np.array([1e6], np.float32), "fp16")
+
+
+def test_truncated_cell_is_an_error():
+    cell = encode(np.ones((3, 4), np.float32), "fp32")
+    cell["data"] = cell["data"][:-4]
+    with pytest.raises(DataError, match="truncated"):
+        decode(cell, "features/p3")
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("name,targets", [
+    ("retinanet_mobilenetv3_micro", ["features", "head", "detections"]),
+    ("fcos_mobilenetv3_micro", ["head"]),
+    ("fasterrcnn_mobilenetv3_micro", ["features", "head", "detections", "proposals"]),
+])
+def test_fp32_cache_equals_in_process_teacher(tmp_path, subset, name, targets):
+    images, ann = subset
+    det = save_teacher(tmp_path / "t.pt", name)
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=targets, views=["noflip", "flip"], shard_size=4,
+                      compression=CompressionConfig(dtype="fp32"))
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg, batch_size=2)
+    assert cache.complete and cache.manifest["num_shards"] == 2
+    ref = reference_rows(det, images, ann, cfg, batch_size=2)
+    reader = CacheReader(cache)
+    for (iid, vkey), (raw, _, _, view) in ref.items():
+        got = reader.rows([iid], [view])[0]
+        assert sorted(got) == sorted(raw)
+        for col, a in raw.items():
+            assert got[col].dtype == a.dtype and np.array_equal(got[col], a), (iid, vkey, col)
+    # A flipped view is the teacher's output on the flipped image, not a flipped output.
+    ds = open_dataset(images, ann, 128)
+    img, boxes, iid, view = view_sample(ds, 0, "flip")
+    assert view.flip and view.key() == "h128w128f1"
+    with torch.no_grad():
+        direct = teacher_outputs(det, [torch.flip(ds[0][0], dims=(-1,))] + [view_sample(ds, 1, "flip")[0]],
+                                 targets)[0]
+    got = reader.rows([iid], [view])[0]
+    for col in direct:
+        assert np.array_equal(got[col], direct[col])
+
+    # TeacherTargets for a batch: batch order, image ids, layouts of trainers/distill/targets.py.
+    ids = [int(i) for i in ds.image_ids[:3]]
+    views = [ds.view_for(i) for i in range(3)]
+    tt = reader.targets(ids, views)
+    assert tt.image_ids == ids
+    if "features" in targets:
+        lvl = next(iter(tt.features))
+        assert tt.features[lvl].shape[0] == 3
+    if "head" in targets:
+        field = "objectness" if name.startswith("faster") else "cls_logits"
+        assert len(getattr(tt, field)) == 5 and getattr(tt, field)[0].shape[0] == 3
+    if "proposals" in targets:
+        assert sum(tt.roi_counts) == tt.roi_class_logits.shape[0] == tt.roi_box_regression.shape[0]
+        assert tt.roi_class_logits.shape[1] == K
+        props = reader.proposals(ids, views)
+        assert [len(p) for p in props] == tt.roi_counts
+        # With the teacher's RoI head at hand, cached features of every RoI level give the proposal-sharing scorer.
+        scoring = CacheReader(cache, roi_head=det).targets(ids, views)
+        cls, reg = scoring.score_rois(props)
+        assert torch.allclose(cls, tt.roi_class_logits, atol=1e-5)
+    tt.check_finite()
+
+
+@pytest.mark.parametrize("comp", [
+    CompressionConfig(dtype="fp16"),
+    CompressionConfig(dtype="int8"),
+    CompressionConfig(dtype="fp16", logits="topk", topk=2),
+    CompressionConfig(dtype="fp32", logits="threshold", score_threshold=0.3),
+    CompressionConfig(dtype="fp32", features_region="boxes", box_dilation=0.25),
+    CompressionConfig(dtype="fp32", features_region="pooled", pool=2),
+], ids=["fp16", "int8", "topk", "threshold", "boxes", "pooled"])
+def test_compressed_cache_within_stated_rounding(tmp_path, subset, comp):
+    images, ann = subset
+    det = save_teacher(tmp_path / "t.pt")
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=["features", "head", "detections"], views=["noflip"],
+                      shard_size=6, levels=["p3", "p4"], compression=comp)
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg, batch_size=3)
+    reader = CacheReader(cache)
+    checked = 0
+    for (iid, _), (raw, boxes, _, view) in reference_rows(det, images, ann, cfg, 3).items():
+        got = reader.rows([iid], [view])[0]
+        assert not any(c.startswith("features/p5") for c in got)  # levels honoured
+        for col, a in raw.items():
+            g = got[col]
+            if col.startswith("detections/"):
+                assert np.array_equal(g, a)
+                continue
+            if col.startswith("features/") and comp.features_region == "pooled":
+                pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(a)[None], 2, 2, ceil_mode=True)[0].numpy()
+                assert g.shape == pooled.shape and np.allclose(g, pooled, atol=1e-6)
+                continue
+            if col.startswith("features/") and comp.features_region == "boxes":
+                m = region_mask(boxes, a.shape[1:], (128, 128), 0.25)
+                assert np.array_equal(g[:, m], a[:, m]) and np.all(g[:, ~m] == 0)
+                continue
+            if col.startswith("head/cls_logits/") and comp.logits == "topk":
+                order = np.argsort(-a, axis=1)
+                kept_g, kept_a = np.take_along_axis(g, order[:, :2], 1), np.take_along_axis(a, order[:, :2], 1)
+                assert np.allclose(kept_g, kept_a, rtol=2.0**-11, atol=1e-7)
+                assert np.all(np.take_along_axis(g, order[:, 2:], 1) >= np.take_along_axis(a, order[:, 2:], 1))
+                continue
+            if col.startswith("head/cls_logits/") and comp.logits == "threshold":
+                keep = a.max(1) >= math.log(0.3 / 0.7)
+                assert np.array_equal(g[keep], a[keep]) and np.all(g[~keep] >= a[~keep])
+                continue
+            if comp.dtype == "fp16":
+                assert np.all(np.abs(g - a) <= np.abs(a) * 2.0**-11 + 1e-7), col
+            elif comp.dtype == "int8":
+                ax = -1 if a.ndim == 2 else 0
+                other = tuple(d for d in range(a.ndim) if d != ax % a.ndim)
+                scale = np.abs(a).max(axis=other, keepdims=True) / 127 if a.size else 0
+                assert np.all(np.abs(g - a) <= scale / 2 * (1 + 1e-5) + 1e-7), col
+            else:
+                assert np.array_equal(g, a), col
+        checked += 1
+    assert checked == 6
+    info = inspect_cache(cache.uri)
+    assert info["complete"] and info["images_done"] == 6
+    assert set(info["bytes_per_image_by_kind"]) >= {"features", "head", "detections"}
+    assert "KiB per image" in format_inspect(info)
+
+
+# ------------------------------------------------------------------------------------------------ stale, corrupt
+
+
+def test_stale_cache_is_never_used(tmp_path, subset):
+    images, ann = subset
+    save_teacher(tmp_path / "t.pt", seed=0)
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=["detections"], shard_size=6)
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg)
+    key = CacheKey(**{k: v for k, v in cache.manifest["key"].items()})
+    assert TeacherCache.open_for(str(tmp_path / "cache"), key).complete
+
+    save_teacher(tmp_path / "t.pt", seed=1)  # retrained teacher, same path
+    newkey = CacheKey(key.teacher, teacher_fingerprint(tmp_path / "t.pt"), key.data_fp, key.views, key.spec)
+    with pytest.raises(StaleCacheError, match="teacher checkpoint changed"):
+        TeacherCache.open_for(str(tmp_path / "cache"), newkey)
+    with pytest.raises(StaleCacheError, match="teacher_fp"):
+        cache.check_key(newkey)
+
+    data = json.loads(Path(ann).read_text())
+    data["annotations"] = data["annotations"][1:]
+    ann2 = tmp_path / "changed.json"
+    ann2.write_text(json.dumps(data))
+    dkey = CacheKey(key.teacher, key.teacher_fp, data_fingerprint(open_dataset(images, str(ann2), 128)), key.views,
+                    key.spec)
+    assert dkey.data_fp != key.data_fp
+    with pytest.raises(StaleCacheError, match="the data changed"):
+        TeacherCache.open_for(str(tmp_path / "cache"), dkey)
+    with pytest.raises(CacheError, match="no teacher cache"):
+        TeacherCache.open_for(str(tmp_path / "elsewhere"), key)
+
+
+def test_corrupt_or_truncated_shard_is_named(tmp_path, subset):
+    images, ann = subset
+    save_teacher(tmp_path / "t.pt")
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=["features"], levels=["p5"], shard_size=2,
+                      compression=CompressionConfig(dtype="fp32"))
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg)
+    ds = open_dataset(images, ann, 128)
+    ids = [int(i) for i in ds.image_ids]
+    good = CacheReader(cache).rows(ids, [ds.view_for(i) for i in range(6)])
+    p = Path(cache.shard_path(1))
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet.*truncated") as e:
+        CacheReader(TeacherCache.open(cache.uri)).rows([ids[2]], [ds.view_for(2)])
+    assert e.value.shard == 1 and "rebuild" in str(e.value)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    p.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptShardError, match="checksum"):
+        CacheReader(TeacherCache.open(cache.uri)).rows([ids[3]], [ds.view_for(3)])
+    # Shard 0 still reads; rebuilding shard 1 alone restores the same bytes.
+    assert np.array_equal(CacheReader(TeacherCache.open(cache.uri)).rows([ids[0]], [ds.view_for(0)])[0]["features/p5"],
+                          good[0]["features/p5"])
+    cache = TeacherCache.open(cache.uri)
+    cache.invalidate(1)
+    assert cache.missing_shards() == [1] and not p.exists()
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg)
+    assert p.read_bytes() == raw
+
+
+def test_reader_errors_and_orphan_adoption(tmp_path, subset):
+    images, ann = subset
+    save_teacher(tmp_path / "t.pt")
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=["detections"], shard_size=4)
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg, only=[0])
+    with pytest.raises(CacheError, match="not complete"):
+        CacheReader(cache)
+    # A shard renamed into place whose manifest entry was lost (driver killed between rename and manifest write).
+    full = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg, only=[1])
+    entry = full.manifest["shards"].pop("00001")
+    full.write_manifest(force=True)
+    reopened = TeacherCache.open(full.uri)
+    assert reopened.missing_shards() == [1]
+    assert reopened.adopt_orphans() == [1]
+    assert reopened.manifest["shards"]["00001"]["sha256"] == entry["sha256"] and reopened.complete
+    assert not list(Path(reopened.path, "shards").glob("*.tmp-*"))
+    reader = CacheReader(reopened)
+    ds = open_dataset(images, ann, 128)
+    with pytest.raises(CacheError, match="no view h128w128f1"):
+        reader.rows([ds.image_ids[0]], [View(128, 128, 128, 128, True)])
+    with pytest.raises(DataError, match="not in teacher cache"):
+        reader.rows([10**9], ["h128w128f0"])
+    with pytest.raises(StaleCacheError, match="cached for view"):
+        reader.rows([ds.image_ids[0]], [View(64, 64, 128, 128, False)])

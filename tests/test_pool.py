@@ -1,0 +1,215 @@
+"""The teacher pool on Ray: precompute (resume, killed actors), serving == inline, CLI (issue 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from curriculum.config import (
+    CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, TeacherSpec, load_config,
+)
+from curriculum.errors import DataError
+from teachers.cache import CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset
+from teachers.pool import InlineTeacher, TeacherServer, precompute, prefetch, rebuild, verify_cache
+from test_cache import make_subset, reference_rows, save_teacher
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(shapes_root, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pool")
+    images, ann = make_subset(shapes_root, d / "instances.json", 8)
+    save_teacher(d / "teacher.pt")
+    return d, images, ann
+
+
+def job(d: Path, images: str, ann: str, root: str, actors: int = 1, **cache_kw) -> PrecomputeJobConfig:
+    cache_kw.setdefault("targets", ["features", "head", "detections"])
+    cache_kw.setdefault("compression", CompressionConfig(dtype="fp16", logits="topk", topk=3))
+    return PrecomputeJobConfig(
+        data=DataConfig(root=str(d), builtin="none", train_images=images, train_annotations=ann, image_size=128),
+        teachers=[TeacherSpec(checkpoint=str(d / "teacher.pt"), actors=actors, cpus_per_actor=0.5, threads=1,
+                              batch_size=2)],
+        cache=CacheConfig(root=root, shard_size=2, views=["noflip", "flip"], **cache_kw),
+    )
+
+
+def shard_files(cache_uri: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(cache_uri, "shards").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(setup, ray_session):
+    """An uninterrupted precompute: what every interrupted or faulty run must end with, byte for byte."""
+    d, images, ann = setup
+    (report,) = precompute(job(d, images, ann, str(d / "ref")), progress=False)
+    return report, shard_files(report.cache), json.loads(Path(report.cache, "manifest.json").read_text())
+
+
+def test_precompute_matches_in_process_teacher(setup, reference):
+    d, images, ann = setup
+    report, files, manifest = reference
+    assert manifest["complete"] and report.shards == 4 and sorted(report.computed) == [0, 1, 2, 3]
+    assert sorted(files) == [f"shard-0000{i}.parquet" for i in range(4)]  # no temporary files left
+    cfg = job(d, images, ann, "x").cache
+    from teachers.zoo import load_detector
+
+    ref = reference_rows(load_detector(d / "teacher.pt").eval(), images, ann, cfg, batch_size=2)
+    reader = CacheReader(report.cache)
+    for (iid, _), (raw, _, _, view) in ref.items():
+        got = reader.rows([iid], [view])[0]
+        for col, a in raw.items():
+            if col.startswith("head/cls_logits/"):
+                order = np.argsort(-a, axis=1)[:, :3]
+                assert np.allclose(np.take_along_axis(got[col], order, 1), np.take_along_axis(a, order, 1),
+                                   rtol=2.0**-11, atol=1e-7)
+            elif col.startswith("detections/"):
+                assert np.array_equal(got[col], a)
+            else:
+                assert np.all(np.abs(got[col] - a) <= np.abs(a) * 2.0**-11 + 1e-7), col
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_ends_with_the_same_cache(setup, reference, tmp_path):
+    d, images, ann = setup
+    _, ref_files, ref_manifest = reference
+    commits = []
+
+    def crash_after_two(teacher, shard):
+        commits.append(shard)
+        if len(commits) == 2:
+            raise Crash("driver killed")
+
+    with pytest.raises(Crash):
+        precompute(job(d, images, ann, str(tmp_path)), progress=False, on_commit=crash_after_two)
+    (cache_dir,) = find_caches(str(tmp_path))
+    partial = TeacherCache.open(cache_dir)
+    assert len(partial.manifest["shards"]) == 2 and not partial.complete
+    (report,) = precompute(job(d, images, ann, str(tmp_path)), progress=False)
+    assert sorted(report.computed) == sorted(set(range(4)) - set(commits))  # finished shards not recomputed
+    assert report.already_done == 2
+    assert shard_files(report.cache) == ref_files
+    got = json.loads(Path(report.cache, "manifest.json").read_text())
+    assert got["shards"] == ref_manifest["shards"] and got["complete"]
+
+
+def test_killed_actor_is_replaced_and_no_shard_is_lost_or_written_twice(setup, reference, tmp_path, ray_session):
+    d, images, ann = setup
+    _, ref_files, ref_manifest = reference
+    killed = []
+
+    def kill_second(teacher, shard, actor):
+        if not killed and shard == 1:
+            ray_session.kill(actor, no_restart=True)  # dies mid-shard, before it could return
+            killed.append(shard)
+
+    (report,) = precompute(job(d, images, ann, str(tmp_path), actors=2), progress=False, on_dispatch=kill_second)
+    assert killed == [1]
+    # Every shard the killed actor held (two in flight per actor) was handed out again; one replacement actor.
+    retried = [s for s, _ in report.retried]
+    assert report.actors_replaced == 1 and 1 in retried and len(set(retried)) == len(retried)
+    assert sorted(report.computed) == [0, 1, 2, 3]  # each shard committed exactly once
+    assert shard_files(report.cache) == ref_files
+    assert json.loads(Path(report.cache, "manifest.json").read_text())["shards"] == ref_manifest["shards"]
+
+
+def test_rebuild_and_verify(setup, reference, tmp_path):
+    import shutil
+
+    d, images, ann = setup
+    report, ref_files, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(report.cache, copy)
+    v = verify_cache(str(copy), sample=3)
+    assert v["ok"] and v["checked"] >= 3, v
+    p = copy / "shards" / "shard-00002.parquet"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(CorruptShardError, match="shard-00002"):
+        CacheReader(str(copy)).rows([open_dataset(images, ann, 128).image_ids[4]], ["h128w128f0"])
+    r = rebuild(str(copy), [2])
+    assert r.computed == [2]
+    assert shard_files(str(copy)) == ref_files
+
+
+def test_serving_equals_inline_and_survives_a_killed_actor(setup, ray_session):
+    d, images, ann = setup
+    from teachers.zoo import load_detector
+
+    targets = ["features", "head", "detections"]
+    inline = InlineTeacher(load_detector(d / "teacher.pt"), targets)
+    ds = open_dataset(images, ann, 128)
+    batches = []
+    for b in range(0, 8, 2):
+        samples = [ds[i] for i in range(b, b + 2)]
+        batches.append(([s[0] for s in samples], [s[1] for s in samples]))
+    server = TeacherServer(str(d / "teacher.pt"), targets, actors=2, cpus_per_actor=0.5, threads=1)
+    try:
+        seen = []
+        for step, (imgs, tgts, tt) in enumerate(prefetch(server, batches)):
+            ids = [t["image_id"] for t in tgts]
+            assert tt.image_ids == ids  # never another image's targets
+            ref = inline(imgs, ids)
+            for lvl in ref.features:
+                assert torch.equal(tt.features[lvl], ref.features[lvl])
+            for a, b in zip(tt.cls_logits, ref.cls_logits):
+                assert torch.equal(a, b)
+            for a, b in zip(tt.detections, ref.detections):
+                assert all(torch.equal(a[k], b[k]) for k in a)
+            seen += ids
+            if step == 0:
+                # Kill the actor that the batch after next goes to (round robin): that request fails and is resent
+                # to another actor; the dead one is replaced.
+                ray_session.kill(server.actors[1], no_restart=True)
+        assert seen == [int(i) for i in ds.image_ids]
+        assert server.retries >= 1 and server.replaced >= 1
+        # An answer for other images is refused.
+        r1 = server.submit(batches[0][0], [t["image_id"] for t in batches[0][1]], [t["view"] for t in batches[0][1]])
+        r2 = server.submit(batches[1][0], [t["image_id"] for t in batches[1][1]], [t["view"] for t in batches[1][1]])
+        r1.ref = r2.ref
+        with pytest.raises(DataError, match="another batch"):
+            r1.result()
+    finally:
+        server.shutdown()
+
+
+def test_cli_precompute_inspect_verify(setup, tmp_path, capsys, ray_session):
+    from curriculum.cli import main
+
+    d, images, ann = setup
+    cfg = {
+        "data": {"root": str(d), "builtin": "none", "train_images": images, "train_annotations": ann},
+        "teachers": [{"checkpoint": str(d / "teacher.pt"), "actors": 1, "cpus_per_actor": 0.5, "threads": 1}],
+        "cache": {"root": str(tmp_path / "cache"), "shard_size": 4, "targets": ["features", "detections"],
+                  "levels": ["p4"], "compression": {"dtype": "int8", "features_region": "boxes"}},
+    }
+    path = tmp_path / "precompute.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert load_config(path, PrecomputeJobConfig).teachers[0].actors == 1
+    assert main(["precompute", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    (cache_dir,) = find_caches(str(tmp_path / "cache"))
+    assert cache_dir in out
+    assert main(["cache", "inspect", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "complete" in out and "features" in out and "KiB per image" in out
+    assert main(["cache", "verify", cache_dir, "--sample", "2"]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "cache": {**cfg["cache"], "targets": ["logits"]}}))
+    assert main(["precompute", str(bad)]) == 2
+    assert "cache.targets" in capsys.readouterr().err
