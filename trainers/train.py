@@ -48,14 +48,20 @@ def ensure_builtin_data(data: DataConfig) -> None:
     """Generate the built-in data set under `data.root` when the config asks for it and it is missing."""
     if data.builtin != "shapes":
         return
-    root = Path(data.root)
-    if (root / "train" / "instances.json").is_file() and (root / "val" / "instances.json").is_file():
-        return
-    from curriculum.shapes import make_shapes
+    from curriculum.shapes import SHAPES_VERSION, make_shapes
 
-    log.info("generating the built-in shapes data set in %s", root)
-    make_shapes(root, train_images=data.shapes.train, val_images=data.shapes.val,
-                image_size=data.image_size, seed=data.shapes.seed)
+    root = Path(data.root)
+    want = {"train_images": data.shapes.train, "val_images": data.shapes.val, "image_size": data.image_size,
+            "seed": data.shapes.seed}
+    meta = root / "shapes.json"
+    if meta.is_file() and (root / "train" / "instances.json").is_file() and (root / "val" / "instances.json").is_file():
+        have = json.loads(meta.read_text())
+        if have.get("version") == SHAPES_VERSION and all(have["params"].get(k) == v for k, v in want.items()):
+            return
+        log.warning("%s holds the shapes data set of other parameters or generator version; regenerating it", root)
+    else:
+        log.info("generating the built-in shapes data set in %s", root)
+    make_shapes(root, **want)
 
 
 def build_dataset(data: DataConfig, split: str, seed: int = 0) -> CocoDetection:
