@@ -20,12 +20,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import timm
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
@@ -143,9 +145,17 @@ class DetectorOutput:
     features: FPN maps per level, ``{"p3": [N, C, H, W], ...}``.
     head (one-stage): ``cls_logits`` / ``bbox_regression`` (/ ``bbox_ctrness`` for FCOS) as per-level lists of
       ``[N, H*W*A, K]`` / ``[N, H*W*A, 4]``; ``anchors`` per image ``[sum HWA, 4]``, ``anchors_per_level``.
+      With losses, the assignment the detector's own loss used (RetinaNet: its IoU Matcher; FCOS: its
+      center sampling), per level: ``dense_labels [N, HWA_l]`` (class > 0 positive, 0 background, -1 ignored:
+      RetinaNet's between-thresholds anchors) and ``dense_reg_targets [N, HWA_l, 4]`` (encoded by the
+      detector's box coder like ``bbox_regression``; 0 where not positive).
     head (two-stage): ``objectness`` / ``rpn_deltas`` per level ``[N, A, H, W]`` / ``[N, 4A, H, W]``;
       ``proposals`` per image; ``roi_boxes`` the boxes the RoI head scored, ``class_logits`` ``[R, K]``,
-      ``box_regression`` ``[R, 4K]``, and when training ``roi_labels`` / ``roi_regression_targets``.
+      ``box_regression`` ``[R, 4K]``, and when training ``roi_labels`` / ``roi_regression_targets`` (per image).
+      With losses, per level: ``rpn_labels [N, A, H, W]`` (the RPN loss's sampled mini-batch: 1 positive,
+      0 negative, -1 not sampled) and ``rpn_reg_targets [N, 4A, H, W]`` (channel ``4a + j``, like
+      ``rpn_deltas``; 0 where not a sampled positive).
+      ``trainers.distill.outputs.student_outputs_from`` maps these names to the distillation losses' names.
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -310,18 +320,26 @@ class Detector(nn.Module):
         hw = [f.shape[-2] * f.shape[-1] for f in feats]
         per_loc = head["cls_logits"].shape[1] // sum(hw)
         per_level = [n * per_loc for n in hw]
+        matched = None
         if "losses" in want:
-            if isinstance(m, FCOS):
-                out.losses = m.compute_loss(targets, head, anchors, hw)
-            else:
-                out.losses = m.compute_loss(targets, head, anchors)
+            matched = _dense_matching(m, targets, anchors, hw)
+            out.losses = m.head.compute_loss(targets, head, anchors, matched)  # what m.compute_loss returns
         split = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
         if "head" in want:
             out.head = dict(split, anchors=anchors, anchors_per_level=per_level)
+            if matched is not None:
+                labels, reg_targets = _dense_targets(m, targets, anchors, matched)
+                out.head["dense_labels"] = list(labels.split(per_level, dim=1))
+                out.head["dense_reg_targets"] = list(reg_targets.split(per_level, dim=1))
         if "detections" in want:
             split_anchors = [list(a.split(per_level)) for a in anchors]
             with torch.no_grad():
-                out.detections = m.postprocess_detections(split, split_anchors, image_list.image_sizes)
+                # Column 0 is the background label (num_classes = K + 1), never a target; torchvision's sigmoid
+                # post-processing would still rank it as a class: give it no score so it takes no slot.
+                logits = [c.index_fill(-1, c.new_tensor([0], dtype=torch.long), float("-inf"))
+                          for c in split["cls_logits"]]
+                out.detections = m.postprocess_detections(dict(split, cls_logits=logits), split_anchors,
+                                                          image_list.image_sizes)
 
     def _two_stage(self, image_list, features, targets, want, out: DetectorOutput) -> None:
         m = self.model
@@ -337,6 +355,7 @@ class Detector(nn.Module):
         if "losses" in want:
             labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
             reg_targets = rpn.box_coder.encode(matched, anchors)
+            labels = _rpn_sampled_labels(rpn, labels)
             loss_obj, loss_rpn = rpn.compute_loss(obj_flat, deltas_flat, labels, reg_targets)
             roi_boxes, _, roi_labels, roi_reg_targets = roi.select_training_samples(proposals, targets)
         class_logits, box_regression = self._roi_forward(features, roi_boxes, image_list.image_sizes)
@@ -353,6 +372,8 @@ class Detector(nn.Module):
                 "class_logits": class_logits, "box_regression": box_regression,
                 "roi_labels": roi_labels, "roi_regression_targets": roi_reg_targets,
             }
+            if "losses" in want:
+                out.head["rpn_labels"], out.head["rpn_reg_targets"] = _rpn_maps(objectness, labels, reg_targets)
         if "detections" in want:
             if roi_boxes is not proposals:  # training samples are a subset: score every proposal for detections
                 class_logits, box_regression = self._roi_forward(features, proposals, image_list.image_sizes)
@@ -391,6 +412,68 @@ class Detector(nn.Module):
             "model": self.state_dict(),
             **(extra or {}),
         }
+
+
+def _dense_matching(m: RetinaNet | FCOS, targets, anchors: list[Tensor], hw: list[int]) -> list[Tensor]:
+    """Per image, the GT index each anchor (RetinaNet: IoU Matcher) or point (FCOS: center sampling) is
+    assigned to by the detector's own loss; -1 background, -2 ignored (RetinaNet, between the thresholds).
+
+    torchvision computes this inside ``compute_loss`` and hands it straight to ``head.compute_loss``. Running
+    that method on a stand-in whose head returns its ``matched_idxs`` argument gives the assignment from
+    torchvision's own code, without copying it and without touching the model.
+    """
+    probe = SimpleNamespace(head=SimpleNamespace(compute_loss=lambda _t, _h, _a, matched_idxs: matched_idxs))
+    if isinstance(m, FCOS):
+        probe.center_sampling_radius = m.center_sampling_radius
+        return FCOS.compute_loss(probe, targets, {}, anchors, hw)
+    probe.proposal_matcher = m.proposal_matcher
+    return RetinaNet.compute_loss(probe, targets, {}, anchors)
+
+
+def _dense_targets(m: RetinaNet | FCOS, targets, anchors: list[Tensor], matched: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``dense_labels [N, sum HWA]`` (class, 0 background, -1 ignored) and ``dense_reg_targets [N, sum HWA, 4]``
+    (the box coder's encoding of the matched GT box, as the regression loss sees it; 0 where not positive)."""
+    labels, reg = [], []
+    for t, a, idx in zip(targets, anchors, matched):
+        lab = torch.zeros_like(idx)
+        lab[idx == Matcher.BETWEEN_THRESHOLDS] = -1
+        y = torch.zeros_like(a)
+        pos = idx >= 0
+        if pos.any():
+            gt = t["boxes"][idx[pos]]
+            lab[pos] = t["labels"][idx[pos]]
+            # RetinaNet's BoxCoder encodes (gt, anchors); FCOS's BoxLinearCoder (anchors, gt).
+            y[pos] = m.box_coder.encode(a[pos], gt) if isinstance(m, FCOS) else m.box_coder.encode_single(gt, a[pos])
+        labels.append(lab)
+        reg.append(y)
+    return torch.stack(labels), torch.stack(reg)
+
+
+def _rpn_sampled_labels(rpn: nn.Module, labels: list[Tensor]) -> list[Tensor]:
+    """The RPN loss's sampled mini-batch as labels: 1 positive, 0 negative, -1 not sampled.
+
+    ``rpn.compute_loss`` draws this sample itself and does not return it. Drawing it here and giving
+    ``compute_loss`` the sampled labels leaves the loss unchanged: its sampler then finds exactly one full
+    mini-batch (at most ``batch_size * positive_fraction`` positives, the rest negatives) and keeps all of it.
+    """
+    pos, neg = rpn.fg_bg_sampler(labels)
+    return [torch.where(p.bool(), 1.0, torch.where(n.bool(), 0.0, -1.0)) for p, n in zip(pos, neg)]
+
+
+def _rpn_maps(objectness: list[Tensor], labels: list[Tensor], reg_targets: list[Tensor]) -> tuple[list, list]:
+    """Per-anchor labels / targets (image-major, then level, H, W, anchor: the anchor generator's order) laid
+    out like the RPN's outputs: ``[N, A, H, W]`` and ``[N, 4A, H, W]`` with channel ``4a + j``."""
+    lab = torch.stack(labels).long()
+    # Only sampled positives carry a target (an image without objects encodes a zero box: -inf).
+    reg = torch.where((lab == 1)[..., None], torch.stack(reg_targets), 0.0)
+    out_labels, out_reg, start = [], [], 0
+    for o in objectness:
+        n, a, h, w = o.shape
+        stop = start + a * h * w
+        out_labels.append(lab[:, start:stop].reshape(n, h, w, a).permute(0, 3, 1, 2))
+        out_reg.append(reg[:, start:stop].reshape(n, h, w, a, 4).permute(0, 3, 4, 1, 2).reshape(n, 4 * a, h, w))
+        start = stop
+    return out_labels, out_reg
 
 
 def _anchor_sizes(strides: tuple[int, ...], scale: float) -> tuple[tuple[int, ...], ...]:

@@ -166,3 +166,124 @@ def test_gflops_grow_with_capacity():
     small = count_gflops(build_detector("retinanet_mobilenetv3_micro", K))
     big = count_gflops(build_detector("retinanet_resnet18_half", K))
     assert 0 < small < big
+
+
+# ------------------------------------------------------------------------------- matching recorded for distillation
+
+
+def _cat_levels(levels, n):
+    return torch.cat([x.reshape(n, -1, *x.shape[2:]) for x in levels], dim=1)
+
+
+def test_retinanet_records_the_matching_of_its_loss():
+    """dense_labels / dense_reg_targets are what RetinaNet's own loss used: same positives, same loss values."""
+    from torchvision.ops import box_iou, sigmoid_focal_loss
+
+    torch.manual_seed(0)
+    det = build_detector("retinanet_mobilenetv3_micro", K).train()
+    out = det(IMAGES, TARGETS, want=("losses", "head"))
+    labels, reg_t = _cat_levels(out.head["dense_labels"], 2), _cat_levels(out.head["dense_reg_targets"], 2)
+    cls, reg = _cat_levels(out.head["cls_logits"], 2), _cat_levels(out.head["bbox_regression"], 2)
+    for lvl, n in enumerate(out.head["anchors_per_level"]):
+        assert out.head["dense_labels"][lvl].shape == (2, n) and out.head["dense_reg_targets"][lvl].shape == (2, n, 4)
+    # The positives and ignored anchors of the detector's IoU matcher, recomputed here.
+    matched = det.model.proposal_matcher(box_iou(TARGETS[0]["boxes"], out.head["anchors"][0]))
+    assert int((labels[0] > 0).sum()) == int((matched >= 0).sum()) > 0
+    assert int((labels[0] == -1).sum()) == int((matched == -2).sum())
+    assert set(labels[0][labels[0] > 0].tolist()) <= {1, 3}
+    assert (labels[1] == 0).all()  # the image without objects: all background, nothing ignored
+    assert torch.isfinite(reg_t).all() and (reg_t[labels <= 0] == 0).all()
+    cls_loss, box_loss = [], []
+    for i in range(2):
+        pos, valid = labels[i] > 0, labels[i] >= 0
+        onehot = torch.zeros_like(cls[i])
+        onehot[pos, labels[i][pos]] = 1.0
+        n_pos = max(1, int(pos.sum()))
+        cls_loss.append(sigmoid_focal_loss(cls[i][valid], onehot[valid], reduction="sum") / n_pos)
+        box_loss.append(torch.nn.functional.l1_loss(reg[i][pos], reg_t[i][pos], reduction="sum") / n_pos)
+    torch.testing.assert_close(sum(cls_loss) / 2, out.losses["classification"])
+    torch.testing.assert_close(sum(box_loss) / 2, out.losses["bbox_regression"])
+
+
+def test_fcos_records_its_center_sampling():
+    from torchvision.ops import sigmoid_focal_loss
+
+    torch.manual_seed(0)
+    det = build_detector("fcos_resnet_mini", K).train()
+    out = det(IMAGES, TARGETS, want=("losses", "head"))
+    labels, reg_t = _cat_levels(out.head["dense_labels"], 2), _cat_levels(out.head["dense_reg_targets"], 2)
+    cls = _cat_levels(out.head["cls_logits"], 2)
+    assert (labels >= 0).all()  # FCOS ignores nothing
+    pos = labels > 0
+    assert int(pos[0].sum()) > 0 and int(pos[1].sum()) == 0
+    onehot = torch.zeros_like(cls)
+    onehot[pos, labels[pos]] = 1.0
+    expected = sigmoid_focal_loss(cls, onehot, reduction="sum") / max(1, int(pos.sum()))
+    torch.testing.assert_close(expected, out.losses["classification"])
+    # The encoded targets decode back onto a ground-truth box of the anchor's class.
+    anchors = out.head["anchors"][0][pos[0]]
+    boxes = det.model.box_coder.decode(reg_t[0][pos[0]], anchors)
+    gt, gl = TARGETS[0]["boxes"], TARGETS[0]["labels"]
+    hit = (boxes[:, None, :] - gt[None]).abs().amax(-1) < 1e-3
+    assert hit.any(1).all()
+    assert (gl[hit.float().argmax(1)] == labels[0][pos[0]]).all()
+
+
+def test_rpn_records_its_sampled_minibatch():
+    """rpn_labels is the RPN loss's sampled mini-batch in the layout of the RPN maps: the loss recomputes."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    det = build_detector("fasterrcnn_resnet_mini", K).train()
+    out = det(IMAGES, TARGETS, want=("losses", "head"))
+    for o, d, lab, y in zip(out.head["objectness"], out.head["rpn_deltas"], out.head["rpn_labels"],
+                            out.head["rpn_reg_targets"]):
+        assert lab.shape == o.shape and y.shape == d.shape
+    n = 2
+    lab = torch.cat([x.reshape(n, -1) for x in out.head["rpn_labels"]], 1)
+    obj = torch.cat([x.reshape(n, -1) for x in out.head["objectness"]], 1)
+
+    def rows(levels):  # [N, 4A, H, W] -> [N, A*H*W, 4], channel 4a + j is coordinate j of anchor a
+        return torch.cat([x.reshape(n, x.shape[1] // 4, 4, *x.shape[2:]).permute(0, 1, 3, 4, 2).reshape(n, -1, 4)
+                          for x in levels], 1)
+
+    deltas, y = rows(out.head["rpn_deltas"]), rows(out.head["rpn_reg_targets"])
+    per_image = det.model.rpn.fg_bg_sampler.batch_size_per_image
+    assert (lab >= 0).sum(1).tolist() == [per_image, per_image]
+    assert int((lab[0] == 1).sum()) > 0 and int((lab[1] == 1).sum()) == 0
+    sampled, pos = lab >= 0, lab == 1
+    torch.testing.assert_close(F.binary_cross_entropy_with_logits(obj[sampled], lab[sampled].float()),
+                               out.losses["loss_objectness"])
+    box = F.smooth_l1_loss(deltas[pos], y[pos], beta=1 / 9, reduction="sum") / int(sampled.sum())
+    torch.testing.assert_close(box, out.losses["loss_rpn_box_reg"])
+    assert torch.isfinite(y).all() and (y[~pos] == 0).all()
+
+
+def test_matching_recorded_only_with_losses():
+    det = build_detector("retinanet_mobilenetv3_micro", K).eval()
+    with torch.no_grad():
+        out = det(IMAGES, want=("head",))
+    assert "dense_labels" not in out.head
+    det.train()
+    assert "dense_labels" not in det(IMAGES, TARGETS, want=("losses",)).head
+
+
+@pytest.mark.parametrize("name", ["retinanet_mobilenetv3_micro", "fcos_resnet_mini"])
+def test_one_stage_detections_never_have_the_background_label(name):
+    """Column 0 of a one-stage head is the background index: even a high logit there yields no detection."""
+    torch.manual_seed(0)
+    det = build_detector(name, K, score_thresh=0.0).eval()
+    cls_head = det.model.head.classification_head
+    with torch.no_grad():
+        cls_head.cls_logits.bias[0::K] = 20.0  # the background column of every anchor scores ~1
+        dets = det.predict(IMAGES)
+    assert all(len(d["labels"]) > 0 and (d["labels"] > 0).all() for d in dets)
+
+
+def test_one_stage_never_detects_the_background():
+    """Label 0 is the background: even an untrained head whose channel 0 fires gives no label-0 detection."""
+    det = build_detector("fcos_mobilenetv3_micro", K, score_thresh=0.0).eval()
+    with torch.no_grad():
+        det.model.head.classification_head.cls_logits.bias[0] = 20.0  # channel 0 scores ~1 everywhere
+        dets = det.predict(IMAGES)
+    assert all(len(d["labels"]) > 0 and (d["labels"] > 0).all() for d in dets)

@@ -21,23 +21,29 @@ Layouts (N images in the batch, in the same order as the student's batch):
 - ``roi_scorer``: the teacher's RoI head bound to its features of this batch; given boxes per image
   (xyxy, input pixels) it returns ``(class_logits [R, K], box_regression [R, 4K])``. TAR's proposal
   sharing uses it to score the student's proposals.
+
+The inline source: ``TeacherTargets.inline(teacher, images)`` runs a zoo teacher (``teachers.zoo``) in eval
+mode under ``torch.no_grad`` on the student's batch and wraps its output with ``from_output``. The cache
+and the serving actors build the same object from what they stored or received.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from curriculum.errors import DataError
+from curriculum.errors import ConfigError, DataError
 
 RoIScorer = Callable[[list[Tensor]], tuple[Tensor, Tensor]]
 
 _PER_LEVEL_FIELDS = ("cls_logits", "bbox_regression", "bbox_ctrness", "objectness", "rpn_deltas")
 _ROI_FIELDS = ("roi_class_logits", "roi_box_regression")
+# DetectorOutput.head keys (teachers.zoo) that are teacher targets as they are.
+_HEAD_FIELDS = ("cls_logits", "bbox_regression", "bbox_ctrness", "objectness", "rpn_deltas")
 
 
 def _detach(x: Any) -> Any:
@@ -97,6 +103,62 @@ class TeacherTargets:
             self.image_ids = [int(i) for i in self.image_ids]
 
     # ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_output(
+        cls,
+        out: Any,
+        teacher: Any = None,
+        image_ids: Sequence[int] | None = None,
+        keep: Collection[str] | None = None,
+    ) -> TeacherTargets:
+        """Targets from a teacher's ``DetectorOutput`` (``teachers.zoo``) on the student's batch.
+
+        ``out`` should come from ``teacher(images, want=("features", "head"))`` in eval mode under
+        ``torch.no_grad`` (``inline`` does that), on the same images, in the same order and at the same input
+        size as the student's. Taken: ``features``; one-stage ``cls_logits`` / ``bbox_regression`` /
+        ``bbox_ctrness``; two-stage ``objectness`` / ``rpn_deltas``; ``detections`` when recorded. A two-stage
+        teacher's own RoI outputs are not taken: they score the teacher's proposals, not the student's RoIs.
+        Give ``teacher`` (a two-stage ``Detector``) for ``roi_scorer``: its RoI head bound to these features
+        (``Detector.score_boxes``), for proposal sharing. ``keep``: only these fields (e.g.
+        ``distiller.required_teacher_targets()``), so nothing unused is kept or checked.
+        """
+        head = out.head or {}
+        kwargs: dict[str, Any] = {name: head.get(name) for name in _HEAD_FIELDS}
+        kwargs["features"] = out.features
+        kwargs["detections"] = out.detections
+        if teacher is not None and getattr(teacher, "kind", None) == "two_stage":
+            if out.features is None:
+                raise ConfigError(
+                    "TeacherTargets.from_output: a roi_scorer needs the teacher's features; run the teacher with "
+                    "want=('features', 'head')"
+                )
+            feats = {k: v.detach() for k, v in out.features.items()}
+            sizes = [tuple(s) for s in out.image_sizes]
+            kwargs["roi_scorer"] = lambda boxes: teacher.score_boxes(feats, boxes, sizes)
+        if keep is not None:
+            keep = set(keep)
+            if keep & set(_ROI_FIELDS):  # the RoI losses take stored RoI rows or, inline, the scorer
+                keep.add("roi_scorer")
+            kwargs = {k: v for k, v in kwargs.items() if k in keep}
+        return cls(**kwargs, image_ids=list(image_ids) if image_ids is not None else None)
+
+    @classmethod
+    def inline(
+        cls,
+        teacher: Any,
+        images: Sequence[Tensor],
+        image_ids: Sequence[int] | None = None,
+        keep: Collection[str] | None = None,
+    ) -> TeacherTargets:
+        """Run a zoo teacher on the student's batch (eval mode, no grad) and wrap it (``from_output``).
+
+        The teacher is put in eval mode and left there: a teacher is frozen (BatchNorm statistics included).
+        """
+        teacher.eval()
+        with torch.no_grad():
+            out = teacher(list(images), want=("features", "head"))
+        return cls.from_output(out, teacher, image_ids, keep)
 
     def to(self, device: torch.device | str) -> TeacherTargets:
         """A copy with every tensor on ``device`` (the scorer is kept as is)."""
