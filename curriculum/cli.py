@@ -158,6 +158,13 @@ def cmd_cache_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from curriculum.pipeline import main_run
+
+    return main_run(args.config, resume=args.resume, preset=args.preset, overrides=args.set, progress=not args.quiet,
+                    base_dir=args.base_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curriculum", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -220,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--shard", type=int, action="append", required=True, help="shard number (repeatable)")
     reb.add_argument("--quiet", action="store_true")
     reb.set_defaults(func=cmd_cache_rebuild)
+    run = sub.add_parser("run", help="the progressive curriculum: teachers, cache, stages on Ray Train, report")
+    run.add_argument("config", help="YAML run config (configs/run_default.yaml is the built-in default)")
+    run.add_argument("--resume", action="store_true", help="continue a run in output_dir (finished stages are kept)")
+    run.add_argument("--preset", choices=("quick",), help="shorter schedules for a first look (output_dir_<preset>)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set trainer.num_workers=1")
+    run.add_argument("--base-dir", help="relative paths of the config are taken from here (default: the current "
+                     "directory; under `ray job submit --working-dir .` pass \"$PWD\")")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
     return p
 
 

@@ -369,3 +369,147 @@ class PrecomputeJobConfig:
     teachers: list[TeacherSpec] = field(default_factory=list)
     cache: CacheConfig = field(default_factory=CacheConfig)
     ray: RayInitConfig = field(default_factory=RayInitConfig)
+
+
+# ------------------------------------------------------------------------------------------- the curriculum run
+# `curriculum run CONFIG` (issue 5): a student walks a sequence of teachers, one distillation stage per teacher, on
+# Ray Train, reading the teachers' cached targets (curriculum/plan.py, curriculum/pipeline.py).
+
+
+@dataclass
+class RunTeacherConfig:
+    """One teacher of the curriculum: a zoo detector, loaded from `checkpoint` or trained when it has none.
+
+    checkpoint: a `model.pt` written by `curriculum train`. null: `<teachers_dir>/<name>-<hash>/model.pt`, where
+      the hash covers the data and `teacher_train` settings, so an identical earlier run is reused and a changed
+      schedule never picks up a stale teacher. A given path that does not exist yet is trained into its folder.
+    actors, cpus_per_actor, gpus_per_actor, batch_size: the precompute actors of this teacher (TeacherSpec).
+    """
+
+    name: str = "fcos_resnet_mini"
+    checkpoint: str | None = None
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 8
+
+
+@dataclass
+class StageConfig:
+    """Settings of one stage, applied to the stage's position in the (given or measured) teacher order.
+
+    losses: distiller entries (trainers/distill: `build_distiller`); null: the run's `losses`.
+    lr: null keeps `train.lr`. Each stage is a full schedule: its optimizer, lr warm-up and schedule restart,
+    as in Cao et al. 2023 (12 epochs per stage in their configs).
+    """
+
+    epochs: int = 4
+    losses: list[dict[str, Any]] | None = None
+    lr: float | None = None
+
+
+@dataclass
+class DecayConfig:
+    """The distillation weight r(t) (trainers/distill/schedules.py), t the 1-based epoch.
+
+    restart: true counts t within each stage (t_max = the stage's epochs, r back to 1 at every new teacher);
+    false counts t over the whole curriculum (t_max = all epochs of all stages, r keeps falling).
+    """
+
+    kind: Literal["constant", "linear", "cosine", "step", "exponential"] = "linear"
+    restart: bool = True
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AutoOrderConfig:
+    """`order: auto`: the adaptation cost of each teacher, measured on `images` training images (curriculum/plan.py).
+
+    holdout: fraction of the images whose features test the 1x1 map fitted on the rest; ridge: relative L2
+    regularisation of that fit; levels: FPN levels measured (null: every level both detectors have).
+    """
+
+    images: int = 32
+    holdout: float = 0.5
+    ridge: float = 1e-3
+    levels: list[str] | None = None
+
+
+@dataclass
+class RunCacheConfig:
+    """The teacher cache of the run. Targets, levels and views follow from the losses and `data.flip`."""
+
+    root: str = "runs/teacher_cache"
+    shard_size: int = 64
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    memory_bytes: int = 1 << 30  # per training worker: decoded shards kept by its CacheReader
+    max_attempts: int = 3
+
+
+@dataclass
+class RayTrainConfig:
+    """Ray Train workers of every stage (DDP: gloo on CPU, NCCL on GPU; autocast bf16 on GPU)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1  # torch intra-op threads per worker
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before a stage fails
+    eval_every: int = 0  # rank 0 evaluates on val every N epochs (for the AP curve); 0: at stage ends only
+
+
+@dataclass
+class RunJobConfig:
+    """`curriculum run CONFIG`: teachers, cache, the progressive stages on Ray Train, baseline and report.
+
+    order: `given` walks `teachers` as listed; `auto` orders them by measured adaptation cost, closest first.
+    stages: one per teacher (positionally, after ordering), or a single entry used for every teacher.
+    kd_ratio: null uses the loss weights as configured; a number rescales the feature terms of each stage once,
+      at its start, so that they add up to kd_ratio x the detector loss on the first batches (the published
+      weights were tuned for 800 px COCO inputs, see bench/distill_methods.py).
+    inherit: the student starts with the first teacher's neck (FPN) and head weights wherever names and shapes
+      match (as the code of Cao et al. 2023 does).
+    baseline: also train the student without distillation for the same total epochs.
+    direct: also distil from the last teacher of the order alone for the same total epochs (one stage).
+    """
+
+    output_dir: str = "runs/curriculum"
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="fcos_mobilenetv3_micro"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    teachers_dir: str = "runs/teachers"
+    teachers: list[RunTeacherConfig] = field(default_factory=list)
+    order: Literal["given", "auto"] = "given"
+    auto_order: AutoOrderConfig = field(default_factory=AutoOrderConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    losses: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "mgd", "preset": "retinanet"}])
+    kd_ratio: float | None = None
+    decay: DecayConfig = field(default_factory=DecayConfig)
+    inherit: bool = True
+    baseline: bool = True
+    direct: bool = False
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: RunCacheConfig = field(default_factory=RunCacheConfig)
+    trainer: RayTrainConfig = field(default_factory=RayTrainConfig)
+    ray: RayInitConfig = field(default_factory=RayInitConfig)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ConfigError("teachers: the curriculum needs at least one teacher ([{name: fcos_resnet_mini}])")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"teachers: {names} names a teacher twice; each teacher is one stage")
+        if not self.stages or len(self.stages) not in (1, len(self.teachers)):
+            raise ConfigError(f"stages: {len(self.stages)} entries for {len(self.teachers)} teachers; give one per "
+                              "teacher or a single one used for every teacher")
+        if self.kd_ratio is not None and self.kd_ratio <= 0:
+            raise ConfigError(f"kd_ratio: must be positive (or null), got {self.kd_ratio}")
+        if self.trainer.num_workers < 1 or self.trainer.cpus_per_worker <= 0:
+            raise ConfigError("trainer.num_workers must be at least 1 and trainer.cpus_per_worker positive")
+        if not 0.0 < self.auto_order.holdout < 1.0 or self.auto_order.images < 2:
+            raise ConfigError("auto_order: holdout must be in (0, 1) and images at least 2")
+
+    def stage_settings(self) -> list[StageConfig]:
+        """One StageConfig per stage position (a single entry is used for every stage)."""
+        return list(self.stages) if len(self.stages) == len(self.teachers) else [self.stages[0]] * len(self.teachers)

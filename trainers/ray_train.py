@@ -1,22 +1,51 @@
 """Detector training on Ray Train (`TorchTrainer`, Train V2): DDP over workers, a checkpoint per epoch.
 
 Each worker builds the data set and the detector itself (nothing big travels through the driver), reads its
-shard of the images through a `DistributedSampler`, and trains with the same `train_one_epoch` as local
-training. Rank 0 reports a checkpoint after every epoch (model, optimizer, scheduler, epoch, history); a worker
-group that dies is restarted by Ray Train from the last checkpoint (`FailureConfig(max_failures)`), and calling
-`fit_on_ray` again with the same storage path and name resumes the run (see shared/RAY_NOTES.md).
+shard of the images, and trains with the same `train_one_epoch` as local training. Rank 0 reports a checkpoint
+after every epoch (model, optimizer, scheduler, epoch, history; for a distillation stage also the stage index and
+the distiller's adapters); a worker group that dies is restarted by Ray Train from the last checkpoint
+(`FailureConfig(max_failures)`), and calling `fit_on_ray` again with the same storage path and name resumes the run
+(see shared/RAY_NOTES.md).
 
-The driver evaluates the final model afterwards: evaluation is a single pass that does not need DDP.
+Plain training (`fit_on_ray(job)`): images sharded by a `DistributedSampler`.
+
+A distillation stage (`fit_on_ray(job, stage=...)`, one stage of `curriculum run`, see curriculum/plan.py): the
+student starts from `init` (a plain detector checkpoint: the previous stage's model, or the student with the first
+teacher's neck and head), a `Distiller` built from the stage's losses adds its terms to the detector's losses
+through `train_one_epoch(extra_loss=...)`, and the teacher's targets come from its precomputed cache:
+
+- How hot targets reach the workers: every worker opens its own `teachers.cache.CacheReader` on the cache
+  (a local folder or any URI pyarrow reads: the cache, like the images, must be reachable from every node) and
+  reads the Parquet shards that hold *its* images, decoding them into its own LRU (`memory_bytes`); nothing goes
+  through the driver or Ray's object store. `CacheShardSampler` gives each worker, every epoch, a contiguous run
+  of whole cache shards (the shards' order is reshuffled every epoch, the images shuffled within the worker's
+  part), so a worker reads about 1/num_workers of the cache per epoch instead of all of it, and with
+  `memory_bytes` >= the cache / num_workers nothing is decoded twice in an epoch.
+- The batch's targets are looked up by `(image_id, View)`: each sample records the view (size, flip) it was made
+  with, and the cache holds the teacher's output for that exact view, so a worker can never pair an image with
+  another view's targets (a missing view is an error, not a silent mismatch).
+- The distiller's adapters are trained with the student and kept identical across workers by their own DDP
+  wrapper (`find_unused_parameters` only when a non-feature term is mixed in: a gated head term may leave an
+  adapter without gradient in a step).
+- Random state is re-seeded from (seed, stage, epoch, rank) at every epoch (MGD's masks included), so a run that
+  resumes from an epoch checkpoint computes the same epochs as one that was never interrupted.
+
+On GPU (`use_gpu`) the backend is NCCL, batches are moved to the worker's device and the forward runs under
+bf16 autocast (no loss scaler needed); gradients are clipped at `train.grad_clip` in either case.
+
+The driver evaluates afterwards: evaluation is a single pass that does not need DDP (`eval_every` also lets rank
+0 evaluate during the run, for the AP curve).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -27,33 +56,191 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 
 
+class CacheShardSampler(torch.utils.data.Sampler[int]):
+    """Each rank's images for an epoch, as contiguous runs of whole teacher-cache shards.
+
+    `shard_of[i]` is the cache shard of data-set index i. Every epoch the shards are put in a random order
+    (seed, epoch), their images concatenated, and rank r takes the r-th of `num_replicas` equal slices (the last
+    N mod num_replicas images of the order are left out that epoch, as `DistributedSampler(drop_last=True)` does);
+    the slice is shuffled (seed, epoch, rank). Every rank gets the same number of images, so DDP's collectives
+    stay in step, and a rank touches about N / (num_replicas * shard_size) + 1 shards.
+    """
+
+    def __init__(self, shard_of: list[int], num_replicas: int, rank: int, seed: int = 0) -> None:
+        self.shard_of = list(shard_of)
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch = 0
+        self.members: dict[int, list[int]] = {}
+        for i, s in enumerate(self.shard_of):
+            self.members.setdefault(s, []).append(i)
+        self.per_rank = len(self.shard_of) // num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        shards = sorted(self.members)
+        order = [shards[int(j)] for j in torch.randperm(len(shards), generator=g)]
+        flat = [i for s in order for i in self.members[s]]
+        mine = flat[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        g.manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank + 1)
+        return [mine[int(j)] for j in torch.randperm(len(mine), generator=g)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class _DeviceLoader:
+    """Moves each batch (images, target dicts) to the worker's device; a no-op wrapper on the CPU."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets in self.loader:
+            if self.device.type != "cpu":
+                images = [im.to(self.device, non_blocking=True) for im in images]
+                targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                           for t in targets]
+            yield images, targets
+
+
+class _Autocast(torch.nn.Module):
+    """The student's forward under bf16 autocast (GPU only; the losses are reduced in float32 by the detector)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.module(*args, **kwargs)
+
+
+class CachedDistillation:
+    """`extra_loss` for `train_one_epoch`: the batch's teacher targets from the cache, then the distiller."""
+
+    def __init__(self, reader: Any, distiller: torch.nn.Module, scales: dict[str, float], decay: float,
+                 generator: torch.Generator) -> None:
+        self.reader, self.distiller, self.scales = reader, distiller, scales
+        self.decay, self.generator = decay, generator
+
+    def __call__(self, out: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
+        from trainers.distill.outputs import student_outputs_from
+
+        tt = self.reader.targets_for(targets)
+        gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
+        terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
+        for name, factor in self.scales.items():  # detector terms a loss rescales (Chen's mu) replace the originals
+            if name in out.losses:
+                terms[name] = out.losses[name] * factor
+        return terms
+
+
+def _load_plain(model: torch.nn.Module, path: str) -> None:
+    """Weights of a plain detector checkpoint (`Detector.checkpoint()`) into `model` (same zoo name)."""
+    from teachers.zoo import _read_checkpoint
+
+    ckpt = _read_checkpoint(path)
+    if ckpt["config"]["name"] != model.config.name:
+        raise RuntimeError(f"{path} holds {ckpt['config']['name']}, the stage trains {model.config.name}")
+    model.load_state_dict(ckpt["model"])
+
+
+def _mean_across_workers(stats: dict[str, float], world: int) -> dict[str, float]:
+    """The loss terms averaged over the workers (each worker's are means over its own batches)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float) and k not in ("lr",))
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    out = dict(stats)
+    for k, v in zip(keys, (t / world).tolist()):
+        out[k] = v
+    out["images_per_s"] = out["images_per_s"] * world  # images/s of the whole group
+    return out
+
+
+def _maybe_fault(fault: dict[str, Any] | None, stage_index: int, epoch: int, rank: int) -> None:
+    """Test hook: once (a marker file records it), rank 0 dies or raises at the start of `epoch` of a stage."""
+    if not fault or rank != 0 or fault.get("stage", 0) != stage_index or fault.get("epoch") != epoch:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text("fired\n")
+    if fault.get("mode", "exit") == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected failure at stage {stage_index}, epoch {epoch + 1}")
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker: plain training, or one distillation stage when `stage` is given."""
     import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
 
     from curriculum.data import collate_fn
     from teachers.zoo import build_detector
-    from trainers.train import (build_dataset, load_train_state, make_optimizer, make_scheduler, seed_everything,
-                                train_one_epoch, TRAIN_STATE_FORMAT)
+    from trainers.train import (TRAIN_STATE_FORMAT, build_dataset, evaluate_model, load_train_state, make_optimizer,
+                                make_scheduler, seed_everything, train_one_epoch)
 
     job: TrainJobConfig = config_from_dict(TrainJobConfig, loop_config["job"])
+    stage: dict[str, Any] | None = loop_config.get("stage")
+    distil = bool(stage and stage.get("teacher"))
+    stage_index = stage["index"] if stage else 0
     t = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if loop_config.get("use_gpu") else torch.device("cpu")
     if loop_config.get("threads_per_worker"):
         torch.set_num_threads(loop_config["threads_per_worker"])
     seed_everything(t.seed)
     ds = build_dataset(job.data, "train", seed=t.seed)
     model = build_detector(job.model.name, ds.num_classes, image_size=job.data.image_size, **job.model.overrides())
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
+    if loop_config.get("init"):
+        _load_plain(model, loop_config["init"])
+    distiller = reader = None
+    if distil:
+        from teachers.cache import CacheReader
+        from trainers.distill import build_distiller
+
+        reader = CacheReader(stage["cache"], memory_bytes=loop_config.get("memory_bytes", 1 << 30))
+        manifest = reader.cache.manifest
+        distiller = build_distiller(stage["losses"], model.level_channels, manifest["teacher"]["level_channels"])
+        for key, factor in (loop_config.get("loss_factors") or {}).items():
+            distiller.weights[key] *= factor
+        pos = {int(i): p for p, i in enumerate(reader.cache.image_ids())}
+        shard_of = [pos[int(i)] // manifest["shard_size"] for i in ds.image_ids]
+        sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
+    else:
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
     per_worker = max(1, t.batch_size // world)  # batch_size is the global batch
     loader = DataLoader(ds, batch_size=per_worker, sampler=sampler, collate_fn=collate_fn, drop_last=True,
                         num_workers=job.data.workers)
     iters = min(len(loader), t.max_iters_per_epoch or len(loader))
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    opt = make_optimizer(ddp_model.parameters(), t)
+    params = list(ddp_model.parameters())
+    ddp_distiller = None
+    if distiller is not None:
+        if any(True for _ in distiller.parameters()):
+            from trainers.distill.common import FeatureTerm
+
+            # Feature terms use all their adapters every step; a gated head term may leave some without gradient.
+            gated = not all(isinstance(term, FeatureTerm) for term in distiller.terms.values())
+            ddp_distiller = ray.train.torch.prepare_model(
+                distiller, parallel_strategy_kwargs={"find_unused_parameters": gated})
+            params += list(ddp_distiller.parameters())
+        else:
+            ddp_distiller = distiller.to(device)
+    opt = make_optimizer(params, t)
     sched = make_scheduler(opt, t, iters * t.epochs)
     history: list[dict[str, Any]] = []
     start = 0
@@ -61,22 +248,55 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d) / STATE_FILE)
+        if state.get("stage", 0) != stage_index:
+            raise RuntimeError(f"checkpoint of stage {state.get('stage')} found in the run of stage {stage_index}")
         model.load_state_dict(state["model"]["model"])
+        if distiller is not None and state.get("distiller") is not None:
+            distiller.load_state_dict(state["distiller"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history = json.loads(state["history"])
         start = state["epoch"] + 1
+    train_model = _Autocast(ddp_model) if device.type == "cuda" else ddp_model
+    val_ds = None
     for epoch in range(start, t.epochs):
+        _maybe_fault(loop_config.get("fault"), stage_index, epoch, rank)
         ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(ddp_model, loader, opt, sched, t, epoch, progress=rank == 0)
-        history.append({"epoch": epoch + 1, **stats})
-        metrics = {"epoch": epoch + 1, "loss": stats["loss"], "images_per_s_worker": stats["images_per_s"]}
+        # Random state from (seed, stage, epoch, rank) alone: a resumed run repeats the uninterrupted one.
+        seed_everything(t.seed * 1_000_003 + stage_index * 10_007 + epoch * 101 + rank)
+        extra = None
+        decay = None
+        if distiller is not None:
+            from curriculum.plan import Stage
+
+            decay = Stage.from_dict(stage).decay(epoch)
+            gen = torch.Generator(device=device).manual_seed(t.seed * 7_919 + stage_index * 101 + epoch * 13 + rank)
+            extra = CachedDistillation(reader, ddp_distiller, distiller.detector_loss_scales(), decay, gen)
+            ddp_distiller.train()
+        stats = train_one_epoch(train_model, _DeviceLoader(loader, device), opt, sched, t, epoch,
+                                progress=rank == 0 and loop_config.get("progress", True), extra_loss=extra)
+        stats = _mean_across_workers(stats, world)
+        record: dict[str, Any] = {"epoch": epoch + 1, **stats}
+        if stage is not None:
+            record["stage"] = stage_index
+        if decay is not None:
+            record["decay"] = decay
+        every = loop_config.get("eval_every") or 0
+        if rank == 0 and every and (epoch + 1) % every == 0:
+            val_ds = val_ds or build_dataset(job.data, "val", seed=t.seed)
+            probe = copy.deepcopy(model).cpu() if device.type != "cpu" else model
+            metrics = evaluate_model(probe, val_ds, job.eval, progress=False)
+            record["val"] = {k: v for k, v in metrics.items() if k not in ("stats", "per_class")}
+        history.append(record)
+        metrics = {"epoch": epoch + 1, "loss": stats["loss"], "images_per_s": stats["images_per_s"]}
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
                 torch.save({
-                    "format": TRAIN_STATE_FORMAT, "epoch": epoch, "model": model.checkpoint(),
+                    "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "model": model.checkpoint(),
+                    "distiller": distiller.state_dict() if distiller is not None else None,
+                    "loss_factors": loop_config.get("loss_factors") or {},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
                 }, Path(d) / STATE_FILE)
@@ -93,9 +313,21 @@ def fit_on_ray(
     max_failures: int = 2,
     storage_path: str | None = None,
     name: str = "train",
+    *,
+    stage: dict[str, Any] | None = None,
+    init: str | None = None,
+    memory_bytes: int = 1 << 30,
+    loss_factors: dict[str, float] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+    fault: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history).
+    """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history, ...).
 
+    stage: a `curriculum.plan.Stage` as a dict (`Stage.to_dict()`): with a teacher, a distillation stage reading
+    the cache `stage["cache"]`; `job.train.epochs` is the stage's length. init: plain detector checkpoint the
+    student starts from. loss_factors: multipliers of the distiller's entries (the calibrated weights).
+    fault: test hook (`{"epoch": e, "marker": path, "mode": "exit"|"raise", "stage": i}`).
     Resumes when a run with this `storage_path`/`name` exists (a killed job started again goes on from its
     last reported epoch).
     """
@@ -108,7 +340,9 @@ def fit_on_ray(
     storage = storage_path or str(Path(job.output_dir).resolve() / "ray")
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": to_dict(job), "threads_per_worker": threads_per_worker},
+        train_loop_config={"job": to_dict(job), "threads_per_worker": threads_per_worker, "stage": stage,
+                           "init": init, "memory_bytes": memory_bytes, "loss_factors": loss_factors,
+                           "eval_every": eval_every, "use_gpu": use_gpu, "progress": progress, "fault": fault},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
@@ -122,4 +356,8 @@ def fit_on_ray(
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage}/{name} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
-        return load_train_state(Path(d) / STATE_FILE)
+        state = load_train_state(Path(d) / STATE_FILE)
+    if state["epoch"] + 1 < job.train.epochs:
+        raise RuntimeError(f"Ray Train run {storage}/{name} stopped after epoch {state['epoch'] + 1} of "
+                           f"{job.train.epochs}: {result.error}")
+    return state

@@ -1,0 +1,602 @@
+"""`curriculum run CONFIG [--resume] [--preset quick]`: the whole progressive-distillation job, reusing what exists.
+
+Phases, in order (each timed; the report lists the wall time of every phase and whether it was reused):
+
+1. data: the built-in data set is generated when the config asks for it and it is missing.
+2. teachers: each teacher is loaded from its checkpoint; a teacher without one is trained first with
+   `trainers.train.train_detector` (in this process, `teacher_train` schedule) into
+   `<teachers_dir>/<name>-<hash of data + schedule>/`, so identical settings reuse an earlier run and an
+   interrupted teacher run is resumed from its `checkpoints/last.pt`. Each teacher is evaluated once on val
+   (`<output_dir>/evals/`).
+3. order: `given`, or `auto`: the adaptation cost of every teacher on a calibration sample (curriculum/plan.py);
+   the costs and the order are saved (`order.json`) and a resumed run keeps them.
+4. cache: `teachers.pool.precompute` writes (or finishes, or reuses: complete shards are never recomputed) each
+   teacher's cache with the targets, FPN levels and views the stages read (views follow `data.flip`: `random`
+   caches both the plain and the flipped view of every image, so every epoch's flips have their targets).
+5. stages: one Ray Train run per stage (`trainers.ray_train.fit_on_ray`, storage `<output_dir>/ray`, run name
+   = the stage's name). Workers read their shard of the images and of the cached targets themselves
+   (see trainers/ray_train.py). The student carries its weights from stage to stage; after each stage its
+   model is written to `stages/<i>-<teacher>/model.pt` and evaluated on val.
+6. baseline (`baseline: true`): the student alone, same schedule and total epochs, on Ray Train as well.
+   direct (`direct: true`): distillation from the last teacher alone for the total epochs.
+7. report (`<output_dir>/report/`): `results.md` / `results.json` (val AP, AP50, AP75, APs, APm, APl of the
+   baseline, each teacher, the student after each stage, direct; adaptation costs; wall time of each phase),
+   `loss.png` and `ap.png` (per epoch, stage borders dashed), and `student.pt`: the final student as a plain
+   zoo checkpoint (`teachers.zoo.load_detector` rebuilds it without the adapters and without Ray).
+
+Resume. Without `--resume` an output folder holding stages refuses to start. With it, finished stages (their
+`done.json`) are kept and the unfinished one goes on from its last epoch checkpoint: `fit_on_ray` with the same
+storage and name makes Ray Train hand the workers that checkpoint (stage, epoch, student, adapters, optimizer,
+scheduler, history). Random state is re-seeded per epoch, so a resumed stage matches an uninterrupted one (see
+tests/test_pipeline.py for the tolerance).
+
+Paths. Relative paths of the config are made absolute against `--base-dir` (default: the current directory) before
+anything starts: the Ray Train workers and the precompute actors run in other directories. Under
+`ray job submit --working-dir .` the job runs in a temporary copy of the working directory (without the git-ignored
+`data/` and `runs/`): pass `--base-dir "$PWD"` so that data, teachers, cache and report land in the real
+project folder. The driver joins the job's cluster (RAY_ADDRESS); on several nodes the paths (data, teachers,
+cache, output) must be readable by every node (a shared file system, or a URI for the cache root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from curriculum.config import (
+    CacheConfig, PrecomputeJobConfig, RunJobConfig, TeacherSpec, TrainJobConfig, dump_config, load_config,
+)
+from curriculum.errors import ConfigError, CurriculumError
+from curriculum.plan import (
+    Stage, baseline_stage, build_plan, cache_needs, direct_stage, fingerprint, inherit_weights,
+    measure_adaptation_costs, order_by_cost, stage_borders, total_epochs,
+)
+
+log = logging.getLogger("curriculum.run")
+
+# `--preset NAME`: overrides applied on top of the config (shorter schedules for a first look).
+PRESETS: dict[str, list[str]] = {
+    "quick": [
+        "teacher_train.epochs=2", "teacher_train.max_iters_per_epoch=40",
+        "train.max_iters_per_epoch=30", "stages=[{epochs: 1}]",
+        "eval.max_images=100", "auto_order.images=16",
+    ],
+}
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+FAULT_ENV = "CURRICULUM_TEST_FAULT"  # tests: JSON passed to fit_on_ray's `fault` hook
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> RunJobConfig:
+    """The run config of `path` with the preset's overrides, then the command line's `--set` ones."""
+    extra: list[str] = []
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r} is unknown; presets: {sorted(PRESETS)}")
+        extra = list(PRESETS[preset])
+        out_dir = load_config(path, RunJobConfig, overrides).output_dir
+        extra.append(f"output_dir={out_dir.rstrip('/')}_{preset}")
+    return load_config(path, RunJobConfig, extra + list(overrides or []))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class Phases:
+    """Wall time of each phase, in order, with whether it was reused.
+
+    The seconds of phases computed by earlier invocations of the same run (before a `--resume`) are kept in
+    `<output_dir>/phases.json`, so the report of a resumed run still gives every phase's cost (`computed_s`).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.path = path
+        self.done: dict[str, float] = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+    @contextmanager
+    def __call__(self, name: str, reused: bool = False) -> Iterator[dict[str, Any]]:
+        row = {"phase": name, "seconds": 0.0, "reused": reused}
+        log.info("[%s] %s", name, "reused" if reused else "start")
+        t0 = time.perf_counter()
+        try:
+            yield row
+        finally:
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            if row["reused"]:
+                row["computed_s"] = self.done.get(name)
+            else:
+                row["computed_s"] = row["seconds"]
+                self.done[name] = row["seconds"]
+                if self.path is not None:
+                    _write_json(self.done, self.path)
+                log.info("[%s] done in %.1f s", name, row["seconds"])
+            self.rows.append(row)
+
+
+def _save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(metrics.get(k, -1.0)) for k in METRICS}
+
+
+def teacher_train_job(job: RunJobConfig, name: str, out_dir: str) -> TrainJobConfig:
+    from curriculum.config import ModelConfig
+
+    return TrainJobConfig(output_dir=out_dir, data=job.data, model=ModelConfig(name=name), train=job.teacher_train,
+                          eval=job.eval)
+
+
+_PATH_KEYS = ("root", "train_images", "train_annotations", "val_images", "val_annotations")
+
+
+def teacher_checkpoint(job: RunJobConfig, name: str, given: str | None, data_fp: str = "") -> Path:
+    """Where a teacher's model.pt is (given) or will be trained to (`<teachers_dir>/<name>-<hash>/model.pt`).
+
+    The hash covers the zoo name, the teacher schedule, the data settings other than paths, and `data_fp` (the
+    content fingerprint of the training split, `teachers.cache.data_fingerprint`): the same data found under
+    another path reuses the teacher, other data never does.
+    """
+    if given:
+        return Path(given)
+    data = {k: v for k, v in dataclasses.asdict(job.data).items() if k not in _PATH_KEYS}
+    key = fingerprint({"name": name, "data": data, "data_fp": data_fp, "train": dataclasses.asdict(job.teacher_train)})
+    return Path(job.teachers_dir) / f"{name}-{key}" / "model.pt"
+
+
+def ensure_teacher(job: RunJobConfig, spec: Any, phases: Phases, progress: bool, data_fp: str = "") -> Path:
+    """The teacher's checkpoint, trained with train_detector when it does not exist yet."""
+    from trainers.train import train_detector
+
+    path = teacher_checkpoint(job, spec.name, spec.checkpoint, data_fp)
+    if path.is_file():
+        with phases(f"teacher {spec.name}: train", reused=True):
+            pass
+        return path
+    if path.name != "model.pt":
+        raise ConfigError(f"teacher {spec.name}: checkpoint {path} does not exist (a missing teacher is trained into "
+                          "<folder>/model.pt: give such a path, or null for the default)")
+    with phases(f"teacher {spec.name}: train"):
+        tjob = teacher_train_job(job, spec.name, str(path.parent))
+        resume = (path.parent / "checkpoints" / "last.pt").exists()
+        log.info("training teacher %s into %s%s", spec.name, path.parent, " (resuming)" if resume else "")
+        train_detector(tjob, resume=resume, progress=progress)
+    return path
+
+
+def _cache_views(flip: str) -> list[str]:
+    return {"none": ["noflip"], "always": ["flip"], "random": ["noflip", "flip"]}[flip]
+
+
+def _student(job: RunJobConfig, num_classes: int) -> Any:
+    from teachers.zoo import build_detector
+
+    return build_detector(job.student.name, num_classes, image_size=job.data.image_size, **job.student.overrides())
+
+
+def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int = 4) -> dict[str, float]:
+    """`kd_ratio`: one factor for the stage's feature terms so they add up to kd_ratio x the detector loss on the
+    first `batches` training batches (data-set order, epoch 0 views), with the student as the stage starts.
+
+    Nothing is trained (a throw-away copy of the student, no gradients); the global RNG is restored.
+    """
+    from curriculum.data import collate_fn
+    from teachers.cache import CacheReader
+    from teachers.zoo import load_detector
+    from trainers.distill import build_distiller
+    from trainers.distill.common import FeatureTerm
+    from trainers.distill.outputs import student_outputs_from
+    from trainers.train import build_dataset
+
+    if stage.kd_ratio is None or stage.teacher is None:
+        return {}
+    reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
+    student = load_detector(init)
+    distiller = build_distiller(stage.losses, student.level_channels, reader.cache.manifest["teacher"]["level_channels"])
+    keys = [k for k, term in distiller.terms.items() if isinstance(term, FeatureTerm)]
+    if not keys:
+        return {}
+    ds = build_dataset(job.data, "train", seed=job.train.seed)
+    ds.set_epoch(0)
+    bs = job.train.batch_size
+    rng = torch.get_rng_state()
+    gen = torch.Generator().manual_seed(job.train.seed)
+    det = feat = 0.0
+    student.train()
+    with torch.no_grad():
+        for b in range(min(batches, max(1, len(ds) // bs))):
+            images, targets = collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
+            out = student(images, targets, want=("losses", "features", "head"))
+            terms = distiller(student_outputs_from(out), reader.targets_for(targets), targets, generator=gen)
+            det += float(sum(out.losses.values()))
+            feat += sum(float(terms[f"distill_{k}"]) for k in keys)
+    torch.set_rng_state(rng)
+    factor = stage.kd_ratio * det / max(feat, 1e-12)
+    return {k: factor for k in keys}
+
+
+def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:
+    """Whether the eval.json beside a teacher's model.pt was made on this run's val data with its eval settings."""
+    import yaml
+
+    cfg, ev = checkpoint.parent / "config.yaml", checkpoint.parent / "eval.json"
+    if not (cfg.is_file() and ev.is_file() and checkpoint.name == "model.pt"):
+        return False
+    try:
+        saved = yaml.safe_load(cfg.read_text())
+        return (saved.get("eval") == dataclasses.asdict(job.eval)
+                and saved.get("data", {}).get("val_images") == job.data.val_images
+                and saved.get("data", {}).get("val_annotations") == job.data.val_annotations
+                and saved.get("data", {}).get("root") == job.data.root
+                and saved.get("data", {}).get("image_size") == job.data.image_size
+                and ev.stat().st_mtime >= checkpoint.stat().st_mtime - 60)
+    except Exception:  # an unreadable old config: evaluate again
+        return False
+
+
+def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, progress: bool) -> dict[str, Any]:
+    """Val metrics of a plain checkpoint, cached in `out` (a resumed run does not evaluate twice)."""
+    from teachers.zoo import load_detector
+    from trainers.train import evaluate_model
+
+    if out.is_file():
+        return json.loads(out.read_text())
+    model = load_detector(path)
+    metrics = evaluate_model(model, val_ds, job.eval, progress=progress)
+    metrics = {k: v for k, v in metrics.items() if k != "stats"}
+    _write_json(metrics, out)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Phases, progress: bool
+              ) -> dict[str, Any]:
+    """One stage on Ray Train (or reuse its finished result); writes `<out>/<stage.name>/` and returns its summary."""
+    from trainers.ray_train import fit_on_ray
+
+    sdir = out / "stages" / stage.name
+    done = sdir / "done.json"
+    if done.is_file() and (sdir / "model.pt").is_file():
+        with phases(f"stage {stage.name}: train", reused=True):
+            pass
+        return json.loads(done.read_text())
+    sdir.mkdir(parents=True, exist_ok=True)
+    stage = dataclasses.replace(stage, init=str(init))
+    factors_file = sdir / "loss_factors.json"
+    if factors_file.is_file():  # the factors of the first attempt: a resumed stage must not re-calibrate
+        factors = json.loads(factors_file.read_text())
+    elif stage.kd_ratio is not None and stage.teacher is not None:
+        with phases(f"stage {stage.name}: calibrate"):
+            factors = calibrate_factors(job, stage, str(init))
+        _write_json(factors, factors_file)
+    else:
+        factors = {}
+    train = dataclasses.replace(job.train, epochs=stage.epochs, lr=stage.lr or job.train.lr)
+    tjob = TrainJobConfig(output_dir=str(sdir), data=job.data, model=job.student, train=train, eval=job.eval)
+    fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+    tr = job.trainer
+    with phases(f"stage {stage.name}: train") as row:
+        log.info("stage %s: %s, %d epochs, losses %s, decay %s%s", stage.name,
+                 f"teacher {stage.teacher}" if stage.teacher else "no teacher", stage.epochs,
+                 [e["name"] for e in stage.losses], stage.decay_kind,
+                 f", feature terms x {next(iter(factors.values())):.3g} (kd_ratio)" if factors else "")
+        state = fit_on_ray(tjob, num_workers=tr.num_workers, use_gpu=tr.use_gpu, cpus_per_worker=tr.cpus_per_worker,
+                           threads_per_worker=tr.threads_per_worker, max_failures=tr.max_failures,
+                           storage_path=str((out / "ray").resolve()), name=stage.name, stage=stage.to_dict(),
+                           init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes, loss_factors=factors,
+                           eval_every=tr.eval_every, progress=progress, fault=fault)
+    history = json.loads(state["history"])
+    ckpt = dict(state["model"])
+    ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}
+    _save(ckpt, sdir / "model.pt")
+    if state.get("distiller") is not None:
+        _save({"losses": stage.losses, "loss_factors": factors, "state": state["distiller"]}, sdir / "distiller.pt")
+    summary = {"stage": stage.to_dict(), "history": history, "loss_factors": factors, "seconds": row["seconds"]}
+    _write_json(summary, done)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def absolute_paths(job: RunJobConfig, base: str | Path | None = None) -> RunJobConfig:
+    """The job with every relative path (data, output, teachers, cache root, student weights) made absolute
+    against `base` (default: the current directory). Ray Train workers and precompute actors do not run in the
+    driver's directory, so they must never see a relative path."""
+    base = Path(base or os.getcwd()).resolve()
+
+    def fix(p: str | None) -> str | None:
+        if p is None or "://" in p or os.path.isabs(p):
+            return p
+        return str(base / p)
+
+    d = job.data
+    data = dataclasses.replace(d, root=fix(d.root), train_images=fix(d.train_images),
+                               train_annotations=fix(d.train_annotations), val_images=fix(d.val_images),
+                               val_annotations=fix(d.val_annotations))
+    student = job.student
+    if student.weights not in ("random", "timm", "torchvision"):
+        student = dataclasses.replace(student, weights=fix(student.weights))
+    return dataclasses.replace(
+        job, output_dir=fix(job.output_dir), data=data, student=student, teachers_dir=fix(job.teachers_dir),
+        teachers=[dataclasses.replace(t, checkpoint=fix(t.checkpoint)) for t in job.teachers],
+        cache=dataclasses.replace(job.cache, root=fix(job.cache.root)))
+
+
+def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
+                 base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Everything `curriculum run` does (module docstring); returns the report (also written as JSON).
+
+    Relative paths of the config are taken relative to `base_dir` (default: the current directory).
+    """
+    from teachers.pool import ensure_ray, load_teacher, precompute
+    from trainers.train import build_dataset, ensure_builtin_data, seed_everything
+
+    job = absolute_paths(job, base_dir)
+    out = Path(job.output_dir)
+    if (out / "stages").exists() and not resume:
+        raise CurriculumError(f"{out} already holds a curriculum run: pass --resume to continue it (finished stages "
+                              "are kept), or choose another output_dir (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(job, out / "config.yaml")
+    phases = Phases(out / "phases.json")
+    t_start = time.perf_counter()
+
+    with phases("data", reused=job.data.builtin != "shapes" or (Path(job.data.root) / "val" / "instances.json").is_file()):
+        ensure_builtin_data(job.data)
+    train_ds = build_dataset(job.data, "train", seed=job.train.seed)
+    val_ds = build_dataset(job.data, "val", seed=job.train.seed)
+
+    # Teachers: trained when missing, evaluated once.
+    from teachers.cache import data_fingerprint
+
+    data_fp = data_fingerprint(train_ds)
+    checkpoints = {spec.name: str(ensure_teacher(job, spec, phases, progress, data_fp)) for spec in job.teachers}
+    teachers = {name: load_teacher(path, name) for name, path in checkpoints.items()}
+    teacher_evals = {}
+    for name, path in checkpoints.items():
+        f = out / "evals" / f"teacher-{name}.json"
+        if not f.is_file() and _own_eval_matches(job, Path(path)):  # train_detector's final eval, same settings
+            _write_json(json.loads((Path(path).parent / "eval.json").read_text()), f)
+        with phases(f"teacher {name}: eval", reused=f.is_file()):
+            teacher_evals[name] = evaluate_checkpoint(job, Path(path), f, val_ds, progress)
+
+    # The student before any stage (random init, seeded), and the order.
+    seed_everything(job.train.seed)
+    student = _student(job, train_ds.num_classes)
+    random_init = out / "student_random.pt"
+    if not random_init.is_file():
+        _save(student.checkpoint(), random_init)
+    else:
+        student.load_state_dict(torch.load(random_init, weights_only=True)["model"])
+    order_file = out / "order.json"
+    costs = None
+    if order_file.is_file():
+        saved = json.loads(order_file.read_text())
+        order, costs = saved["order"], saved.get("costs")
+        if sorted(order) != sorted(checkpoints):
+            raise CurriculumError(f"{order_file} orders {order} but the config has teachers {list(checkpoints)}: "
+                                  "use a new output_dir for another teacher set")
+    elif job.order == "auto":
+        with phases("order: adaptation costs"):
+            calib = build_dataset(dataclasses.replace(job.data, flip="none"), "train", seed=job.train.seed)
+            images = [calib[i][0] for i in range(min(job.auto_order.images, len(calib)))]
+            a = job.auto_order
+            costs = measure_adaptation_costs(student, teachers, images, a.holdout, a.ridge, a.levels)
+            order = order_by_cost(costs)
+        log.info("auto order %s (adaptation costs %s)", order, {k: round(v["cost"], 4) for k, v in costs.items()})
+    else:
+        order = [t.name for t in job.teachers]
+    _write_json({"order": order, "mode": job.order, "costs": costs}, order_file)
+
+    stages = build_plan(job, checkpoints, order)
+    extra_stages = [direct_stage(job, stages)] if job.direct else []
+
+    # Teacher caches: the targets, levels and views the stages read.
+    channels = {n: t.level_channels for n, t in teachers.items()}
+    needs = cache_needs(stages + extra_stages, student.level_channels, channels)
+    specs = {s.name: s for s in job.teachers}
+    ensure_ray(job.ray)
+    caches: dict[str, str] = {}
+    for name, (kinds, levels) in needs.items():
+        spec = specs[name]
+        cache_cfg = CacheConfig(root=job.cache.root, split="train", targets=kinds, levels=levels,
+                                views=_cache_views(job.data.flip), shard_size=job.cache.shard_size,
+                                compression=job.cache.compression, memory_bytes=job.cache.memory_bytes,
+                                max_attempts=job.cache.max_attempts)
+        pjob = PrecomputeJobConfig(data=job.data, cache=cache_cfg, ray=job.ray, teachers=[TeacherSpec(
+            checkpoint=checkpoints[name], name=name, actors=spec.actors, cpus_per_actor=spec.cpus_per_actor,
+            gpus_per_actor=spec.gpus_per_actor, batch_size=spec.batch_size)])
+        with phases(f"teacher {name}: precompute cache") as row:
+            (report,) = precompute(pjob, progress=progress)
+            row["reused"] = not report.computed
+            row["cache"] = report.cache
+        caches[name] = report.cache
+    for s in stages + extra_stages:
+        s.cache = caches[s.teacher]
+
+    # The student's start: random init, plus the first teacher's neck and head where shapes match.
+    def start_from(teacher_name: str, tag: str) -> tuple[Path, int]:
+        path = out / f"student_init_{tag}.pt"
+        if not job.inherit:
+            return random_init, 0
+        s = _student(job, train_ds.num_classes)
+        s.load_state_dict(torch.load(random_init, weights_only=True)["model"])
+        copied = inherit_weights(s, teachers[teacher_name])
+        if not path.is_file():
+            _save(s.checkpoint(extra={"inherited_from": teacher_name, "inherited": copied}), path)
+        return path, len(copied)
+
+    init, inherited = start_from(stages[0].teacher, "curriculum")
+    results: list[dict[str, Any]] = []
+    summaries = []
+    for st in stages:
+        summary = run_stage(job, st, init, out, phases, progress)
+        summaries.append(summary)
+        init = out / "stages" / st.name / "model.pt"
+        f = out / "stages" / st.name / "eval.json"
+        with phases(f"stage {st.name}: eval", reused=f.is_file()):
+            metrics = evaluate_checkpoint(job, init, f, val_ds, progress)
+        results.append({"name": f"student after stage {st.index + 1} ({st.teacher})", "role": "stage",
+                        "stage": st.name, "epochs": st.epochs, "val": _metrics_row(metrics)})
+        log.info("after stage %s: val AP %.2f AP50 %.2f", st.name, 100 * metrics["AP"], 100 * metrics["AP50"])
+    final = init
+
+    others: dict[str, dict[str, Any]] = {}
+    total = total_epochs(stages)
+    if job.baseline:
+        b = baseline_stage(job, total)
+        bsum = run_stage(job, b, random_init, out, phases, progress)
+        f = out / "stages" / b.name / "eval.json"
+        with phases("baseline: eval", reused=f.is_file()):
+            m = evaluate_checkpoint(job, out / "stages" / b.name / "model.pt", f, val_ds, progress)
+        others["baseline"] = {"summary": bsum, "val": _metrics_row(m)}
+    for d in extra_stages:
+        dinit, _ = start_from(d.teacher, "direct")
+        dsum = run_stage(job, d, dinit, out, phases, progress)
+        f = out / "stages" / d.name / "eval.json"
+        with phases(f"{d.name}: eval", reused=f.is_file()):
+            m = evaluate_checkpoint(job, out / "stages" / d.name / "model.pt", f, val_ds, progress)
+        others["direct"] = {"summary": dsum, "val": _metrics_row(m), "teacher": d.teacher}
+
+    with phases("report"):
+        report = write_report(job, out, stages, summaries, results, teacher_evals, order, costs, others, final,
+                              inherited, phases, time.perf_counter() - t_start)
+    print("\n" + report["markdown"], flush=True)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or v < 0 else f"{100 * v:.2f}"
+
+
+def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: list[dict], results: list[dict],
+                 teacher_evals: dict[str, dict], order: list[str], costs: dict | None, others: dict,
+                 final: Path, inherited: int, phases: Phases, wall: float) -> dict[str, Any]:
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    if "baseline" in others:
+        rows.append({"name": f"baseline {job.student.name} (no distillation)", "role": "baseline",
+                     "epochs": total_epochs(stages), "val": others["baseline"]["val"]})
+    for name in order:
+        rows.append({"name": f"teacher {name}", "role": "teacher", "val": _metrics_row(teacher_evals[name])})
+    rows += results
+    if "direct" in others:
+        rows.append({"name": f"direct from {others['direct']['teacher']} only", "role": "direct",
+                     "epochs": total_epochs(stages), "val": others["direct"]["val"]})
+    # Curriculum history on one epoch axis, stage-end val from the driver's evaluation.
+    history, offset = [], 0
+    for st, summ, res in zip(stages, summaries, results):
+        for h in summ["history"]:
+            rec = {k: v for k, v in h.items() if k not in ("stage",)}
+            rec["epoch"] = offset + h["epoch"]
+            history.append(rec)
+        if history:
+            history[-1]["val"] = res["val"]
+        offset += st.epochs
+    student_ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    student_ckpt["curriculum"] = {"teachers": order, "stages": [s.name for s in stages],
+                                  "config": str(out / "config.yaml")}
+    _save(student_ckpt, rep / "student.pt")
+    _plot(rep, history, others, stage_borders(stages))
+    lines = [
+        f"# Curriculum run: {job.student.name} <- {' -> '.join(order)}",
+        "",
+        f"Order: {job.order}" + (" (adaptation cost: held-out 1 - R^2 of a fitted 1x1 map from student to teacher "
+                                 "FPN features; closest first)" if costs else "") + f". Decay: {job.decay.kind}, "
+        f"{'restarting every stage' if job.decay.restart else 'over the whole curriculum'}. Losses: "
+        f"{', '.join(sorted({e['name'] for s in stages for e in s.losses}))}"
+        + (f", feature terms calibrated to {job.kd_ratio} x the detector loss at each stage start" if job.kd_ratio else "")
+        + f". Inherited neck/head tensors from the first teacher: {inherited}.",
+        "",
+        "Val COCO box metrics x100" + (f" on the first {job.eval.max_images} val images" if job.eval.max_images else "")
+        + ":",
+        "",
+        "| model | epochs | " + " | ".join(METRICS) + " |",
+        "|---|---:|" + "---:|" * len(METRICS),
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | " + " | ".join(_fmt(r["val"][k]) for k in METRICS) + " |")
+    if costs:
+        lines += ["", "Adaptation costs (lower = closer; per level in brackets):", ""]
+        for n in order:
+            c = costs[n]
+            lines.append(f"- {n}: {c['cost']:.4f} (" + ", ".join(f"{l} {v:.3f}" for l, v in c["levels"].items()) + ")")
+    lines += ["", "Wall time per phase (this invocation; and when it was computed, possibly by an earlier one):", "",
+              "| phase | seconds now | computed in (s) |", "|---|---:|---:|"]
+    for p in phases.rows:
+        c = p.get("computed_s")
+        lines.append(f"| {p['phase']} | {p['seconds']:.1f}{' (reused)' if p['reused'] else ''} | "
+                     f"{'-' if c is None else f'{c:.1f}'} |")
+    lines += ["", f"Total wall time of this invocation: {wall:.1f} s. Final student: `{rep / 'student.pt'}` "
+              "(plain zoo checkpoint: `teachers.zoo.load_detector`)."]
+    md = "\n".join(lines)
+    (rep / "results.md").write_text(md + "\n")
+    report = {"student": job.student.name, "order": order, "order_mode": job.order, "adaptation_costs": costs,
+              "rows": rows, "phases": phases.rows, "wall_s": round(wall, 1), "inherited_tensors": inherited,
+              "student_checkpoint": str(rep / "student.pt"), "history": history,
+              "baseline_history": others.get("baseline", {}).get("summary", {}).get("history"),
+              "direct_history": others.get("direct", {}).get("summary", {}).get("history")}
+    _write_json(report, rep / "results.json")
+    report["markdown"] = md
+    return report
+
+
+def _plot(rep: Path, history: list[dict], others: dict, borders: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainers.train import plot_history
+
+    plot_history([{k: v for k, v in h.items() if k != "decay"} for h in history], rep, borders)  # loss.png
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ev = [h for h in history if "val" in h]
+    ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP"] for h in ev], marker="o", label="curriculum AP")
+    ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP50"] for h in ev], marker="o", ls=":", label="curriculum AP50")
+    for key in ("baseline", "direct"):
+        if key in others:
+            hist = others[key]["summary"]["history"]
+            pts = [(h["epoch"], 100 * h["val"]["AP"]) for h in hist if "val" in h][:-1]
+            pts.append((hist[-1]["epoch"] if hist else 0, 100 * others[key]["val"]["AP"]))
+            ax.plot(*zip(*pts), marker="s", label=f"{key} AP")
+    for b in borders:
+        ax.axvline(b + 0.5, color="grey", ls="--")
+    ax.set_xlabel("epoch"), ax.set_ylabel("val AP (%)"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(rep / "ap.png", dpi=100), plt.close(fig)
+
+
+def main_run(config: str, resume: bool = False, preset: str | None = None, overrides: list[str] | None = None,
+             progress: bool = True, base_dir: str | None = None) -> int:
+    job = load_run_config(config, overrides, preset)
+    run_pipeline(job, resume=resume, progress=progress, base_dir=base_dir)
+    return 0
+
+
+__all__ = ["PRESETS", "load_run_config", "run_pipeline", "run_stage", "teacher_checkpoint", "main_run"]

@@ -1,0 +1,240 @@
+"""`curriculum run` end to end on tiny configs: resume after a kill mid-stage reaches the uninterrupted result, and a
+whole run (auto order, two stages, baseline, a worker killed mid-stage and replaced by Ray Train) goes through
+`ray job submit` against a local head.
+
+Tolerance of "the same result": every student tensor within 1e-5 absolute (measured: identical, because each
+epoch re-seeds its random state from (seed, stage, epoch, rank), the data order is a function of the epoch, and the
+checkpoint restores model, adapters, optimizer and scheduler; gloo's CPU all-reduce of two workers is
+deterministic). The margin covers a different summation order should the collective change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from curriculum.config import RunJobConfig, config_from_dict
+from curriculum.pipeline import FAULT_ENV, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Teachers and caches shared by the runs of this module (keyed by content, so reuse is safe)."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def tiny(root: Path, shared: Path, out: Path, **kw) -> dict:
+    d = {
+        "output_dir": str(out), "data": {"root": str(root), "builtin": "none", "flip": "random"},
+        "student": {"name": "fcos_mobilenetv3_micro"},
+        "train": {"batch_size": 4, "max_iters_per_epoch": 2, "warmup_iters": 1, "seed": 3},
+        "teacher_train": {"epochs": 1, "batch_size": 4, "max_iters_per_epoch": 2, "warmup_iters": 1},
+        "teachers_dir": str(shared / "teachers"),
+        "teachers": [{"name": "fcos_resnet_mini"}],
+        "stages": [{"epochs": 2}], "kd_ratio": 1.0, "baseline": False,
+        "eval": {"max_images": 4, "batch_size": 4},
+        "cache": {"root": str(shared / "cache"), "shard_size": 32},
+        "trainer": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0},
+    }
+    d.update(kw)
+    return d
+
+
+def test_cache_shard_sampler_gives_each_worker_whole_shards():
+    from trainers.ray_train import CacheShardSampler
+
+    shard_of = [i // 16 for i in range(100)]  # 7 cache shards, the last one of 4 images
+    for epoch in range(3):
+        parts = []
+        for rank in range(3):
+            smp = CacheShardSampler(shard_of, 3, rank, seed=5)
+            smp.set_epoch(epoch)
+            parts.append(list(smp))
+            assert len(parts[-1]) == len(smp) == 33  # equal counts keep DDP's collectives in step
+            assert len({shard_of[i] for i in parts[-1]}) <= 100 // (3 * 16) + 2  # about 1/3 of the cache each
+            again = CacheShardSampler(shard_of, 3, rank, seed=5)
+            again.set_epoch(epoch)
+            assert list(again) == parts[-1]  # a function of (seed, epoch, rank): resumes repeat it
+        flat = [i for p in parts for i in p]
+        assert len(set(flat)) == len(flat) == 99
+    one, two = CacheShardSampler(shard_of, 3, 0, seed=5), CacheShardSampler(shard_of, 3, 0, seed=5)
+    two.set_epoch(1)
+    assert list(one) != list(two)
+
+
+def test_cli_run_refuses_a_bad_config(tmp_path, capsys):
+    from curriculum.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("teachers: []\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "at least one teacher" in capsys.readouterr().err
+    cfg.write_text("teachers: [{name: fcos_resnet_mini}]\nstages: [{epochs: 1}, {epochs: 1}]\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "2 entries for 1 teachers" in capsys.readouterr().err
+    cfg.write_text("teachers: [{name: fcos_resnet_mini}]\ndecay: {kind: sometimes}\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "decay.kind" in capsys.readouterr().err
+
+
+def _weights(out: Path, stage: str) -> dict[str, torch.Tensor]:
+    return torch.load(out / "stages" / stage / "model.pt", weights_only=True)["model"]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def test_resume_mid_stage_equals_uninterrupted(ray_session, shapes_root, shared, tmp_path, monkeypatch):
+    stage = "1-fcos_resnet_mini"
+    # Uninterrupted.
+    a = tmp_path / "a"
+    run_pipeline(config_from_dict(RunJobConfig, tiny(shapes_root, shared, a)), progress=False)
+    ref = _weights(a, stage)
+    hist_a = json.loads((a / "stages" / stage / "done.json").read_text())["history"]
+
+    # Killed mid-stage: rank 0 dies at the start of epoch 2, after epoch 1's checkpoint; no retries: the job fails.
+    b = tmp_path / "b"
+    job_b = config_from_dict(RunJobConfig, tiny(shapes_root, shared, b))
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"epoch": 1, "marker": str(tmp_path / "fault_b"), "mode": "exit"}))
+    with pytest.raises(Exception):
+        run_pipeline(job_b, progress=False)
+    assert (tmp_path / "fault_b").exists() and not (b / "stages" / stage / "done.json").exists()
+    assert list((b / "ray" / stage).glob("checkpoint_*")), "epoch 1's checkpoint should be there to resume from"
+    monkeypatch.delenv(FAULT_ENV)
+    with pytest.raises(Exception, match="--resume"):
+        run_pipeline(job_b, progress=False)  # never overwritten silently
+    run_pipeline(job_b, resume=True, progress=False)
+    hist_b = json.loads((b / "stages" / stage / "done.json").read_text())["history"]
+    assert [h["epoch"] for h in hist_b] == [1, 2]  # epoch 1 came from the checkpoint, not trained twice
+    assert _max_diff(ref, _weights(b, stage)) <= TOL
+    assert [h["loss"] for h in hist_b] == pytest.approx([h["loss"] for h in hist_a], rel=1e-5)
+
+    # The final student is a plain zoo checkpoint: no adapters, no Ray.
+    from teachers.zoo import load_detector
+
+    student = load_detector(b / "report" / "student.pt")
+    assert set(student.state_dict()) == set(ref)
+    report = json.loads((b / "report" / "results.json").read_text())
+    assert [r["role"] for r in report["rows"]] == ["teacher", "stage"]
+    assert all(set(r["val"]) >= {"AP", "AP50", "APs", "APm", "APl"} for r in report["rows"])
+    phases = {p["phase"]: p for p in report["phases"]}
+    assert phases["teacher fcos_resnet_mini: train"]["reused"]  # trained once (run a), then found by its hash
+    assert not phases[f"stage {stage}: train"]["reused"] and phases[f"stage {stage}: train"]["seconds"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ ray job submit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A local `ray start --head --block` of our own (ports and temp dir of its own, token auth disabled as
+    shared/RAY_NOTES.md advises for local tests), stopped at the end by its process id (never `ray stop`, which
+    would stop every Ray of this user on the machine)."""
+    bin_dir = Path(sys.executable).parent
+    ray_bin = bin_dir / "ray"
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--disable-usage-stats",
+           f"--port={_free_port()}", f"--dashboard-port={dash}", "--include-dashboard=true",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--temp-dir={temp}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            r = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env, capture_output=True)
+            if r.returncode == 0:
+                break
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray head did not come up: {r.stderr.decode()[-2000:]}")
+            time.sleep(2)
+        yield {"address": address, "env": env, "ray": str(ray_bin)}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the head's session: ray start and the services it launched
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Services that left the session (if any) are found by our temp dir in their command line, killed by pid.
+        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if temp in args and int(pid) != os.getpid():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def report_rows(out: Path) -> list[dict]:
+    return json.loads((out / "report" / "results.json").read_text())["rows"]
+
+
+@pytest.mark.slow  # about 4 minutes on a shared 2-core machine: a Ray head, two teachers, three Ray Train runs
+def test_run_through_ray_job_submit(ray_head, shapes_root, shared, tmp_path):
+    out = tmp_path / "job"
+    cfg = tiny(shapes_root, shared, out, teachers=[{"name": "fcos_resnet_mini"}, {"name": "fcos_resnet18_half"}],
+               order="auto", auto_order={"images": 8}, stages=[{"epochs": 1}, {"epochs": 2}], baseline=True,
+               trainer={"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1})
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    sid = f"curriculum-test-{os.getpid()}-{int(time.time())}"
+    # Rank 0 of stage 2 dies at the start of its epoch 2: Ray Train replaces the worker group (max_failures 1)
+    # and it goes on from epoch 1's checkpoint.
+    marker = tmp_path / "fault"
+    fault = json.dumps({"stage": 1, "epoch": 1, "marker": str(marker), "mode": "exit"})
+    runtime_env = {"excludes": [".venv", "runs", "data", ".git", ".pytest_cache"], "env_vars": {FAULT_ENV: fault}}
+    r = subprocess.run([ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--submission-id", sid,
+                        "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+                        sys.executable, "-m", "curriculum.cli", "run", str(path), "--quiet"],
+                       env=ray_head["env"], capture_output=True, text=True, timeout=900)
+    st = subprocess.run([ray_head["ray"], "job", "status", "--address", ray_head["address"], sid],
+                        env=ray_head["env"], capture_output=True, text=True)
+    status = st.stdout + st.stderr
+    assert "succeeded" in status.lower(), (status[-2000:], r.stdout[-4000:], r.stderr[-4000:])
+    assert "| student after stage 2" in r.stdout  # the table is printed at the end of the job's log
+    assert marker.exists()  # the worker was killed, and the job still succeeded
+    second = [r for r in report_rows(out) if r["role"] == "stage"][1]
+    assert second["epochs"] == 2
+    report = json.loads((out / "report" / "results.json").read_text())
+    assert [r["role"] for r in report["rows"]] == ["baseline", "teacher", "teacher", "stage", "stage"]
+    assert report["order_mode"] == "auto" and set(report["adaptation_costs"]) == {"fcos_resnet_mini",
+                                                                                 "fcos_resnet18_half"}
+    assert report["order"] == sorted(report["adaptation_costs"], key=lambda n: report["adaptation_costs"][n]["cost"])
+    second_stage = f"2-{report['order'][1]}"
+    hist = json.loads((out / "stages" / second_stage / "done.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]  # resumed from epoch 1's checkpoint: nothing trained twice
+    for f in ("results.md", "loss.png", "ap.png", "student.pt"):
+        assert (out / "report" / f).is_file(), f
+    from teachers.zoo import load_detector
+
+    assert load_detector(out / "report" / "student.pt").config.name == "fcos_mobilenetv3_micro"

@@ -1,0 +1,191 @@
+"""The curriculum plan: stage transitions (teacher switches, weights carried over, decay restarting or continuing),
+inheritance of the first teacher's neck and head, and the `auto` order on cases whose answer is known."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from curriculum.config import RunJobConfig, config_from_dict
+from curriculum.plan import (adaptation_cost, build_plan, inherit_weights, measure_adaptation_costs, order_by_cost,
+                             stage_borders)
+from teachers.zoo import build_detector
+
+K = 7
+
+
+def _job(**kw) -> RunJobConfig:
+    base = {"teachers": [{"name": "fcos_resnet_mini"}, {"name": "fcos_resnet18_half"}],
+            "stages": [{"epochs": 2}, {"epochs": 3, "losses": [{"name": "mgd", "alpha": 1e-6}]}],
+            "decay": {"kind": "linear", "restart": True}}
+    base.update(kw)
+    return config_from_dict(RunJobConfig, base)
+
+
+CKPTS = {"fcos_resnet_mini": "a/model.pt", "fcos_resnet18_half": "b/model.pt"}
+
+
+def test_stages_switch_teachers_and_losses_in_order():
+    stages = build_plan(_job(), CKPTS, ["fcos_resnet_mini", "fcos_resnet18_half"])
+    assert [s.teacher for s in stages] == ["fcos_resnet_mini", "fcos_resnet18_half"]
+    assert [s.teacher_checkpoint for s in stages] == ["a/model.pt", "b/model.pt"]
+    assert [s.name for s in stages] == ["1-fcos_resnet_mini", "2-fcos_resnet18_half"]
+    assert [s.epochs for s in stages] == [2, 3] and stage_borders(stages) == [2]
+    assert stages[0].losses == [{"name": "mgd", "preset": "retinanet"}]  # the run's default loss mix
+    assert stages[1].losses == [{"name": "mgd", "alpha": 1e-6}]  # the stage's own
+    # The order decides which teacher each stage's settings go with (positionally).
+    rev = build_plan(_job(), CKPTS, ["fcos_resnet18_half", "fcos_resnet_mini"])
+    assert [s.teacher for s in rev] == ["fcos_resnet18_half", "fcos_resnet_mini"] and rev[0].epochs == 2
+    with pytest.raises(Exception, match="permutation"):
+        build_plan(_job(), CKPTS, ["fcos_resnet_mini"])
+
+
+def test_decay_restarts_or_continues_as_configured():
+    restart = build_plan(_job(), CKPTS, list(CKPTS))
+    assert [restart[0].decay(e) for e in range(2)] == pytest.approx([1.0, 0.5])
+    assert [restart[1].decay(e) for e in range(3)] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    cont = build_plan(_job(decay={"kind": "linear", "restart": False}), CKPTS, list(CKPTS))
+    assert [cont[0].decay(e) for e in range(2)] == pytest.approx([1.0, 0.8])
+    assert [cont[1].decay(e) for e in range(3)] == pytest.approx([0.6, 0.4, 0.2])
+    step = build_plan(_job(decay={"kind": "step", "restart": False, "params": {"milestones": [3], "gamma": 0.5}}),
+                      CKPTS, list(CKPTS))
+    assert [step[1].decay(e) for e in range(3)] == pytest.approx([0.5, 0.5, 0.5])
+    # Round trip through the dict the Ray Train workers receive.
+    from curriculum.plan import Stage
+
+    assert Stage.from_dict(json.loads(json.dumps(cont[1].to_dict()))).decay(2) == pytest.approx(0.2)
+    with pytest.raises(Exception, match="unknown parameter"):
+        build_plan(_job(decay={"kind": "linear", "params": {"gamma": 0.5}}), CKPTS, list(CKPTS))
+
+
+def test_inherit_copies_neck_and_head_where_shapes_match():
+    torch.manual_seed(0)
+    student = build_detector("fcos_mobilenetv3_micro", K)
+    teacher = build_detector("fcos_resnet_mini", K)
+    body_before = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("model.backbone.body.")}
+    copied = inherit_weights(student, teacher)
+    s, t = student.state_dict(), teacher.state_dict()
+    assert copied and all(k.startswith(("model.backbone.fpn.", "model.head.")) for k in copied)
+    assert "model.head.classification_head.cls_logits.weight" in copied  # same channels (64) and classes
+    assert any(k.startswith("model.backbone.fpn.layer_blocks.") for k in copied)
+    for k in copied:
+        assert torch.equal(s[k], t[k]), k
+    # FPN inner blocks take the backbone's channels, which differ: their weights are not copied (per tensor, like
+    # mmcv's non-strict loading the authors use: the biases, of equal shape, are); the body is never touched.
+    assert not any(k.startswith("model.backbone.fpn.inner_blocks.") and k.endswith("weight") for k in copied)
+    for k, v in body_before.items():
+        assert torch.equal(s[k], v), k
+    # A teacher with other FPN channels (96) shares nothing of that shape in the FPN's 3x3 convs.
+    other = inherit_weights(build_detector("fcos_mobilenetv3_micro", K), build_detector("fcos_resnet18_half", K))
+    assert not any(k.startswith("model.backbone.fpn.layer_blocks.") for k in other)
+
+
+def test_auto_order_puts_the_student_itself_first_and_an_unrelated_teacher_last():
+    torch.manual_seed(0)
+    student = build_detector("fcos_mobilenetv3_micro", K)
+    same = copy.deepcopy(student)  # a teacher that IS the student: its features are exactly the student's
+    noisy = copy.deepcopy(student)  # the student, perturbed: closer than an unrelated network, farther than itself
+    with torch.no_grad():
+        for p in noisy.model.backbone.fpn.parameters():
+            p.add_(0.5 * p.std() * torch.randn_like(p))
+    unrelated = build_detector("fcos_resnet_mini", K)
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 128, 128, generator=g) for _ in range(8)]
+    teachers = {"unrelated": unrelated, "noisy": noisy, "same": same}
+    costs = measure_adaptation_costs(student, teachers, images)
+    assert costs["same"]["cost"] < 1e-3
+    assert costs["unrelated"]["cost"] > 0.2
+    assert costs["same"]["cost"] < costs["noisy"]["cost"] < costs["unrelated"]["cost"]
+    assert order_by_cost(costs) == ["same", "noisy", "unrelated"]
+    assert set(costs["same"]["levels"]) == {"p3", "p4", "p5", "p6", "p7"}
+    assert all(v >= 0 for c in costs.values() for v in c["levels"].values())
+
+
+def test_adaptation_cost_is_held_out_and_needs_common_levels():
+    # Pure noise: a fit on as many channels as positions would explain it in-sample, never on held-out images.
+    g = torch.Generator().manual_seed(0)
+    s = {"p3": torch.randn(8, 32, 4, 4, generator=g)}
+    t = {"p3": torch.randn(8, 16, 4, 4, generator=g)}
+    assert adaptation_cost(s, t)["cost"] > 0.9
+    # A linear function of the student (other channels, other size) is found.
+    w = torch.randn(16, 32, generator=g)
+    lin = {"p3": torch.nn.functional.interpolate(torch.einsum("oc,nchw->nohw", w, s["p3"]) + 3.0, size=(8, 8),
+                                                 mode="bilinear", align_corners=False)}
+    s8 = {"p3": torch.nn.functional.interpolate(s["p3"], size=(8, 8), mode="bilinear", align_corners=False)}
+    assert adaptation_cost(s8, lin)["cost"] < 1e-3
+    with pytest.raises(Exception, match="not FPN levels"):
+        adaptation_cost(s, t, levels=["p4"])
+
+
+def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path, monkeypatch):
+    """The pipeline's wiring without Ray: each stage starts from the previous stage's final model, stage 1 from
+    the student with the first teacher's neck and head; each stage gets its teacher's cache and its decay."""
+    import curriculum.pipeline as pipeline
+    import teachers.pool
+    import trainers.ray_train
+    from teachers.zoo import _read_checkpoint
+
+    ckpts = {}
+    for name in ("fcos_resnet_mini", "fcos_resnet18_half"):
+        torch.manual_seed(len(name))
+        ckpts[name] = tmp_path / name / "model.pt"
+        ckpts[name].parent.mkdir()
+        torch.save(build_detector(name, K).checkpoint(), ckpts[name])
+    calls = []
+
+    def fake_fit(job, **kw):
+        """Stands in for Ray Train: 'training' adds 1 to every float tensor of the student it was given."""
+        init = _read_checkpoint(kw["init"])
+        calls.append({"init": init, "stage": kw["stage"], "epochs": job.train.epochs})
+        model = build_detector(init["config"]["name"], init["config"]["num_classes"])
+        model.load_state_dict(init["model"])
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        hist = [{"epoch": e + 1, "loss": 1.0, "decay": Stage.from_dict(kw["stage"]).decay(e)}
+                for e in range(job.train.epochs)]
+        return {"model": model.checkpoint(), "history": json.dumps(hist), "epoch": job.train.epochs - 1,
+                "distiller": None}
+
+    class FakeReport:
+        def __init__(self, name):
+            self.cache, self.computed = f"cache-of-{name}", [0]
+
+    monkeypatch.setattr(trainers.ray_train, "fit_on_ray", fake_fit)
+    monkeypatch.setattr(teachers.pool, "precompute", lambda job, progress: [FakeReport(job.teachers[0].name)])
+    monkeypatch.setattr(teachers.pool, "ensure_ray", lambda cfg=None: None)
+    # Evaluation is not what this test is about (and these untrained, shifted detectors may predict label 0).
+    monkeypatch.setattr(pipeline, "evaluate_checkpoint", lambda *a, **k: {m: 0.0 for m in pipeline.METRICS})
+    from curriculum.plan import Stage
+
+    job = config_from_dict(RunJobConfig, {
+        "output_dir": str(tmp_path / "run"), "data": {"root": str(shapes_root), "builtin": "none", "flip": "none"},
+        "teachers": [{"name": n, "checkpoint": str(p)} for n, p in ckpts.items()],
+        "stages": [{"epochs": 1}, {"epochs": 2}], "decay": {"kind": "linear", "restart": False},
+        "baseline": False, "eval": {"max_images": 2, "batch_size": 2},
+    })
+    report = pipeline.run_pipeline(job, progress=False)
+    assert [c["stage"]["teacher"] for c in calls] == ["fcos_resnet_mini", "fcos_resnet18_half"]
+    assert [c["stage"]["cache"] for c in calls] == ["cache-of-fcos_resnet_mini", "cache-of-fcos_resnet18_half"]
+    assert [c["epochs"] for c in calls] == [1, 2]
+    # Stage 1 starts from the random student with the first teacher's FPN/head tensors where shapes match.
+    first = calls[0]["init"]["model"]
+    teacher = torch.load(ckpts["fcos_resnet_mini"], weights_only=True)["model"]
+    assert torch.equal(first["model.head.classification_head.cls_logits.weight"],
+                       teacher["model.head.classification_head.cls_logits.weight"])
+    # Stage 2 starts exactly where stage 1 ended (its saved model: stage 1's start + 1).
+    second = calls[1]["init"]["model"]
+    stage1 = torch.load(tmp_path / "run" / "stages" / "1-fcos_resnet_mini" / "model.pt", weights_only=True)["model"]
+    for k, v in stage1.items():
+        assert torch.equal(second[k], v), k
+    k = "model.head.classification_head.cls_logits.weight"
+    assert torch.allclose(second[k], first[k] + 1.0)
+    # The decay continued over the curriculum (restart: false; t_max = 3 epochs): 1 | 2/3, 1/3.
+    decays = [h["decay"] for h in report["history"]]
+    assert decays == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert [r["role"] for r in report["rows"]] == ["teacher", "teacher", "stage", "stage"]
+    final = torch.load(tmp_path / "run" / "report" / "student.pt", weights_only=True)
+    assert torch.equal(final["model"][k], second[k] + 1.0)
