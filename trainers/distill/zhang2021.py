@@ -216,6 +216,12 @@ class _ZhangBase(FeatureTerm):
         self.normalize = check_bool(entry, "normalize", normalize)
 
 
+
+    def forward(self, ctx: DistillContext) -> Tensor:
+        """The method's weight times the sum of `level_loss` over the configured levels."""
+        total = sum(self.level_loss(*self.pair(ctx, lvl), lvl) for lvl in self.levels)
+        return self.weight * total
+
 class ZhangFeatureLoss(_ZhangBase):
     """Attention-guided feature loss ``w_f * sum_l sqrt(sum (F_T - adapt(F_S))^2 M_S M_C)``."""
 
@@ -251,13 +257,9 @@ class ZhangFeatureLoss(_ZhangBase):
         sq = (t.float() - adapted.float()).pow(2) * weight
         return _root(sq.sum(), sq.numel(), self.normalize)
 
-    def forward(self, ctx: DistillContext) -> Tensor:
-        total = None
-        for lvl in self.levels:
-            s, t = self.pair(ctx, lvl)
-            term = self.level_loss(s, t, lvl)
-            total = term if total is None else total + term
-        return self.w_f * total
+    @property
+    def weight(self) -> float:
+        return self.w_f
 
 
 class ZhangAttentionLoss(_ZhangBase):
@@ -299,13 +301,9 @@ class ZhangAttentionLoss(_ZhangBase):
         ds = (gs_t.float() - gs_s.float()).pow(2)
         return _root(dc.sum(), dc.numel(), self.normalize) + _root(ds.sum(), ds.numel(), self.normalize)
 
-    def forward(self, ctx: DistillContext) -> Tensor:
-        total = None
-        for lvl in self.levels:
-            s, t = self.pair(ctx, lvl)
-            term = self.level_loss(s, t, lvl)
-            total = term if total is None else total + term
-        return self.w_a * total
+    @property
+    def weight(self) -> float:
+        return self.w_a
 
 
 class ZhangNonLocalLoss(_ZhangBase):
@@ -354,10 +352,6 @@ class ZhangNonLocalLoss(_ZhangBase):
         d = (s_rel.float() - t_rel.float()).pow(2)
         return _root(d.sum(), d.numel(), self.normalize)
 
-    def forward(self, ctx: DistillContext) -> Tensor:
-        total = None
-        for lvl in self.levels:
-            s, t = self.pair(ctx, lvl)
-            term = self.level_loss(s, t, lvl)
-            total = term if total is None else total + term
-        return self.w_n * total
+    @property
+    def weight(self) -> float:
+        return self.w_n
