@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The built-in default: generate the shapes data set, train the smallest student and a teacher, evaluate, table.
 demo: setup
-	$(BIN)/curriculum train configs/student.yaml configs/teacher_resnet_mini.yaml --table runs/demo/table.md
+	$(BIN)/curriculum train configs/student.yaml configs/teacher_resnet_mini.yaml --resume --table runs/demo/table.md
 
 test: setup
 	$(BIN)/python -m pytest -q
