@@ -16,15 +16,7 @@ from curriculum.config import (
 from curriculum.errors import DataError
 from teachers.cache import CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset
 from teachers.pool import InlineTeacher, TeacherServer, precompute, prefetch, rebuild, verify_cache
-from test_cache import make_subset, reference_rows, save_teacher
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_cache import make_subset, one_thread, reference_rows, save_teacher  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
