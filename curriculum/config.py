@@ -229,18 +229,46 @@ def load_config(path: str | Path, cls: type = TrainJobConfig, overrides: list[st
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+    apply_overrides(data, overrides or [])
     return config_from_dict(cls, data, str(path))
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """`data[a][b]...[z] = value` for the dotted `key` "a.b...z"; a number selects a list entry ("stages.0.epochs")."""
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"key {key!r}: {part!r} is not an entry of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"key {key!r}: {'.'.join(parts[:i])!r} is not a section or a list")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) or a {dotted key: value} mapping to `data`."""
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        parsed = []
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r}: expected section.key=value")
+            parsed.append((key, yaml.safe_load(raw)))
+        items = parsed
+    for key, value in items:
+        set_key(data, key, value)
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -297,6 +325,8 @@ class CompressionConfig:
       class has sigmoid score >= score_threshold, the others decode to the largest dropped logit).
     features_region: all; boxes (keep feature cells inside the ground-truth boxes dilated by
       box_dilation of their size per side plus one cell, zero elsewhere); pooled (average pooling by `pool`).
+    boxes: dense; sparse (one-stage bbox_regression / bbox_ctrness kept only at locations whose best class has
+      sigmoid score >= score_threshold, the rest decode to a fill value: 0 for regression).
     """
 
     dtype: Literal["fp32", "fp16", "int8"] = "fp16"
@@ -306,6 +336,7 @@ class CompressionConfig:
     features_region: Literal["all", "boxes", "pooled"] = "all"
     box_dilation: float = 0.5
     pool: int = 2
+    boxes: Literal["dense", "sparse"] = "dense"
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -442,7 +473,11 @@ class RunCacheConfig:
     root: str = "runs/teacher_cache"
     shard_size: int = 64
     compression: CompressionConfig = field(default_factory=CompressionConfig)
-    memory_bytes: int = 1 << 30  # per training worker: decoded shards kept by its CacheReader
+    # Hot targets for training: decoded shards in Ray's object store (one copy per node, zero-copy reads, at most
+    # memory_bytes resident; a bigger cache is streamed), or false: each worker decodes its own (an LRU of
+    # memory_bytes per worker).
+    object_store: bool = True
+    memory_bytes: int = 1 << 30
     max_attempts: int = 3
 
 
@@ -456,6 +491,39 @@ class RayTrainConfig:
     threads_per_worker: int = 1  # torch intra-op threads per worker
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a stage fails
     eval_every: int = 0  # rank 0 evaluates on val every N epochs (for the AP curve); 0: at stage ends only
+
+
+@dataclass
+class SweepConfig:
+    """`curriculum tune CONFIG` (tune_spaces/sweep.py): trials of the run's curriculum stages under Ray Tune.
+
+    A trial is one process with `cpus_per_trial` CPUs and `gpus_per_trial` GPUs (fractions allowed) training the
+    student through every stage, reading the one teacher cache the sweep precomputed before the trials
+    (`teacher_mode: cache`; `inline` runs the teacher inside every trial, the cost the cache avoids). Trials run
+    concurrently as far as the cluster's resources allow (`max_concurrent` caps it; 0: no cap).
+    After every epoch a trial scores `eval_images` val images (0: all) and reports `metric` (val_AP, val_AP50...).
+    scheduler: asha (early stopping on the metric: `grace_period` epochs, `reduction_factor`), pbt (population
+    based training: every `perturbation_interval` epochs the worst quarter clones the best and perturbs its
+    parameters; suits decay schedules), fifo (every trial to the end). `include_default`: the config's own values
+    are the first trial, so the table shows the default beside the best. `max_failures`: retries of a failed trial
+    before it is reported as failed (the sweep goes on either way).
+    """
+
+    output_dir: str | None = None  # default: <output_dir>/tune; a sweep lives in <output_dir>/<name>/
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    metric: str = "val_AP"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    threads_per_trial: int = 1
+    max_concurrent: int = 0
+    eval_images: int = 0
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    perturbation_interval: int = 1
+    seed: int = 0
+    include_default: bool = True
+    teacher_mode: Literal["cache", "inline"] = "cache"
+    max_failures: int = 0
 
 
 @dataclass
@@ -493,6 +561,7 @@ class RunJobConfig:
     cache: RunCacheConfig = field(default_factory=RunCacheConfig)
     trainer: RayTrainConfig = field(default_factory=RayTrainConfig)
     ray: RayInitConfig = field(default_factory=RayInitConfig)
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         if not self.teachers:

@@ -5,7 +5,19 @@ Layout of one cache (``<root>/<teacher>-<teacher fp>/<data fp>-<views fp>-<spec 
     manifest.json          what the cache is (key, teacher, data, views, targets, compression) and which
                            shards are complete (rows, bytes, sha256 and per-kind bytes of each); atomic
     images.json            the image ids in data-set order (shard i holds images [i*S, (i+1)*S))
+    writer.lock            while a precompute or rebuild writes the cache: its host, pid and start time
     shards/shard-00000.parquet ...
+
+One writer at a time (`CacheWriterLock`). `precompute` and `rebuild` take an exclusive lock on the cache folder
+before touching the manifest and release it when they end, finished or failed; a second writer is refused with
+an error naming the folder and the holder. Readers never look at the lock. On a local file system (a shared
+NFS mount included) the lock file is created atomically (``O_CREAT | O_EXCL``); a lock left by a process that
+no longer exists on this host (killed, machine rebooted) is stale and taken over with a warning, while a
+lock of another host is never judged from here (its pid means nothing on this host): the error says to
+delete it by hand once that writer is known to be gone. Other pyarrow file systems (s3://, gs://, hdfs://)
+have no atomic create-if-absent through pyarrow: there the lock is advisory and best effort (checked, then
+written, then read back after a short pause to catch a writer that raced in), and never taken over
+automatically.
 
 Cache key. A cache is identified by the teacher fingerprint (content hash of the checkpoint), the data
 fingerprint (hash of the annotation file's bytes and of the image list), the view config (output size and the
@@ -40,12 +52,26 @@ Compression and its cost (``CompressionConfig``; see `bench/precompute.py` for m
   order is kept and a dropped class never looks less likely than it was.
 - ``threshold`` (dense class logits only): only locations whose best class has sigmoid score >= t are stored
   (one bit per location for the mask); the others decode to the largest dropped logit, whose sigmoid is < t.
+- ``boxes=sparse`` (one-stage ``bbox_regression`` [HWA, 4] and FCOS ``bbox_ctrness`` [HW, 1]): rows kept only
+  at the locations whose best class has sigmoid score >= ``score_threshold`` (the locations ``threshold``
+  logits keep; with ``topk`` or dense logits the same rule): one bit per location, one float32 fill, and the
+  kept rows in the dtype (int8 scales are taken over the kept rows). Kept rows: the dtype's bound. Dropped
+  rows decode to the fill: 0 for regression (no offset from the anchor), the mean of the level's dropped
+  logits for centerness. The cost: a loss reading the regression where the teacher's score is below the
+  threshold (a ground-truth positive the teacher misses) sees the fill, not the teacher's box; choose
+  ``score_threshold`` below the scores the losses weigh. Two-stage ``rpn_deltas`` and
+  ``proposals/box_regression`` stay dense.
 - ``features_region=boxes``: feature cells outside the ground-truth boxes of the view (dilated by
   ``box_dilation`` of the box's size per side, plus one cell) are dropped and decode to 0; one bit per cell
   for the mask. Exact (up to dtype) inside the region.
 - ``features_region=pooled``: average pooling by ``pool`` (ceil mode): ``pool**2`` times smaller; the decoded
   map has the pooled size (the losses resize the student's map to the teacher's).
 - Detections and proposal boxes are always fp32 (they are small).
+
+Reading. `CacheReader`: each process reads the Parquet shards it needs into its own LRU (`memory_bytes`).
+`ObjectStoreShards` + `ObjectStoreReader`: one actor decodes each shard once and puts it into Ray's object store;
+training workers read it zero-copy, and the shards held stay within a byte budget (a bigger cache is
+streamed). Both readers have the same interface (`rows`, `targets`, `targets_for`, `manifest`, `image_ids`).
 
 Everything Parquet-side is zstd-compressed on top. Transformer features are never flipped after the fact:
 the ``flip`` view is the teacher's output on the flipped image.
@@ -135,6 +161,215 @@ def _atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
+# ================================================================================================ writer lock
+
+LOCK_NAME = "writer.lock"
+_REMOTE_SETTLE_S = 0.5  # pause before reading a remote lock back (another writer's overwrite becomes visible)
+_BREAK_STALE_S = 60.0  # a takeover marker older than this was left by a takeover that died half way
+
+
+class CacheLockedError(CacheError):
+    """Another writer (precompute or rebuild) holds the cache folder."""
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of a process in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime); the name in () may hold spaces
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: never break a lock on a guess
+    return True
+
+
+class CacheWriterLock:
+    """Exclusive writer lock on one cache folder (``<cache>/writer.lock``; the module docstring says how it
+    behaves on local and remote file systems). Use as a context manager, or `acquire()` / `release()`."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str | None = None) -> None:
+        self.fs, self.path, self.uri = fs, path, uri or path
+        self.lock_path = posixpath.join(path, LOCK_NAME)
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    @classmethod
+    def for_cache(cls, cache: TeacherCache) -> CacheWriterLock:
+        return cls(cache.fs, cache.path, cache.uri)
+
+    def _record(self) -> dict[str, Any]:
+        import socket
+        import sys
+
+        pid = os.getpid()
+        return {"host": socket.gethostname(), "pid": pid, "proc_start": _proc_start(pid),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": self.token,
+                "command": " ".join(sys.argv)[:300]}
+
+    def holder(self) -> dict[str, Any] | None:
+        """The lock file's record; None when there is no lock; ``{}`` when it exists but cannot be parsed (a
+        writer between creating and filling it, or a damaged file)."""
+        try:
+            if self.local:
+                with open(self.lock_path, "rb") as f:
+                    data = f.read()
+            else:
+                if not _exists(self.fs, self.lock_path):
+                    return None
+                data = _read_bytes(self.fs, self.lock_path)
+        except FileNotFoundError:
+            return None
+        try:
+            rec = json.loads(data)
+            return rec if isinstance(rec, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    def _is_stale(self, rec: dict[str, Any]) -> bool:
+        import socket
+
+        if not rec:  # unparsable: stale only once it is clearly not a writer that is just starting
+            try:
+                return time.time() - os.stat(self.lock_path).st_mtime > _BREAK_STALE_S
+            except OSError:
+                return False
+        if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
+            return False
+        pid = rec["pid"]
+        if not _pid_alive(pid):
+            return True
+        # The pid lives, but is it still the holder? A reboot or pid wrap-around may have given it to another.
+        started = rec.get("proc_start")
+        now = _proc_start(pid)
+        return started is not None and now is not None and now != started
+
+    def _refuse(self, rec: dict[str, Any] | None) -> CacheLockedError:
+        import socket
+
+        rec = rec or {}
+        who = (f"host {rec.get('host', '?')}, pid {rec.get('pid', '?')}, since {rec.get('started', '?')}"
+               + (f", command {rec['command']!r}" if rec.get("command") else ""))
+        same = rec.get("host") == socket.gethostname() and rec.get("pid") == os.getpid()
+        hint = (" This process holds it already: does the config name the same teacher cache twice?" if same else
+                f" Wait for that writer to finish (readers are not blocked). If it is gone for sure (e.g. it ran on "
+                f"another host, or on a file system where this host cannot check it), delete {self.lock_path} and "
+                "run again.")
+        return CacheLockedError(f"teacher cache {self.uri} is being written by another precompute/rebuild ({who}; "
+                                f"lock file {self.lock_path}).{hint}")
+
+    def acquire(self) -> CacheWriterLock:
+        """Take the lock, or raise CacheLockedError naming the holder."""
+        if self.held:
+            return self
+        if self.local:
+            self._acquire_local()
+        else:
+            self._acquire_remote()
+        self.held = True
+        return self
+
+    def _acquire_local(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        data = json.dumps(self._record(), indent=1).encode()
+        for attempt in range(50):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                rec = self.holder()
+                if rec is None:  # released between our two calls: try again
+                    continue
+                if rec == {} and attempt < 20 and not self._is_stale(rec):
+                    time.sleep(0.05)  # a writer between creating and filling it: read it again
+                    continue
+                if not self._is_stale(rec):
+                    raise self._refuse(rec) from None
+                self._break_stale(rec)
+                continue
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        raise CacheLockedError(f"teacher cache {self.uri}: could not take the writer lock {self.lock_path} (other "
+                               "processes keep taking it); run again")
+
+    def _break_stale(self, rec: dict[str, Any]) -> None:
+        """Remove a stale lock. Two processes may find it stale at once: a takeover marker (itself O_EXCL) lets
+        only one remove it, and only if the lock still holds the record judged stale, never a fresh lock that
+        the other one just took."""
+        marker = self.lock_path + ".takeover"
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(marker).st_mtime > _BREAK_STALE_S:
+                    os.unlink(marker)
+            except OSError:
+                pass
+            time.sleep(0.05)
+            return
+        os.close(fd)
+        try:
+            if self.holder() == rec:
+                os.unlink(self.lock_path)
+                log.warning("teacher cache %s: taking over the writer lock of host %s, pid %s (since %s): that "
+                            "process is gone", self.uri, rec.get("host"), rec.get("pid"), rec.get("started"))
+        finally:
+            try:
+                os.unlink(marker)
+            except OSError:
+                pass
+
+    def _acquire_remote(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        rec = self.holder()
+        if rec is not None:
+            raise self._refuse(rec)
+        with self.fs.open_output_stream(self.lock_path) as f:
+            f.write(json.dumps(self._record(), indent=1).encode())
+        time.sleep(_REMOTE_SETTLE_S)
+        back = self.holder()
+        if not back or back.get("token") != self.token:  # another writer raced in and overwrote ours
+            raise self._refuse(back)
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (idempotent)."""
+        if not self.held:
+            return
+        self.held = False
+        rec = self.holder()
+        if not rec or rec.get("token") != self.token:
+            log.warning("teacher cache %s: the writer lock %s was no longer ours at the end (%s); left as is",
+                        self.uri, self.lock_path, rec)
+            return
+        try:
+            if self.local:
+                os.unlink(self.lock_path)
+            else:
+                self.fs.delete_file(self.lock_path)
+        except (FileNotFoundError, OSError) as e:
+            log.warning("teacher cache %s: could not remove the writer lock %s (%s)", self.uri, self.lock_path, e)
+
+    def __enter__(self) -> CacheWriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 # ================================================================================================ fingerprints
 
 
@@ -178,10 +413,15 @@ def view_config(image_size: int | Sequence[int], views: Sequence[str]) -> dict[s
 
 def target_spec(cache: CacheConfig) -> dict[str, Any]:
     """What a cache holds besides its key: target kinds, feature levels, compression."""
+    comp = asdict(cache.compression)
+    if comp.get("boxes") == "dense":
+        # Options added after caches were written are left out at their default, so that the keys (and so the
+        # folders) of existing caches do not change and they are not recomputed.
+        del comp["boxes"]
     return {
         "targets": sorted(cache.targets, key=TARGET_KINDS.index),
         "levels": list(cache.levels) if cache.levels is not None else None,
-        "compression": asdict(cache.compression),
+        "compression": comp,
     }
 
 
@@ -266,12 +506,23 @@ def _channel_axis(ndim: int) -> int:
     return -1 if ndim == 2 else 0
 
 
-def encode(x: np.ndarray, codec: str, mask: np.ndarray | None = None) -> dict[str, Any]:
+def score_keep(cls_logits: np.ndarray, score_threshold: float) -> np.ndarray:
+    """Locations [R] of dense class logits [R, K] whose best class has sigmoid score >= `score_threshold`: what
+    ``logits: threshold`` keeps, and where ``boxes: sparse`` keeps the box regression."""
+    x = np.asarray(cls_logits)
+    if x.ndim != 2 or not x.shape[1]:
+        return np.zeros(x.shape[0] if x.ndim else 0, bool)
+    t = float(score_threshold)
+    return x.max(axis=1) >= math.log(t / (1.0 - t))
+
+
+def encode(x: np.ndarray, codec: str, mask: np.ndarray | None = None, fill: float = 0.0) -> dict[str, Any]:
     """Encode one tensor into a cache cell ``{codec, shape, data, aux, index}``.
 
     codec: a base (``fp32``, ``fp16``, ``int8``, ``i64``) optionally followed by one modifier:
     ``|topk=K`` (2-D [R, K] logits), ``|thresh=T`` (2-D [R, K] sigmoid logits), ``|region`` (3-D [C, H, W] with
-    a boolean ``mask`` [H, W]). The module docstring states the error of each.
+    a boolean ``mask`` [H, W]), ``|rows`` (2-D [R, D] with a boolean ``mask`` [R]: the kept rows; the others
+    decode to `fill`). The module docstring states the error of each.
     """
     x = np.asarray(x)
     base, _, mod = codec.partition("|")
@@ -297,9 +548,7 @@ def encode(x: np.ndarray, codec: str, mask: np.ndarray | None = None) -> dict[st
     if name == "thresh":
         if x.ndim != 2:
             raise ValueError(f"thresh needs [R, K] logits, got shape {x.shape}")
-        t = float(arg)
-        logit_t = math.log(t / (1.0 - t))
-        keep = x.max(axis=1) >= logit_t if x.shape[1] else np.zeros(x.shape[0], bool)
+        keep = score_keep(x, float(arg))
         dropped = x[~keep]
         fill = np.float32(dropped.max() if dropped.size else 0.0)
         data, aux = _base_encode(x[keep], base, -1)
@@ -314,6 +563,14 @@ def encode(x: np.ndarray, codec: str, mask: np.ndarray | None = None) -> dict[st
         data, aux = _base_encode(kept, base, 0)
         return {"codec": codec, "shape": list(x.shape), "data": data, "aux": aux,
                 "index": np.packbits(mask.ravel()).tobytes()}
+    if name == "rows":
+        if x.ndim != 2 or mask is None or mask.shape != x.shape[:1]:
+            raise ValueError(f"rows needs [R, D] and a mask [R], got {x.shape} and "
+                             f"{None if mask is None else mask.shape}")
+        mask = mask.astype(bool)
+        data, aux = _base_encode(x[mask], base, -1)  # int8: scales over the kept rows only
+        return {"codec": codec, "shape": list(x.shape), "data": data,
+                "aux": np.float32(fill).tobytes() + (aux or b""), "index": np.packbits(mask).tobytes()}
     raise ValueError(f"unknown codec modifier {mod!r}")
 
 
@@ -354,6 +611,15 @@ def decode(cell: dict[str, Any], what: str = "cell") -> np.ndarray:
         _check_size(what, len(data), itemsize * c * n)
         out = np.zeros((c, h, w), np.float32)
         out[:, mask] = _base_decode(data, aux, base, (c, n), 0)
+        return out
+    if name == "rows":
+        r, d = shape
+        _check_size(what + " (index)", len(index), (r + 7) // 8)
+        keep = np.unpackbits(np.frombuffer(index, np.uint8), count=r).astype(bool)
+        n = int(keep.sum())
+        _check_size(what, len(data), itemsize * n * d)
+        out = np.full((r, d), np.frombuffer(aux[:4], np.float32)[0], np.float32)
+        out[keep] = _base_decode(data, aux[4:], base, (n, d), -1)
         return out
     raise DataError(f"cache cell {what}: unknown codec {codec!r} (written by a newer version?)")
 
@@ -485,9 +751,29 @@ def encode_row(
             cells[name] = encode(a, f"{comp.dtype}|{mod}")
         elif name == "proposals/class_logits" and comp.logits == "topk":
             cells[name] = encode(a, f"{comp.dtype}|topk={comp.topk}")
+        elif getattr(comp, "boxes", "dense") == "sparse" and name.split("/")[:2] in (
+                ["head", "bbox_regression"], ["head", "bbox_ctrness"]):
+            cells[name] = _encode_sparse_box(name, a, raw, comp)
         else:
             cells[name] = encode(a, comp.dtype)
     return cells
+
+
+def _encode_sparse_box(name: str, a: np.ndarray, raw: dict[str, np.ndarray], comp: CompressionConfig
+                       ) -> dict[str, Any]:
+    """``boxes: sparse``: a level's box regression (or FCOS centerness) kept at the rows where the same level's
+    best class score is >= score_threshold. Fill: 0 for regression (no offset from the anchor / location);
+    for centerness the mean of the dropped logits, a better stand-in for distillation than a fixed value."""
+    level = name.rsplit("/", 1)[1]
+    cls = raw.get(f"head/cls_logits/{level}")
+    if cls is None or cls.shape[0] != a.shape[0]:
+        raise ValueError(f"compression.boxes=sparse: {name} {a.shape} needs head/cls_logits/{level} with as many rows "
+                         f"(got {None if cls is None else cls.shape}); use boxes: dense for this teacher")
+    keep = score_keep(cls, comp.score_threshold)
+    fill = 0.0
+    if name.startswith("head/bbox_ctrness/") and (~keep).any():
+        fill = float(a[~keep].mean(dtype=np.float64))
+    return encode(a, f"{comp.dtype}|rows", mask=keep, fill=fill)
 
 
 def decode_row(cells: dict[str, dict[str, Any]], where: str = "") -> dict[str, np.ndarray]:
@@ -960,34 +1246,111 @@ def _cells_of(table: pa.Table, row: int, names: Sequence[str]) -> dict[str, dict
     return {n: table.column(n)[row].as_py() for n in names}
 
 
-class CacheReader:
+class _RowTargets:
+    """What the two readers share: the (image, view) -> row lookup and its errors, `targets`, `targets_for`,
+    `proposals` and the RoI scorer, all over `rows`. A trainer may hold either reader."""
+
+    uri: str
+    roi_head: Any = None
+    _pos: dict[int, int]
+    _shard_size: int
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def image_ids(self) -> list[int]:
+        """The cache's image ids in data-set order (shard i holds positions [i*S, (i+1)*S))."""
+        raise NotImplementedError
+
+    def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    @property
+    def view_keys(self) -> list[str]:
+        v = self.manifest["key"]["views"]
+        return [View(1, 1, v["out_h"], v["out_w"], VIEW_FLIPS[n]).key() for n in v["views"]]
+
+    def _shard_of(self, iid: int) -> int:
+        if iid not in self._pos:
+            raise DataError(f"image_id {iid} is not in teacher cache {self.uri} (it holds "
+                            f"{len(self._pos)} images of another split or data set?)")
+        return self._pos[iid] // self._shard_size
+
+    def _row_of(self, index: dict[tuple[int, str], int], iid: int, view: View | str, stored_view: Any) -> int:
+        """The row of (image, view) in a shard's `index`; `stored_view(row)` gives the View dict cached there."""
+        key = view.key() if isinstance(view, View) else str(view)
+        row = index.get((iid, key))
+        if row is None:
+            raise CacheError(f"teacher cache {self.uri} has no view {key} of image_id {iid} (it holds "
+                             f"{self.view_keys}); cache that view (cache.views) or serve the teacher online")
+        if isinstance(view, View):
+            vd = stored_view(row)
+            if vd != view.to_dict():
+                raise StaleCacheError(f"teacher cache {self.uri}: image_id {iid} was cached for view {vd}, the "
+                                      f"sample has {view.to_dict()}; precompute again")
+        return row
+
+    def targets(self, image_ids: Sequence[int], views: Sequence[View | str]) -> Any:
+        """`TeacherTargets` of a batch, rows in batch order, `image_ids` set (checked by the losses' callers)."""
+        raws = self.rows(image_ids, views)
+        scorer = self._scorer(raws, views) if self.roi_head is not None else None
+        return collate_targets(raws, image_ids, roi_scorer=scorer)
+
+    def targets_for(self, batch_targets: Sequence[dict[str, Any]]) -> Any:
+        """`targets` for a collated batch's target dicts (`image_id`, `view`)."""
+        return self.targets([t["image_id"] for t in batch_targets], [t["view"] for t in batch_targets])
+
+    def proposals(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[torch.Tensor] | None:
+        return proposals_of(self.rows(image_ids, views))
+
+    def _scorer(self, raws, views):
+        det = self.roi_head
+        levels = list(getattr(det.model.roi_heads.box_roi_pool, "featmap_names", []))
+        have = [n.split("/", 1)[1] for n in raws[0] if n.startswith("features/")]
+        comp = self.manifest["key"]["spec"]["compression"]
+        if det.kind != "two_stage" or any(l not in have for l in levels) or comp["features_region"] == "pooled":
+            return None
+        feats = OrderedDict((l, torch.from_numpy(np.stack([r[f"features/{l}"] for r in raws]))) for l in have)
+        sizes = []
+        for v in views:
+            vv = v if isinstance(v, View) else None
+            sizes.append((vv.out_h, vv.out_w) if vv else (self.manifest["key"]["views"]["out_h"],
+                                                          self.manifest["key"]["views"]["out_w"]))
+        return lambda boxes: det.score_boxes(feats, list(boxes), sizes)
+
+
+class CacheReader(_RowTargets):
     """Serves `TeacherTargets` for a student's batch from a complete cache.
 
     Decoded shards are kept in an LRU bounded by `memory_bytes` (Arrow bytes of the shard tables), so a cache
     bigger than memory is streamed shard by shard. The student's sample picks its row by ``(image_id,
     View.key())``; a view the cache does not hold is an error (use serving mode for random augmentation).
     `roi_head`: the teacher detector; with cached features of every RoI level it gives `roi_scorer`.
+    `ObjectStoreReader` has the same interface and serves the same rows from Ray's object store.
     """
 
     def __init__(self, cache: TeacherCache | str, memory_bytes: int = 1 << 30, check_sha: bool = True,
                  roi_head: Any = None) -> None:
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
         self.cache.require_complete()
+        self.uri = self.cache.uri
         m = self.cache.manifest
         self.memory_bytes = memory_bytes
         self.check_sha = check_sha
         self.roi_head = roi_head
-        ids = self.cache.image_ids()
-        self._pos = {int(iid): p for p, iid in enumerate(ids)}
-        self._views = m["key"]["views"]["views"]
+        self._ids = [int(i) for i in self.cache.image_ids()]
+        self._pos = {iid: p for p, iid in enumerate(self._ids)}
         self._shard_size = m["shard_size"]
         self._lru: OrderedDict[int, tuple[pa.Table, dict[tuple[int, str], int]]] = OrderedDict()
         self._lru_bytes = 0
 
     @property
-    def view_keys(self) -> list[str]:
-        v = self.cache.manifest["key"]["views"]
-        return [View(1, 1, v["out_h"], v["out_w"], VIEW_FLIPS[n]).key() for n in v["views"]]
+    def manifest(self) -> dict[str, Any]:
+        return self.cache.manifest
+
+    def image_ids(self) -> list[int]:
+        return list(self._ids)
 
     def _shard(self, i: int) -> tuple[pa.Table, dict[tuple[int, str], int]]:
         if i in self._lru:
@@ -1008,20 +1371,9 @@ class CacheReader:
         out = []
         for iid, view in zip(image_ids, views, strict=True):
             iid = int(iid)
-            key = view.key() if isinstance(view, View) else str(view)
-            if iid not in self._pos:
-                raise DataError(f"image_id {iid} is not in teacher cache {self.cache.uri} (it holds "
-                                f"{len(self._pos)} images of another split or data set?)")
-            shard = self._pos[iid] // self._shard_size
+            shard = self._shard_of(iid)
             table, index = self._shard(shard)
-            row = index.get((iid, key))
-            if row is None:
-                raise CacheError(f"teacher cache {self.cache.uri} has no view {key} of image_id {iid} (it holds "
-                                 f"{self.view_keys}); cache that view (cache.views) or serve the teacher online")
-            vd = table.column("view")[row].as_py()
-            if isinstance(view, View) and vd != view.to_dict():
-                raise StaleCacheError(f"teacher cache {self.cache.uri}: image_id {iid} was cached for view {vd}, the "
-                                      f"sample has {view.to_dict()}; precompute again")
+            row = self._row_of(index, iid, view, lambda r: table.column("view")[r].as_py())
             names = [n for n in table.column_names if "/" in n]
             where = f" of image_id {iid} in shard {shard} ({self.cache.shard_path(shard)})"
             try:
@@ -1031,33 +1383,262 @@ class CacheReader:
                                         f"{shard}`", shard, self.cache.shard_path(shard)) from None
         return out
 
-    def targets(self, image_ids: Sequence[int], views: Sequence[View | str]) -> Any:
-        """`TeacherTargets` of a batch, rows in batch order, `image_ids` set (checked by the losses' callers)."""
-        raws = self.rows(image_ids, views)
-        scorer = self._scorer(raws, views) if self.roi_head is not None else None
-        return collate_targets(raws, image_ids, roi_scorer=scorer)
 
-    def targets_for(self, batch_targets: Sequence[dict[str, Any]]) -> Any:
-        """`targets` for a collated batch's target dicts (`image_id`, `view`)."""
-        return self.targets([t["image_id"] for t in batch_targets], [t["view"] for t in batch_targets])
+# ================================================================================================ object store
 
-    def proposals(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[torch.Tensor] | None:
-        return proposals_of(self.rows(image_ids, views))
 
-    def _scorer(self, raws, views):
-        det = self.roi_head
-        levels = list(getattr(det.model.roi_heads.box_roi_pool, "featmap_names", []))
-        have = [n.split("/", 1)[1] for n in raws[0] if n.startswith("features/")]
-        comp = self.cache.manifest["key"]["spec"]["compression"]
-        if det.kind != "two_stage" or any(l not in have for l in levels) or comp["features_region"] == "pooled":
-            return None
-        feats = OrderedDict((l, torch.from_numpy(np.stack([r[f"features/{l}"] for r in raws]))) for l in have)
-        sizes = []
-        for v in views:
-            vv = v if isinstance(v, View) else None
-            sizes.append((vv.out_h, vv.out_w) if vv else (self.cache.manifest["key"]["views"]["out_h"],
-                                                          self.cache.manifest["key"]["views"]["out_w"]))
-        return lambda boxes: det.score_boxes(feats, list(boxes), sizes)
+def decode_shard(cache: TeacherCache, i: int, check_sha: bool = True) -> dict[str, Any]:
+    """Every row of shard i decoded: ``{"index": {(image_id, view_key): row}, "views": [View dict per row],
+    "rows": [{column: float32/int64 numpy}], "nbytes": decoded array bytes}`` (what `ObjectStoreShards` puts
+    into the object store)."""
+    table = cache.read_shard(i, check_sha)
+    names = [n for n in table.column_names if "/" in n]
+    cols = {n: table.column(n).to_pylist() for n in names}  # one conversion per column, not per cell
+    ids = [int(a) for a in table.column("image_id").to_pylist()]
+    keys = table.column("view_key").to_pylist()
+    rows = []
+    for r in range(table.num_rows):
+        where = f" of image_id {ids[r]} in shard {i} ({cache.shard_path(i)})"
+        try:
+            rows.append(decode_row({n: cols[n][r] for n in names}, where))
+        except (DataError, ValueError) as e:
+            raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {cache.uri} --shard {i}`", i,
+                                    cache.shard_path(i)) from None
+    return {"index": {(a, b): r for r, (a, b) in enumerate(zip(ids, keys))},
+            "views": table.column("view").to_pylist(), "rows": rows,
+            "nbytes": sum(a.nbytes for row in rows for a in row.values())}
+
+
+STORE_NAMESPACE = "curriculum"
+
+
+class _ShardStoreActor:
+    """The owner of the decoded shards in Ray's object store (see `ObjectStoreShards`).
+
+    It decodes a shard when first asked, `ray.put`s it and hands out the reference; as the caller of `ray.put`
+    it owns the object, so the object lives as long as this actor (and no longer: RAY_NOTES). LRU by shard:
+    before a new shard goes in, the least recently asked ones are dropped until it fits the budget, so the
+    shards it holds never exceed ``max(budget, one shard)``. A dropped shard stays readable by a reader still
+    holding its reference (Ray frees it when the last one lets go) and is decoded again when asked again."""
+
+    def __init__(self, cache_uri: str, budget_bytes: int, check_sha: bool) -> None:
+        import threading
+
+        self.cache = TeacherCache.open(cache_uri)
+        self.cache.require_complete()
+        self.budget = int(budget_bytes)
+        self.check_sha = check_sha
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # shard -> (ObjectRef, decoded bytes)
+        self._loading: dict[int, Any] = {}  # shard -> threading.Event while one thread decodes it
+        self._resident = 0
+        self._stats = {"loads": 0, "hits": 0, "evictions": 0, "max_resident_bytes": 0, "max_shard_bytes": 0}
+
+    def info(self) -> dict[str, Any]:
+        return {"uri": self.cache.uri, "manifest": self.cache.manifest,
+                "image_ids": [int(i) for i in self.cache.image_ids()], "pid": os.getpid()}
+
+    def shard(self, i: int) -> list[Any]:
+        """[ObjectRef] of shard i's decoded rows (in a list, so that Ray hands over the reference itself)."""
+        import threading
+
+        import ray
+
+        while True:
+            with self._lock:
+                if i in self._lru:
+                    self._lru.move_to_end(i)
+                    self._stats["hits"] += 1
+                    return [self._lru[i][0]]
+                event = self._loading.get(i)
+                if event is None:  # this thread decodes it; others asking for it meanwhile wait
+                    event = self._loading[i] = threading.Event()
+                    break
+            event.wait()  # then look again (a failed decode leaves nothing: the next asker tries itself)
+        try:
+            if not 0 <= i < self.cache.manifest["num_shards"]:
+                raise CacheError(f"teacher cache {self.cache.uri}: no shard {i} (it has "
+                                 f"{self.cache.manifest['num_shards']})")
+            payload = decode_shard(self.cache, i, self.check_sha)  # outside the lock: decodes run in parallel
+            nbytes = payload["nbytes"]
+            with self._lock:
+                # Room first, then the put: what this actor holds never exceeds the budget (a single shard
+                # bigger than the whole budget is held alone).
+                while self._lru and self._resident + nbytes > self.budget:
+                    _, (_, old) = self._lru.popitem(last=False)
+                    self._resident -= old
+                    self._stats["evictions"] += 1
+                ref = ray.put(payload)
+                self._lru[i] = (ref, nbytes)
+                self._resident += nbytes
+                self._stats["loads"] += 1
+                self._stats["max_resident_bytes"] = max(self._stats["max_resident_bytes"], self._resident)
+                self._stats["max_shard_bytes"] = max(self._stats["max_shard_bytes"], nbytes)
+            return [ref]
+        finally:
+            with self._lock:
+                self._loading.pop(i, None)
+            event.set()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._stats, "budget_bytes": self.budget, "resident_bytes": self._resident,
+                    "resident_shards": list(self._lru)}
+
+
+class ObjectStoreShards:
+    """Hot teacher targets for the training workers through Ray's object store, within a memory budget.
+
+    A small named Ray actor (`_ShardStoreActor`) opens the cache, decodes each shard once when a worker first
+    asks for it and `ray.put`s the decoded numpy rows; workers (`ObjectStoreReader`) `ray.get` them zero-copy
+    from shared memory (on the actor's node; a worker on another node gets one copy per node). Nobody but the
+    actor reads Parquet.
+
+    Owner. The actor is the owner of the objects (the caller of `ray.put`), so it must outlive the readers:
+    create this in the driver before the workers start, keep it for the stage, `close()` after. It is not
+    detached: if the driver dies, the actor and its objects go with it (nothing leaks); a reader whose store
+    is gone gets a CacheError saying so.
+
+    Budget (`budget_bytes`: decoded array bytes, e.g. ``cache.memory_bytes``). The actor holds at most
+    ``max(budget_bytes, one shard)``: before a new shard goes in, the least recently used shards' references
+    are dropped. A cache bigger than the budget is therefore streamed: a dropped shard is decoded again
+    when asked again. On top of that each reader pins the `keep_shards` shard(s) it is reading (default one)
+    until it moves on, so the object store holds at most budget + one shard per reader (for budgets above
+    one shard). Ray's object store must be big enough for that (``ray.init(object_store_memory=...)``);
+    beyond it Ray spills to disk rather than fail.
+
+    `num_cpus`: the actor's CPU reservation (default 0: it only decodes when workers wait for it, and on a
+    small machine a reserved CPU would starve the training workers). `max_concurrency`: shards decoded in
+    parallel for different workers (a shard asked by two workers at once is decoded once).
+    """
+
+    def __init__(self, cache: TeacherCache | str, budget_bytes: int, *, name: str | None = None,
+                 namespace: str = STORE_NAMESPACE, num_cpus: float = 0.0, max_concurrency: int = 2,
+                 check_sha: bool = True) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise CacheError("ObjectStoreShards needs Ray: call ray.init (or teachers.pool.ensure_ray) first")
+        if int(budget_bytes) < 1:
+            raise CacheError(f"ObjectStoreShards: budget_bytes must be positive, got {budget_bytes}")
+        uri = cache.uri if isinstance(cache, TeacherCache) else str(cache)
+        TeacherCache.open(uri).require_complete()  # a missing or incomplete cache fails here, in the driver
+        self.uri, self.budget_bytes, self.namespace = uri, int(budget_bytes), namespace
+        self.name = name or f"teacher-shards-{uuid.uuid4().hex[:10]}"
+        cls = ray.remote(_ShardStoreActor).options(
+            name=self.name, namespace=namespace, num_cpus=num_cpus, max_concurrency=max(1, max_concurrency),
+            max_restarts=0,  # a restarted owner would not have the objects: readers are told instead
+        )
+        self.actor = cls.remote(uri, self.budget_bytes, check_sha)
+        ray.get(self.actor.info.remote())  # started, cache opened: workers find it by name from now on
+
+    def reader(self, roi_head: Any = None, keep_shards: int = 1) -> ObjectStoreReader:
+        """A reader on this store (in the driver; workers build theirs by name: `ObjectStoreReader(name)`)."""
+        return ObjectStoreReader(self.name, namespace=self.namespace, roi_head=roi_head, keep_shards=keep_shards)
+
+    def stats(self) -> dict[str, Any]:
+        """loads, hits, evictions, resident_bytes, max_resident_bytes, max_shard_bytes, resident_shards."""
+        import ray
+
+        return ray.get(self.actor.stats.remote())
+
+    def close(self) -> None:
+        """End the actor; its objects are freed (readers still running get a CacheError)."""
+        import ray
+
+        if self.actor is not None:
+            try:
+                ray.kill(self.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.actor = None
+
+    def __enter__(self) -> ObjectStoreShards:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ObjectStoreReader(_RowTargets):
+    """`CacheReader`'s interface (`rows`, `targets`, `targets_for`, `proposals`, `manifest`, `image_ids`) over
+    an `ObjectStoreShards` store, found by its name: what a training worker builds.
+
+    Rows come out as read-only numpy views of Ray's shared memory (zero copy); `collate_targets` copies what
+    it stacks, so nothing writes into them. The reader keeps the references of its `keep_shards` most recent
+    shards (pinning them in the object store even after the store dropped them) and lets go of older ones.
+    """
+
+    def __init__(self, store: str | Any, namespace: str = STORE_NAMESPACE, roi_head: Any = None,
+                 keep_shards: int = 1) -> None:
+        import ray
+
+        if isinstance(store, str):
+            try:
+                store = ray.get_actor(store, namespace=namespace)
+            except ValueError:
+                raise CacheError(f"no teacher shard store named {store!r} in Ray namespace {namespace!r}: the "
+                                 "driver must create ObjectStoreShards before the workers start and keep it for "
+                                 "the stage") from None
+        self.actor = store
+        info = self._call(lambda: ray.get(self.actor.info.remote()))
+        self.uri = info["uri"]
+        self._manifest = info["manifest"]
+        self._ids = info["image_ids"]
+        self._pos = {iid: p for p, iid in enumerate(self._ids)}
+        self._shard_size = self._manifest["shard_size"]
+        self.roi_head = roi_head
+        self.keep_shards = max(1, keep_shards)
+        self._local: OrderedDict[int, tuple[Any, dict[str, Any]]] = OrderedDict()  # shard -> (ref, payload)
+        self.fetches = 0
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def image_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def _call(self, fn: Any) -> Any:
+        """Run a Ray call; the store's own errors (a corrupt shard, ...) come out as themselves, a dead store
+        as a CacheError that says what to do."""
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
+        try:
+            return fn()
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, CurriculumError):
+                raise cause from None
+            raise
+        except (RayActorError, ObjectLostError) as e:
+            raise CacheError(f"the teacher shard store of {getattr(self, 'uri', 'the cache')} is gone "
+                             f"({type(e).__name__}): the driver that owns it ended or closed it before the "
+                             "workers finished; keep ObjectStoreShards open for the whole stage") from None
+
+    def _shard(self, i: int) -> dict[str, Any]:
+        import ray
+
+        if i in self._local:
+            self._local.move_to_end(i)
+            return self._local[i][1]
+        (ref,) = self._call(lambda: ray.get(self.actor.shard.remote(i)))
+        payload = self._call(lambda: ray.get(ref))
+        self.fetches += 1
+        self._local[i] = (ref, payload)
+        while len(self._local) > self.keep_shards:  # let go: Ray frees it once the store dropped it too
+            self._local.popitem(last=False)
+        return payload
+
+    def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
+        """Decoded rows (column -> read-only numpy) of each (image, view), in the given order."""
+        out = []
+        for iid, view in zip(image_ids, views, strict=True):
+            iid = int(iid)
+            payload = self._shard(self._shard_of(iid))
+            row = self._row_of(payload["index"], iid, view, lambda r: payload["views"][r])
+            out.append(dict(payload["rows"][row]))
+        return out
 
 
 # ================================================================================================ inspect

@@ -17,6 +17,10 @@ guarantees that a streaming map does not give:
 Actors read images themselves (the data set must be reachable from every node, as the cache root is), so
 the driver ships shard numbers, not pixels.
 
+One writer per cache: `precompute` and `rebuild` hold the cache folder's writer lock (`CacheWriterLock`) from
+before the manifest is read until they end, finished or failed; a second `curriculum precompute` on the same
+cache stops at once with an error naming the holder (host, pid, start). Readers are never blocked.
+
 Serving (`TeacherServer`, `prefetch`). For views no cache holds (random augmentation) the student sends its
 batch (numpy, one object in Ray's object store) and gets an ObjectRef back; `prefetch` submits batch i+1
 before the student computes step i. A request whose actor died is resent to a replacement actor; every
@@ -44,7 +48,7 @@ from curriculum.config import CacheConfig, DataConfig, PrecomputeJobConfig, RayI
 from curriculum.data import View
 from curriculum.errors import CurriculumError, DataError, ModelError
 from teachers.cache import (
-    CacheError, CacheKey, TeacherCache, collate_targets, data_fingerprint, open_dataset, produce_shard,
+    CacheError, CacheKey, CacheWriterLock, TeacherCache, collate_targets, data_fingerprint, open_dataset, produce_shard,
     shard_entry, shard_ranges, table_to_bytes, target_spec, teacher_fingerprint, teacher_outputs, view_config,
 )
 
@@ -248,35 +252,47 @@ def precompute(
     ensure_builtin_data(job.data)
     runs = []
     ds_cache: dict = {}
-    for spec in job.teachers:
-        header, key, ds = _prepare(spec, job.data, job.cache, ds_cache)
-        cache = TeacherCache.create_or_resume(job.cache.root, key, header, ds.image_ids, job.cache.shard_size)
-        if cache.manifest["batch_size"] != spec.batch_size:
-            log.warning("%s: resuming with the batch size it was started with (%d, config says %d) so that every "
-                        "shard is computed alike", cache.uri, cache.manifest["batch_size"], spec.batch_size)
-        runs.append((spec, cache))
-    ensure_ray(job.ray)
-    return _drive(runs, job.cache.max_attempts, progress, on_dispatch, on_commit)
+    locks: list[CacheWriterLock] = []
+    try:
+        for spec in job.teachers:
+            header, key, ds = _prepare(spec, job.data, job.cache, ds_cache)
+            # One writer per cache folder: locked before its manifest is created or read, released however
+            # this run ends (see teachers/cache.py, "One writer at a time").
+            fs, path, uri = TeacherCache.location(job.cache.root, key)
+            locks.append(CacheWriterLock(fs, path, uri).acquire())
+            cache = TeacherCache.create_or_resume(job.cache.root, key, header, ds.image_ids, job.cache.shard_size)
+            if cache.manifest["batch_size"] != spec.batch_size:
+                log.warning("%s: resuming with the batch size it was started with (%d, config says %d) so that "
+                            "every shard is computed alike", cache.uri, cache.manifest["batch_size"], spec.batch_size)
+            runs.append((spec, cache))
+        ensure_ray(job.ray)
+        return _drive(runs, job.cache.max_attempts, progress, on_dispatch, on_commit)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
 
 
 def rebuild(cache_path: str, shards: Sequence[int], spec: TeacherSpec | None = None, progress: bool = False,
             ray_cfg: RayInitConfig | None = None) -> PrecomputeReport:
-    """Recompute some shards of an existing cache alone (e.g. one reported corrupt), from its manifest."""
+    """Recompute some shards of an existing cache alone (e.g. one reported corrupt), from its manifest. Takes
+    the cache's writer lock (a precompute writing it at the same time is refused, and the other way round)."""
     cache = TeacherCache.open(cache_path)
-    n = cache.manifest["num_shards"]
-    bad = [s for s in shards if not 0 <= s < n]
-    if bad:
-        raise CacheError(f"{cache_path}: no shard(s) {bad}; it has shards 0..{n - 1}")
-    live = teacher_fingerprint(cache.manifest["teacher"]["checkpoint"])
-    if live != cache.manifest["key"]["teacher_fp"]:
-        raise CacheError(f"{cache_path}: the teacher checkpoint {cache.manifest['teacher']['checkpoint']} changed "
-                         f"(fingerprint {live}, cache {cache.manifest['key']['teacher_fp']}); a rebuilt shard would "
-                         "mix two teachers: precompute a new cache instead")
-    for s in shards:
-        cache.invalidate(s)
-    ensure_ray(ray_cfg)
-    spec = spec or TeacherSpec(checkpoint=cache.manifest["teacher"]["checkpoint"])
-    return _drive([(spec, cache)], 3, progress, None, None, only=list(shards))[0]
+    with CacheWriterLock.for_cache(cache):
+        cache = TeacherCache.open(cache_path)  # the manifest as the last writer left it, now that we hold the lock
+        n = cache.manifest["num_shards"]
+        bad = [s for s in shards if not 0 <= s < n]
+        if bad:
+            raise CacheError(f"{cache_path}: no shard(s) {bad}; it has shards 0..{n - 1}")
+        live = teacher_fingerprint(cache.manifest["teacher"]["checkpoint"])
+        if live != cache.manifest["key"]["teacher_fp"]:
+            raise CacheError(f"{cache_path}: the teacher checkpoint {cache.manifest['teacher']['checkpoint']} "
+                             f"changed (fingerprint {live}, cache {cache.manifest['key']['teacher_fp']}); a rebuilt "
+                             "shard would mix two teachers: precompute a new cache instead")
+        for s in shards:
+            cache.invalidate(s)
+        ensure_ray(ray_cfg)
+        spec = spec or TeacherSpec(checkpoint=cache.manifest["teacher"]["checkpoint"])
+        return _drive([(spec, cache)], 3, progress, None, None, only=list(shards))[0]
 
 
 def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, only: list[int] | None = None

@@ -14,10 +14,10 @@ from curriculum.config import CacheConfig, CompressionConfig
 from curriculum.data import View
 from curriculum.errors import DataError
 from teachers.cache import (
-    CacheError, CacheKey, CacheReader, CorruptShardError, StaleCacheError, TeacherCache,
-    data_fingerprint, decode, encode, format_inspect, inspect_cache, open_dataset, produce_shard, region_mask,
-    shard_batches, shard_entry, shard_ranges, table_to_bytes, target_spec, teacher_fingerprint, teacher_outputs,
-    view_config, view_sample,
+    LOCK_NAME, CacheError, CacheKey, CacheLockedError, CacheReader, CacheWriterLock, CorruptShardError,
+    StaleCacheError, TeacherCache, data_fingerprint, decode, encode, format_inspect, inspect_cache, open_dataset,
+    produce_shard, region_mask, resolve_fs, score_keep, shard_batches, shard_entry, shard_ranges, table_to_bytes,
+    target_spec, teacher_fingerprint, teacher_outputs, view_config, view_sample,
 )
 from teachers.zoo import build_detector
 
@@ -366,3 +366,145 @@ def test_reader_errors_and_orphan_adoption(tmp_path, subset):
         reader.rows([10**9], ["h128w128f0"])
     with pytest.raises(StaleCacheError, match="cached for view"):
         reader.rows([ds.image_ids[0]], [View(64, 64, 128, 128, False)])
+
+
+# ------------------------------------------------------------------------------------------------ sparse boxes
+
+
+def test_codec_rows_keeps_rows_and_fills_the_rest():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((60, 4)) * 2).astype(np.float32)
+    keep = rng.random(60) < 0.3
+    assert 0 < keep.sum() < 60
+    cell = encode(x, "fp32|rows", mask=keep, fill=0.0)
+    y = decode(cell)
+    assert np.array_equal(y[keep], x[keep]) and np.all(y[~keep] == 0.0)
+    assert len(cell["data"]) == 4 * 4 * keep.sum() and len(cell["index"]) == 8  # kept rows + one bit per row
+    y = decode(encode(x, "fp16|rows", mask=keep, fill=-1.5))
+    assert np.all(np.abs(y[keep] - x[keep]) <= np.abs(x[keep]) * 2.0**-11 + 1e-7) and np.all(y[~keep] == -1.5)
+    y = decode(encode(x, "int8|rows", mask=keep))
+    scale = np.abs(x[keep]).max(axis=0) / 127  # per column, over the kept rows only
+    assert np.all(np.abs(y[keep] - x[keep]) <= scale / 2 * (1 + 1e-5) + 1e-7) and np.all(y[~keep] == 0)
+    for m in (np.zeros(60, bool), np.ones(60, bool)):
+        assert np.array_equal(decode(encode(x, "fp32|rows", mask=m))[m], x[m])
+    assert np.all(decode(encode(x, "int8|rows", mask=np.zeros(60, bool))) == 0)
+    with pytest.raises(ValueError, match="rows needs"):
+        encode(x, "fp32|rows", mask=keep[:10])
+    cell = encode(x, "fp32|rows", mask=keep)
+    cell["data"] = cell["data"][:-4]
+    with pytest.raises(DataError, match="truncated"):
+        decode(cell, "head/bbox_regression/0")
+
+
+def test_sparse_boxes_round_trip_and_are_smaller(tmp_path, subset):
+    images, ann = subset
+    det = save_teacher(tmp_path / "t.pt", "fcos_mobilenetv3_micro")
+    base = dict(targets=["head"], views=["noflip"], shard_size=6)
+    ref = reference_rows(det, images, ann, CacheConfig(root="x", **base), 3)
+    # A threshold that keeps about half the locations of this (untrained) teacher, so both sides are tested.
+    best = np.concatenate([raw[c].max(1) for raw, *_ in ref.values() for c in raw if c.startswith("head/cls_logits/")])
+    t = float(1 / (1 + np.exp(-np.median(best))))
+    comp = dict(dtype="fp16", logits="threshold", score_threshold=t)
+    dense_cfg = CacheConfig(root=str(tmp_path / "dense"), compression=CompressionConfig(**comp), **base)
+    sparse_cfg = CacheConfig(root=str(tmp_path / "sparse"), compression=CompressionConfig(**comp, boxes="sparse"),
+                             **base)
+    assert "boxes" not in target_spec(dense_cfg)["compression"]  # keys of caches written before the option
+    assert target_spec(sparse_cfg)["compression"]["boxes"] == "sparse"
+    dense = build_cache(tmp_path / "dense", tmp_path / "t.pt", images, ann, dense_cfg, batch_size=3)
+    sparse = build_cache(tmp_path / "sparse", tmp_path / "t.pt", images, ann, sparse_cfg, batch_size=3)
+    reader = CacheReader(sparse)
+    kept = total = 0
+    for (iid, _), (raw, _, _, view) in ref.items():
+        got = reader.rows([iid], [view])[0]
+        assert sorted(got) == sorted(raw)
+        for col, a in raw.items():
+            g = got[col]
+            kind, field, level = col.split("/")
+            if field == "cls_logits":
+                continue  # the threshold codec, tested above
+            assert field in ("bbox_regression", "bbox_ctrness"), col
+            keep = score_keep(raw[f"head/cls_logits/{level}"], t)
+            assert g.shape == a.shape and keep.shape == (a.shape[0],)
+            kept, total = kept + keep.sum(), total + keep.size
+            assert np.all(np.abs(g[keep] - a[keep]) <= np.abs(a[keep]) * 2.0**-11 + 1e-7), col  # fp16 bound
+            if field == "bbox_regression":
+                assert np.all(g[~keep] == 0.0), col  # the documented fill
+            elif (~keep).any():
+                assert np.all(g[~keep] == np.float32(a[~keep].mean(dtype=np.float64))), col
+    assert 0.2 < kept / total < 0.8
+    d, s = inspect_cache(dense.uri), inspect_cache(sparse.uri)
+    assert s["bytes_per_image_by_kind"]["head"] < 0.9 * d["bytes_per_image_by_kind"]["head"]
+    assert s["bytes_per_image"] < d["bytes_per_image"]
+
+
+# ------------------------------------------------------------------------------------------------ writer lock
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_writer_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path, caplog):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "cache"
+    fs, path = resolve_fs(str(folder))
+    lock_file = folder / LOCK_NAME
+
+    # Another live process holds it: refused, naming the folder and the holder; readers never look at it.
+    code = ("import sys, time; from teachers.cache import CacheWriterLock, resolve_fs; "
+            "CacheWriterLock(*resolve_fs(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rec = json.loads(lock_file.read_text())
+        assert rec["pid"] == holder.pid and rec["host"] == socket.gethostname() and rec["started"]
+        with pytest.raises(CacheLockedError) as e:
+            CacheWriterLock(fs, path).acquire()
+        msg = str(e.value)
+        assert str(folder) in msg and f"pid {holder.pid}" in msg and socket.gethostname() in msg
+        assert rec["started"] in msg and "Wait for that writer" in msg and str(lock_file) in msg
+        # Killed without a chance to clean up: its lock is stale and the next writer takes it over.
+        holder.kill()
+        holder.wait()
+        with caplog.at_level("WARNING", logger="teachers.cache"):
+            with CacheWriterLock(fs, path) as lock:
+                assert json.loads(lock_file.read_text())["pid"] == os.getpid() and lock.held
+        assert "taking over the writer lock" in caplog.text and f"pid {holder.pid}" in caplog.text
+        assert not lock_file.exists()  # released
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+    # The same process twice (e.g. the same teacher named twice): refused, with that hint.
+    first = CacheWriterLock(fs, path).acquire()
+    with pytest.raises(CacheLockedError, match="This process holds it already"):
+        CacheWriterLock(fs, path).acquire()
+    first.release()
+    first.release()  # idempotent
+    assert not lock_file.exists()
+
+    # A pid that no longer exists on this host: stale. A lock of another host is never judged from here.
+    lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "started": "then"}))
+    CacheWriterLock(fs, path).acquire().release()
+    assert not lock_file.exists()
+    lock_file.write_text(json.dumps({"host": "elsewhere.example", "pid": _dead_pid(), "started": "then"}))
+    with pytest.raises(CacheLockedError, match="host elsewhere.example.*delete .*writer.lock"):
+        CacheWriterLock(fs, path).acquire()
+    # An empty lock file: a writer between creating and filling it (refused), or one that died there (stale).
+    lock_file.write_text("")
+    with pytest.raises(CacheLockedError):
+        CacheWriterLock(fs, path).acquire()
+    os.utime(lock_file, (1, 1))
+    CacheWriterLock(fs, path).acquire().release()
+    assert not lock_file.exists()

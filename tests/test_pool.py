@@ -14,7 +14,9 @@ from curriculum.config import (
     CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, TeacherSpec, load_config,
 )
 from curriculum.errors import DataError
-from teachers.cache import CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset
+from teachers.cache import (
+    LOCK_NAME, CacheLockedError, CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset,
+)
 from teachers.pool import InlineTeacher, TeacherServer, precompute, prefetch, rebuild, verify_cache
 from test_cache import make_subset, one_thread, reference_rows, save_teacher  # noqa: F401 (autouse fixture)
 
@@ -55,6 +57,7 @@ def test_precompute_matches_in_process_teacher(setup, reference):
     report, files, manifest = reference
     assert manifest["complete"] and report.shards == 4 and sorted(report.computed) == [0, 1, 2, 3]
     assert sorted(files) == [f"shard-0000{i}.parquet" for i in range(4)]  # no temporary files left
+    assert not Path(report.cache, LOCK_NAME).exists()  # the writer lock is released at the end
     cfg = job(d, images, ann, "x").cache
     from teachers.zoo import load_detector
 
@@ -90,6 +93,7 @@ def test_resume_after_a_crash_ends_with_the_same_cache(setup, reference, tmp_pat
     with pytest.raises(Crash):
         precompute(job(d, images, ann, str(tmp_path)), progress=False, on_commit=crash_after_two)
     (cache_dir,) = find_caches(str(tmp_path))
+    assert not Path(cache_dir, LOCK_NAME).exists()  # released by the failed run too
     partial = TeacherCache.open(cache_dir)
     assert len(partial.manifest["shards"]) == 2 and not partial.complete
     (report,) = precompute(job(d, images, ann, str(tmp_path)), progress=False)
@@ -134,8 +138,40 @@ def test_rebuild_and_verify(setup, reference, tmp_path):
     with pytest.raises(CorruptShardError, match="shard-00002"):
         CacheReader(str(copy)).rows([open_dataset(images, ann, 128).image_ids[4]], ["h128w128f0"])
     r = rebuild(str(copy), [2])
-    assert r.computed == [2]
+    assert r.computed == [2] and not (copy / LOCK_NAME).exists()
     assert shard_files(str(copy)) == ref_files
+
+
+def test_second_writer_is_refused_and_a_stale_lock_taken_over(setup, reference, tmp_path, caplog):
+    import shutil
+    import socket
+    import subprocess
+
+    d, images, ann = setup
+    report, ref_files, _ = reference
+    shutil.copytree(d / "ref", tmp_path / "root")  # a complete cache: a precompute that gets the lock is quick
+    (cache_dir,) = find_caches(str(tmp_path / "root"))
+    lock_file = Path(cache_dir, LOCK_NAME)
+    other = subprocess.Popen(["sleep", "120"])  # stands for another precompute process on this host
+    try:
+        lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                         "started": "2030-01-01T00:00:00+0000", "command": "curriculum precompute x"}))
+        with pytest.raises(CacheLockedError) as e:
+            precompute(job(d, images, ann, str(tmp_path / "root")), progress=False)
+        msg = str(e.value)
+        assert cache_dir in msg and f"pid {other.pid}" in msg and "2030-01-01" in msg and "Wait for that writer" in msg
+        with pytest.raises(CacheLockedError, match=f"pid {other.pid}"):
+            rebuild(cache_dir, [0])
+        assert json.loads(lock_file.read_text())["pid"] == other.pid  # the holder's lock is left alone
+        assert CacheReader(cache_dir).rows([open_dataset(images, ann, 128).image_ids[0]], ["h128w128f0"])  # readers
+    finally:
+        other.kill()
+        other.wait()
+    # The holder died without releasing: its lock is stale, taken over with a warning, released at the end.
+    with caplog.at_level("WARNING", logger="teachers.cache"):
+        (again,) = precompute(job(d, images, ann, str(tmp_path / "root")), progress=False)
+    assert "taking over the writer lock" in caplog.text and again.computed == [] and again.already_done == 4
+    assert not lock_file.exists() and shard_files(cache_dir) == ref_files
 
 
 def test_serving_equals_inline_and_survives_a_killed_actor(setup, ray_session):
