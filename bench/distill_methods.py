@@ -212,7 +212,8 @@ class InlineDistillation:
         self.scales = distiller.detector_loss_scales()
         self.generator = torch.Generator().manual_seed(seed)  # MGD's random masks
 
-    def __call__(self, out: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, out: Any, targets: list[dict], images: list[torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
         if targets is not self.tap.targets:
             raise RuntimeError("the batch the student saw is not the one the tap kept; the teacher would see "
                                "other images")

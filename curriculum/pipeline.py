@@ -209,9 +209,20 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
 
     if stage.kd_ratio is None or stage.teacher is None:
         return {}
-    reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
     student = load_detector(init)
-    distiller = build_distiller(stage.losses, student.level_channels, reader.cache.manifest["teacher"]["level_channels"])
+    if stage.cache:
+        reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
+        teacher_channels = reader.cache.manifest["teacher"]["level_channels"]
+        source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
+    else:  # no cache (a sweep arm whose trials run the teacher inline): the teacher on the same batches
+        from teachers.pool import load_teacher
+        from trainers.distill.targets import TeacherTargets
+
+        teacher = load_teacher(stage.teacher_checkpoint, stage.teacher)
+        teacher_channels = teacher.level_channels
+        source = lambda images, targets: TeacherTargets.inline(  # noqa: E731
+            teacher, images, [int(t["image_id"]) for t in targets])
+    distiller = build_distiller(stage.losses, student.level_channels, teacher_channels)
     keys = [k for k, term in distiller.terms.items() if isinstance(term, FeatureTerm)]
     if not keys:
         return {}
@@ -226,7 +237,7 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
         for b in range(min(batches, max(1, len(ds) // bs))):
             images, targets = collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
             out = student(images, targets, want=("losses", "features", "head"))
-            terms = distiller(student_outputs_from(out), reader.targets_for(targets), targets, generator=gen)
+            terms = distiller(student_outputs_from(out), source(images, targets), targets, generator=gen)
             det += float(sum(out.losses.values()))
             feat += sum(float(terms[f"distill_{k}"]) for k in keys)
     torch.set_rng_state(rng)
@@ -304,8 +315,9 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
         state = fit_on_ray(tjob, num_workers=tr.num_workers, use_gpu=tr.use_gpu, cpus_per_worker=tr.cpus_per_worker,
                            threads_per_worker=tr.threads_per_worker, max_failures=tr.max_failures,
                            storage_path=str((out / "ray").resolve()), name=stage.name, stage=stage.to_dict(),
-                           init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes, loss_factors=factors,
-                           eval_every=tr.eval_every, progress=progress, fault=fault)
+                           init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
+                           object_store=job.cache.object_store, loss_factors=factors, eval_every=tr.eval_every,
+                           progress=progress, fault=fault)
     history = json.loads(state["history"])
     ckpt = dict(state["model"])
     ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}
@@ -344,30 +356,51 @@ def absolute_paths(job: RunJobConfig, base: str | Path | None = None) -> RunJobC
         cache=dataclasses.replace(job.cache, root=fix(job.cache.root)))
 
 
-def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
-                 base_dir: str | Path | None = None) -> dict[str, Any]:
-    """Everything `curriculum run` does (module docstring); returns the report (also written as JSON).
+@dataclasses.dataclass
+class Prepared:
+    """What the stages of a run (or the trials of a sweep) start from: phases 1 to 4 of the module docstring."""
 
-    Relative paths of the config are taken relative to `base_dir` (default: the current directory).
+    job: RunJobConfig
+    out: Path
+    train_ds: Any
+    val_ds: Any
+    checkpoints: dict[str, str]
+    teachers: dict[str, Any]
+    teacher_evals: dict[str, dict]
+    order: list[str]
+    costs: dict | None
+    stages: list[Stage]
+    extra_stages: list[Stage]
+    random_init: Path
+
+    def start_from(self, teacher_name: str, tag: str) -> tuple[Path, int]:
+        """The student's start (`student_init_<tag>.pt`): random init, plus the teacher's neck and head where
+        shapes match (`inherit`); returns the path and the number of inherited tensors."""
+        path = self.out / f"student_init_{tag}.pt"
+        if not self.job.inherit:
+            return self.random_init, 0
+        s = _student(self.job, self.train_ds.num_classes)
+        s.load_state_dict(torch.load(self.random_init, weights_only=True)["model"])
+        copied = inherit_weights(s, self.teachers[teacher_name])
+        if not path.is_file():
+            _save(s.checkpoint(extra={"inherited_from": teacher_name, "inherited": copied}), path)
+        return path, len(copied)
+
+
+def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = True, precompute_caches: bool = True
+                ) -> Prepared:
+    """Data, teachers (trained when missing, evaluated once), the order, the plan and the teacher caches.
+
+    `out` receives the teachers' evals, the order and the student's random init. `precompute_caches` False
+    leaves the stages without a cache (a sweep whose trials run their teachers inline).
     """
     from teachers.pool import ensure_ray, load_teacher, precompute
     from trainers.train import build_dataset, ensure_builtin_data, seed_everything
-
-    job = absolute_paths(job, base_dir)
-    out = Path(job.output_dir)
-    if (out / "stages").exists() and not resume:
-        raise CurriculumError(f"{out} already holds a curriculum run: pass --resume to continue it (finished stages "
-                              "are kept), or choose another output_dir (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(job, out / "config.yaml")
-    phases = Phases(out / "phases.json")
-    t_start = time.perf_counter()
 
     with phases("data", reused=job.data.builtin != "shapes" or (Path(job.data.root) / "val" / "instances.json").is_file()):
         ensure_builtin_data(job.data)
     train_ds = build_dataset(job.data, "train", seed=job.train.seed)
     val_ds = build_dataset(job.data, "val", seed=job.train.seed)
-
     # Teachers: trained when missing, evaluated once.
     from teachers.cache import data_fingerprint
 
@@ -419,7 +452,7 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
     specs = {s.name: s for s in job.teachers}
     ensure_ray(job.ray)
     caches: dict[str, str] = {}
-    for name, (kinds, levels) in needs.items():
+    for name, (kinds, levels) in (needs.items() if precompute_caches else ()):
         spec = specs[name]
         cache_cfg = CacheConfig(root=job.cache.root, split="train", targets=kinds, levels=levels,
                                 views=_cache_views(job.data.flip), shard_size=job.cache.shard_size,
@@ -434,19 +467,31 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
             row["cache"] = report.cache
         caches[name] = report.cache
     for s in stages + extra_stages:
-        s.cache = caches[s.teacher]
+        s.cache = caches.get(s.teacher)
+    return Prepared(job=job, out=out, train_ds=train_ds, val_ds=val_ds, checkpoints=checkpoints, teachers=teachers,
+                    teacher_evals=teacher_evals, order=order, costs=costs, stages=stages, extra_stages=extra_stages,
+                    random_init=random_init)
 
-    # The student's start: random init, plus the first teacher's neck and head where shapes match.
-    def start_from(teacher_name: str, tag: str) -> tuple[Path, int]:
-        path = out / f"student_init_{tag}.pt"
-        if not job.inherit:
-            return random_init, 0
-        s = _student(job, train_ds.num_classes)
-        s.load_state_dict(torch.load(random_init, weights_only=True)["model"])
-        copied = inherit_weights(s, teachers[teacher_name])
-        if not path.is_file():
-            _save(s.checkpoint(extra={"inherited_from": teacher_name, "inherited": copied}), path)
-        return path, len(copied)
+
+def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
+                 base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Everything `curriculum run` does (module docstring); returns the report (also written as JSON).
+
+    Relative paths of the config are taken relative to `base_dir` (default: the current directory).
+    """
+    job = absolute_paths(job, base_dir)
+    out = Path(job.output_dir)
+    if (out / "stages").exists() and not resume:
+        raise CurriculumError(f"{out} already holds a curriculum run: pass --resume to continue it (finished stages "
+                              "are kept), or choose another output_dir (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(job, out / "config.yaml")
+    phases = Phases(out / "phases.json")
+    t_start = time.perf_counter()
+    prep = prepare_run(job, out, phases, progress)
+    stages, extra_stages, val_ds = prep.stages, prep.extra_stages, prep.val_ds
+    order, costs, teacher_evals, random_init = prep.order, prep.costs, prep.teacher_evals, prep.random_init
+    start_from = prep.start_from
 
     init, inherited = start_from(stages[0].teacher, "curriculum")
     results: list[dict[str, Any]] = []

@@ -88,6 +88,7 @@ def load_teacher(checkpoint: str, name: str | None = None, device: str | None = 
         raise ModelError(f"teacher checkpoint {checkpoint} holds {det.config.name}, the config names {name}: "
                          "fix the name or the path")
     det.eval().requires_grad_(False)
+    det.role = "teacher"
     if device:
         det.to(device)
     return det

@@ -262,6 +262,17 @@ def _load_torchvision_weights(body: nn.Module, spec: BackboneSpec) -> None:
 # --------------------------------------------------------------------------------------------------- detector
 
 
+# Forward passes of detectors marked as teachers (`Detector.role = "teacher"`, set by `teachers.pool.load_teacher`),
+# per process: how a sweep shows that its trials run no teacher ("teacher" = full forwards, "teacher_roi" = RoI-head
+# scoring of given boxes, which proposal sharing runs on cached features).
+_TEACHER_CALLS: dict[str, int] = {"teacher": 0, "teacher_roi": 0}
+
+
+def teacher_forward_counts() -> dict[str, int]:
+    """Teacher forwards run in this process so far (see `_TEACHER_CALLS`)."""
+    return dict(_TEACHER_CALLS)
+
+
 class Detector(nn.Module):
     """A torchvision detector plus a forward that records what distillation needs."""
 
@@ -270,6 +281,7 @@ class Detector(nn.Module):
         self.config = cfg
         self.model = model
         self.kind = "two_stage" if cfg.head == "fasterrcnn" else "one_stage"
+        self.role = "model"  # "teacher": its forwards are counted (teacher_forward_counts)
 
     @property
     def backbone(self) -> TimmFPNBackbone:
@@ -290,6 +302,8 @@ class Detector(nn.Module):
         Head outputs are always computed when losses or detections are asked for; only recorded when wanted.
         """
         m = self.model
+        if self.role == "teacher":
+            _TEACHER_CALLS["teacher"] += 1
         unknown = set(want) - {"losses", "features", "head", "detections"}
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}")
@@ -397,6 +411,8 @@ class Detector(nn.Module):
         """
         if self.kind != "two_stage":
             raise ModelError(f"{self.config.name} is one-stage: it has no RoI head to score boxes with")
+        if self.role == "teacher":
+            _TEACHER_CALLS["teacher_roi"] += 1
         return self._roi_forward(features, boxes, image_sizes)
 
     @torch.no_grad()
@@ -574,7 +590,7 @@ def _groups(channels: int) -> int:
 # --------------------------------------------------------------------------------------------------- weights
 
 
-def _read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist: give the path of a file written by `curriculum train`")
@@ -589,7 +605,7 @@ def _read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[str, 
 
 
 def _load_weights_into(detector: Detector, path: str | os.PathLike, trust: bool = False) -> None:
-    ckpt = _read_checkpoint(path, trust)
+    ckpt = read_checkpoint(path, trust)
     saved = ckpt["config"]
     if saved["name"] != detector.config.name or saved["num_classes"] != detector.config.num_classes:
         raise ModelError(
@@ -604,7 +620,7 @@ def _load_weights_into(detector: Detector, path: str | os.PathLike, trust: bool 
 
 def load_detector(path: str | os.PathLike, trust: bool = False, **overrides: Any) -> Detector:
     """Rebuild a detector from a checkpoint written by `Detector.checkpoint` (zoo alone, no Ray)."""
-    ckpt = _read_checkpoint(path, trust)
+    ckpt = read_checkpoint(path, trust)
     cfg = dict(ckpt["config"])
     cfg.update(overrides)
     cfg["weights"] = "random"

@@ -126,7 +126,7 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
     import curriculum.pipeline as pipeline
     import teachers.pool
     import trainers.ray_train
-    from teachers.zoo import _read_checkpoint
+    from teachers.zoo import read_checkpoint
 
     ckpts = {}
     for name in ("fcos_resnet_mini", "fcos_resnet18_half"):
@@ -138,7 +138,7 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
 
     def fake_fit(job, **kw):
         """Stands in for Ray Train: 'training' adds 1 to every float tensor of the student it was given."""
-        init = _read_checkpoint(kw["init"])
+        init = read_checkpoint(kw["init"])
         calls.append({"init": init, "stage": kw["stage"], "epochs": job.train.epochs})
         model = build_detector(init["config"]["name"], init["config"]["num_classes"])
         model.load_state_dict(init["model"])

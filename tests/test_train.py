@@ -76,6 +76,6 @@ def test_non_finite_loss_names_epoch_and_batch(shapes_root, tmp_path):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, batch 0 \(image ids \[\d+"):
         train_one_epoch(model, make_loader(ds, 4, True, 0), opt, sched, job.train, 2, progress=False,
-                        extra_loss=lambda out, t: {"distill": torch.tensor(float("nan"))})
+                        extra_loss=lambda out, t, im: {"distill": torch.tensor(float("nan"))})
     # The bad step was not applied: no weight moved (BatchNorm's running statistics do follow the forward pass).
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())

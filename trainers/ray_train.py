@@ -12,7 +12,15 @@ Plain training (`fit_on_ray(job)`): images sharded by a `DistributedSampler`.
 A distillation stage (`fit_on_ray(job, stage=...)`, one stage of `curriculum run`, see curriculum/plan.py): the
 student starts from `init` (a plain detector checkpoint: the previous stage's model, or the student with the first
 teacher's neck and head), a `Distiller` built from the stage's losses adds its terms to the detector's losses
-through `train_one_epoch(extra_loss=...)`, and the teacher's targets come from its precomputed cache:
+through `train_one_epoch(extra_loss=...)`, and the teacher's targets come from its precomputed cache (or, with
+`teacher_mode="inline"`, from the teacher run in the worker on the same batch: the reference, and the cost
+in-process frameworks pay).
+
+The loop itself is `run_training(loop_config, session)`: a Ray Train worker runs it with a `TrainSession` (DDP,
+`ray.train.report`), a Tune trial (tune_spaces/sweep.py) with a `TuneSession` (one process, `ray.tune.report`),
+so a sweep's trials train exactly as `curriculum run`'s stages do.
+
+How the cached targets are read:
 
 - How hot targets reach the workers: every worker opens its own `teachers.cache.CacheReader` on the cache
   (a local folder or any URI pyarrow reads: the cache, like the images, must be reachable from every node) and
@@ -124,33 +132,62 @@ class _Autocast(torch.nn.Module):
             return self.module(*args, **kwargs)
 
 
-class CachedDistillation:
-    """`extra_loss` for `train_one_epoch`: the batch's teacher targets from the cache, then the distiller."""
+class Distillation:
+    """`extra_loss` for `train_one_epoch`: the batch's teacher targets from `source`, then the distiller.
 
-    def __init__(self, reader: Any, distiller: torch.nn.Module, scales: dict[str, float], decay: float,
-                 generator: torch.Generator) -> None:
-        self.reader, self.distiller, self.scales = reader, distiller, scales
-        self.decay, self.generator = decay, generator
+    `source(images, targets)` gives the batch's `TeacherTargets`: a `CacheReader` lookup by (image id, view), or
+    the teacher run inline on the same images (the reference other frameworks use; costs a teacher forward).
+    """
 
-    def __call__(self, out: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def __init__(self, source: Any, distiller: torch.nn.Module, scales: dict[str, float], decay: float,
+                 generator: torch.Generator, autocast: bool = False) -> None:
+        self.source, self.distiller, self.scales = source, distiller, scales
+        self.decay, self.generator, self.autocast = decay, generator, autocast
+
+    def __call__(self, out: Any, targets: list[dict], images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        import contextlib
+
         from trainers.distill.outputs import student_outputs_from
 
-        tt = self.reader.targets_for(targets)
+        tt = self.source(images, targets)
+        if self.autocast:  # targets to the student's device (cache rows and inline targets come as they are)
+            tt = tt.to(images[0].device)
         gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
-        terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
+        # On GPU the student's features come out of its bf16 autocast forward: the adapters must run under the
+        # same autocast, or their fp32 convolutions refuse bf16 inputs.
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
+        terms = {k: v.float() for k, v in terms.items()}
         for name, factor in self.scales.items():  # detector terms a loss rescales (Chen's mu) replace the originals
             if name in out.losses:
                 terms[name] = out.losses[name] * factor
         return terms
 
 
-def _load_plain(model: torch.nn.Module, path: str) -> None:
-    """Weights of a plain detector checkpoint (`Detector.checkpoint()`) into `model` (same zoo name)."""
-    from teachers.zoo import _read_checkpoint
+class _InlineSource:
+    """Teacher targets computed in the training process on the student's own batch (`teacher_mode: inline`)."""
 
-    ckpt = _read_checkpoint(path)
+    def __init__(self, checkpoint: str, name: str, keep: Any, device: torch.device) -> None:
+        from teachers.pool import load_teacher
+
+        self.teacher = load_teacher(checkpoint, name, device=str(device))
+        self.keep = keep
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict]) -> Any:
+        from trainers.distill.targets import TeacherTargets
+
+        return TeacherTargets.inline(self.teacher, images, [int(t["image_id"]) for t in targets], keep=self.keep)
+
+
+def _load_plain(model: torch.nn.Module, init: str | dict[str, Any]) -> None:
+    """Weights of a plain detector checkpoint (`Detector.checkpoint()`, a path or the dict) into `model`."""
+    from teachers.zoo import read_checkpoint
+
+    ckpt = init if isinstance(init, dict) else read_checkpoint(init)
     if ckpt["config"]["name"] != model.config.name:
-        raise RuntimeError(f"{path} holds {ckpt['config']['name']}, the stage trains {model.config.name}")
+        raise RuntimeError(f"{init if isinstance(init, str) else 'the start checkpoint'} holds "
+                           f"{ckpt['config']['name']}, the stage trains {model.config.name}")
     model.load_state_dict(ckpt["model"])
 
 
@@ -181,14 +218,75 @@ def _maybe_fault(fault: dict[str, Any] | None, stage_index: int, epoch: int, ran
     raise RuntimeError(f"injected failure at stage {stage_index}, epoch {epoch + 1}")
 
 
+class TrainSession:
+    """Where a training loop runs: a Ray Train worker (DDP, `ray.train.report`), the default."""
+
+    def __init__(self, use_gpu: bool = False) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def prepare(self, module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+
+class TuneSession:
+    """A Ray Tune trial's own process (one worker, no DDP): `ray.tune.report` with a checkpoint every epoch, so
+    ASHA can stop the trial and PBT can clone and perturb it (tune_spaces/sweep.py).
+
+    `resume` is the checkpoint to start from (the trial's own after a restart, or PBT's donor), or None; `extra`
+    metrics are added to every report (the trial's epoch count over all its stages, teacher forwards)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, resume: Any = None, device: str = "cpu", extra: Any = None) -> None:
+        self.resume, self.device, self.extra = resume, torch.device(device), extra
+
+    def prepare(self, module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+        return module.to(self.device)
+
+    def checkpoint(self) -> Any:
+        return self.resume
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        extra = self.extra(metrics) if self.extra else {}
+        ray.tune.report({**metrics, **extra}, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
+                        if checkpoint_dir else None)
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: plain training, or one distillation stage when `stage` is given."""
-    import ray.train
-    import ray.train.torch
+    """Runs in every Ray Train worker."""
+    run_training(loop_config, TrainSession(bool(loop_config.get("use_gpu"))))
+
+
+def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
+    """Plain training, or one distillation stage when `stage` is given; returns the final training state.
+
+    The same loop serves Ray Train workers (`TrainSession`) and Tune trials (`TuneSession`). A stage's teacher
+    targets come from its cache (`stage["cache"]`), or with `teacher_mode: inline` from the teacher run here.
+    """
     from torch.utils.data import DataLoader, DistributedSampler
 
     from curriculum.data import collate_fn
-    from teachers.zoo import build_detector
+    from teachers.zoo import build_detector, teacher_forward_counts
     from trainers.train import (TRAIN_STATE_FORMAT, build_dataset, evaluate_model, load_train_state, make_optimizer,
                                 make_scheduler, seed_everything, train_one_epoch)
 
@@ -197,9 +295,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     distil = bool(stage and stage.get("teacher"))
     stage_index = stage["index"] if stage else 0
     t = job.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if loop_config.get("use_gpu") else torch.device("cpu")
+    rank, world, device = session.rank, session.world, session.device
     if loop_config.get("threads_per_worker"):
         torch.set_num_threads(loop_config["threads_per_worker"])
     seed_everything(t.seed)
@@ -207,26 +303,38 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     model = build_detector(job.model.name, ds.num_classes, image_size=job.data.image_size, **job.model.overrides())
     if loop_config.get("init"):
         _load_plain(model, loop_config["init"])
-    distiller = reader = None
+    distiller = source = None
     if distil:
-        from teachers.cache import CacheReader
         from trainers.distill import build_distiller
 
-        reader = CacheReader(stage["cache"], memory_bytes=loop_config.get("memory_bytes", 1 << 30))
-        manifest = reader.cache.manifest
-        distiller = build_distiller(stage["losses"], model.level_channels, manifest["teacher"]["level_channels"])
+        if loop_config.get("teacher_mode", "cache") == "inline":
+            inline = _InlineSource(stage["teacher_checkpoint"], stage["teacher"], None, device)
+            distiller = build_distiller(stage["losses"], model.level_channels, inline.teacher.level_channels)
+            inline.keep = distiller.required_teacher_targets()
+            source = inline
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
+        else:
+            from teachers.cache import CacheReader, ObjectStoreReader
+
+            if loop_config.get("shard_store"):  # decoded shards in Ray's object store, shared by all workers
+                reader = ObjectStoreReader(loop_config["shard_store"])
+            else:  # this worker reads and decodes the Parquet shards itself
+                reader = CacheReader(stage["cache"], memory_bytes=loop_config.get("memory_bytes", 1 << 30))
+            manifest = reader.manifest
+            distiller = build_distiller(stage["losses"], model.level_channels, manifest["teacher"]["level_channels"])
+            source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
+            pos = {int(i): p for p, i in enumerate(reader.image_ids())}
+            shard_of = [pos[int(i)] // manifest["shard_size"] for i in ds.image_ids]
+            sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
         for key, factor in (loop_config.get("loss_factors") or {}).items():
             distiller.weights[key] *= factor
-        pos = {int(i): p for p, i in enumerate(reader.cache.image_ids())}
-        shard_of = [pos[int(i)] // manifest["shard_size"] for i in ds.image_ids]
-        sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
     else:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
     per_worker = max(1, t.batch_size // world)  # batch_size is the global batch
     loader = DataLoader(ds, batch_size=per_worker, sampler=sampler, collate_fn=collate_fn, drop_last=True,
                         num_workers=job.data.workers)
     iters = min(len(loader), t.max_iters_per_epoch or len(loader))
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    ddp_model = session.prepare(model)
     params = list(ddp_model.parameters())
     ddp_distiller = None
     if distiller is not None:
@@ -235,8 +343,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
             # Feature terms use all their adapters every step; a gated head term may leave some without gradient.
             gated = not all(isinstance(term, FeatureTerm) for term in distiller.terms.values())
-            ddp_distiller = ray.train.torch.prepare_model(
-                distiller, parallel_strategy_kwargs={"find_unused_parameters": gated})
+            ddp_distiller = session.prepare(distiller, find_unused=gated)
             params += list(ddp_distiller.parameters())
         else:
             ddp_distiller = distiller.to(device)
@@ -244,7 +351,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     sched = make_scheduler(opt, t, iters * t.epochs)
     history: list[dict[str, Any]] = []
     start = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
+    state: dict[str, Any] | None = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d) / STATE_FILE)
@@ -272,7 +380,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
             decay = Stage.from_dict(stage).decay(epoch)
             gen = torch.Generator(device=device).manual_seed(t.seed * 7_919 + stage_index * 101 + epoch * 13 + rank)
-            extra = CachedDistillation(reader, ddp_distiller, distiller.detector_loss_scales(), decay, gen)
+            extra = Distillation(source, ddp_distiller, distiller.detector_loss_scales(), decay, gen,
+                                 autocast=device.type == "cuda")
             ddp_distiller.train()
         stats = train_one_epoch(train_model, _DeviceLoader(loader, device), opt, sched, t, epoch,
                                 progress=rank == 0 and loop_config.get("progress", True), extra_loss=extra)
@@ -283,25 +392,32 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if decay is not None:
             record["decay"] = decay
         every = loop_config.get("eval_every") or 0
+        metrics = {"epoch": epoch + 1, "loss": stats["loss"], "images_per_s": stats["images_per_s"],
+                   "teacher_forwards": teacher_forward_counts()["teacher"]}
         if rank == 0 and every and (epoch + 1) % every == 0:
             val_ds = val_ds or build_dataset(job.data, "val", seed=t.seed)
             probe = copy.deepcopy(model).cpu() if device.type != "cpu" else model
-            metrics = evaluate_model(probe, val_ds, job.eval, progress=False)
-            record["val"] = {k: v for k, v in metrics.items() if k not in ("stats", "per_class")}
+            ev = evaluate_model(probe, val_ds, job.eval, progress=False)
+            record["val"] = {k: v for k, v in ev.items() if k not in ("stats", "per_class")}
+            metrics.update({f"val_{k}": float(v) for k, v in record["val"].items() if isinstance(v, (int, float))})
         history.append(record)
-        metrics = {"epoch": epoch + 1, "loss": stats["loss"], "images_per_s": stats["images_per_s"]}
+        state = None
         with tempfile.TemporaryDirectory() as d:
-            ckpt = None
+            ckpt_dir = None
             if rank == 0:
-                torch.save({
+                state = {
                     "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "model": model.checkpoint(),
                     "distiller": distiller.state_dict() if distiller is not None else None,
                     "loss_factors": loop_config.get("loss_factors") or {},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
-                }, Path(d) / STATE_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+                }
+                torch.save(state, Path(d) / STATE_FILE)
+                ckpt_dir = d
+            session.report(metrics, ckpt_dir)
+    if state is None:  # nothing left to train (resumed after the last epoch): the checkpoint's state
+        state = {"epoch": start - 1, "stage": stage_index, "model": model.checkpoint(), "history": json.dumps(history)}
+    return state
 
 
 def fit_on_ray(
@@ -321,6 +437,8 @@ def fit_on_ray(
     eval_every: int = 0,
     progress: bool = True,
     fault: dict[str, Any] | None = None,
+    teacher_mode: str = "cache",
+    object_store: bool = True,
 ) -> dict[str, Any]:
     """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history, ...).
 
@@ -328,6 +446,11 @@ def fit_on_ray(
     the cache `stage["cache"]`; `job.train.epochs` is the stage's length. init: plain detector checkpoint the
     student starts from. loss_factors: multipliers of the distiller's entries (the calibrated weights).
     fault: test hook (`{"epoch": e, "marker": path, "mode": "exit"|"raise", "stage": i}`).
+    teacher_mode: `cache` (targets from `stage["cache"]`) or `inline` (every worker runs the teacher on its batch:
+    the reference and the cost other frameworks pay).
+    object_store: the cached targets reach the workers through Ray's object store (`teachers.cache.
+    ObjectStoreShards`: decoded once, zero copy, at most `memory_bytes` resident); False: every worker reads
+    and decodes the Parquet shards itself (a `CacheReader` bounded by `memory_bytes`).
     Resumes when a run with this `storage_path`/`name` exists (a killed job started again goes on from its
     last reported epoch).
     """
@@ -338,11 +461,18 @@ def fit_on_ray(
     from trainers.train import load_train_state
 
     storage = storage_path or str(Path(job.output_dir).resolve() / "ray")
+    store = None
+    if stage and stage.get("teacher") and stage.get("cache") and teacher_mode == "cache" and object_store:
+        from teachers.cache import ObjectStoreShards
+
+        # Owned by this driver for the whole stage: restarted worker groups find it again.
+        store = ObjectStoreShards(stage["cache"], budget_bytes=memory_bytes)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": to_dict(job), "threads_per_worker": threads_per_worker, "stage": stage,
                            "init": init, "memory_bytes": memory_bytes, "loss_factors": loss_factors,
-                           "eval_every": eval_every, "use_gpu": use_gpu, "progress": progress, "fault": fault},
+                           "eval_every": eval_every, "use_gpu": use_gpu, "progress": progress, "fault": fault,
+                           "teacher_mode": teacher_mode, "shard_store": store.name if store else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
@@ -352,7 +482,11 @@ def fit_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if store is not None:
+            store.close()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage}/{name} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:

@@ -117,11 +117,12 @@ def train_one_epoch(
     t: TrainConfig,
     epoch: int,
     progress: bool = True,
-    extra_loss: Callable[[Any, list[dict]], dict[str, torch.Tensor]] | None = None,
+    extra_loss: Callable[[Any, list[dict], list[torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean of each loss term, images/s and the last lr.
 
-    `extra_loss(output, targets)` adds terms (distillation) computed from the same forward pass.
+    `extra_loss(output, targets, images)` adds terms (distillation) computed from the same forward pass (the
+    images are there for a teacher that runs inline on the same batch).
     Raises NonFiniteLossError naming the epoch and batch when a loss is NaN or infinite.
     """
     model.train()
@@ -138,7 +139,7 @@ def train_one_epoch(
         out = model(images, targets, want=want)
         terms = dict(out.losses)
         if extra_loss:
-            terms.update(extra_loss(out, targets))
+            terms.update(extra_loss(out, targets, images))
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
