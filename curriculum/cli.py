@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from curriculum.errors import CurriculumError
+from curriculum.errors import ConfigError, CurriculumError
 
 log = logging.getLogger("curriculum")
 
@@ -165,6 +165,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                     base_dir=args.base_dir)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    if args.config == "spaces":
+        from tune_spaces import list_spaces
+
+        for space in list_spaces():
+            print(f"{space.name}: {space.doc}")
+            for key, param in space.params.items():
+                print(f"    {key}: {param.describe()}" + (f"  ({param.doc})" if param.doc else ""))
+        return 0
+    if not args.space:
+        raise ConfigError("curriculum tune CONFIG needs --space NAME (or a YAML file); `curriculum tune spaces` "
+                          "lists the named spaces")
+    from tune_spaces.sweep import main_tune
+
+    return main_tune(args.config, args.space, args.num_samples, scheduler=args.scheduler, name=args.name,
+                     resume=args.resume, overrides=args.set, progress=not args.quiet, base_dir=args.base_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curriculum", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -237,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "directory; under `ray job submit --working-dir .` pass \"$PWD\")")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    tune = sub.add_parser("tune", help="Ray Tune sweep over loss weights and decay schedules, sharing one teacher "
+                          "cache; `curriculum tune spaces` lists the search spaces")
+    tune.add_argument("config", help="YAML run config (as for `curriculum run`), or `spaces` to list the spaces")
+    tune.add_argument("--space", help="a named search space (tune_spaces) or a YAML file of one")
+    tune.add_argument("--num-samples", type=int, default=8,
+                      help="samples of the space (each a full grid when it has grid parameters), plus the trial of "
+                      "the config's own values (tune.include_default); default 8")
+    tune.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), help="default: the config's tune.scheduler")
+    tune.add_argument("--name", help="sweep name (default: <space>-<scheduler>); its folder is <tune dir>/<name>")
+    tune.add_argument("--resume", action="store_true", help="continue a stopped sweep (finished trials are kept)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set tune.cpus_per_trial=2")
+    tune.add_argument("--base-dir", help="relative paths of the config are taken from here (see `run`)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(func=cmd_tune)
     return p
 
 
