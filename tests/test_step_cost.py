@@ -1,0 +1,42 @@
+"""bench/step_cost.py end to end on the tiniest setting: every arm runs and the report has what the issue asks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_step_cost", ROOT / "bench" / "step_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_cost_smoke(shapes_root, tmp_path, ray_session):
+    bench = _bench()
+    out = tmp_path / "out"
+    argv = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1", "--teacher", "fcos_resnet_mini",
+            "--serve-cpus", "0.5", "--shard-size", "8", "--data-root", str(shapes_root), "--out", str(out)]
+    assert bench.main(argv) == 0
+    summary = json.loads((out / "step_cost_cpu.json").read_text())
+    assert summary["data"]["images"] == 16 and summary["data"]["batches"] == 2
+    assert summary["machine"]["cpu_count"] and summary["ray"]["serving"]["actors"] == 1
+    (res,) = summary["results"]
+    assert res["weights"] == "random weights"
+    assert set(res["arms"]) == {"a", "b", "c", "d"}
+    assert all(v["steps_per_s"] > 0 for v in res["arms"].values())
+    assert res["ratios"]["a"] == 1.0 and all(res["ratios"][k] > 0 for k in "bcd")
+    assert res["cache"]["targets"] == ["features"] and res["cache"]["views"] == ["noflip", "flip"]
+    b, a = res["breakdown_b"]["ms"]["b"], res["breakdown_b"]["ms"]["a"]
+    assert b["targets"] > 0 and b["losses"] > 0 and b["forward"] > 0 and b["backward"] > 0
+    assert a["targets"] == a["losses"] == 0.0
+    parts = ("targets", "move", "losses", "forward", "backward", "other")
+    assert abs(sum(b[k] for k in parts) - b["step"]) < 1e-6
+    table = (out / "step_cost_cpu.md").read_text()
+    assert "(b) from the cache" in table and "Where the time of (b) goes" in table
