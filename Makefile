@@ -14,9 +14,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
 	touch $@
 
-# The built-in default: generate the shapes data set, train the smallest student and a teacher, evaluate, table.
+# The built-in default: the progressive curriculum over the built-in teachers on the built-in data set (data set,
+# teachers, cache, stages on Ray Train, baseline, report in runs/curriculum/report). --resume: a second `make demo`
+# reuses what the first one finished.
 demo: setup
-	$(BIN)/curriculum train configs/student.yaml configs/teacher_resnet_mini.yaml --resume --table runs/demo/table.md
+	$(BIN)/curriculum run configs/run_default.yaml --resume
 
 test: setup
 	$(BIN)/python -m pytest -q
