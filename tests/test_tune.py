@@ -248,10 +248,11 @@ def test_pbt_clones_a_better_trial_and_goes_on_from_its_checkpoint(ray_session, 
     log = Path(report["best_config"]).parents[1] / "ray" / "trials" / "pbt_global.txt"
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
     assert rows, "PBT never exploited"
-    # [target, donor, ..., donor's values, target's new values]: the last clone of each target holds its values.
-    last = {row[0]: row[-1] for row in rows}
-    by_id = {t["trial"].split("_")[-1].lstrip("0") or "0": t for t in trials}
+    # [target tag, donor tag, ..., donor's values, target's new values]; a tag starts with the trial's index.
+    # The last clone into a trial holds its final values.
+    last = {int(str(row[0]).split("_")[0]): row[-1] for row in rows}
+    by_index = {int(t["trial"].split("_")[-1]): t for t in trials}
     for target, values in last.items():
-        t = by_id[str(int(target))]
+        t = by_index[target]
         assert t["params"]["decay"] == values["decay"]
         assert t["params"]["kd_ratio"] == pytest.approx(values["kd_ratio"])

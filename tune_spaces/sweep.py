@@ -230,8 +230,11 @@ def _scheduler(kind: str, cfg: Any, space: Space, max_t: int) -> Any:
         return ASHAScheduler(time_attr="training_iteration", max_t=max(max_t, cfg.grace_period),
                              grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
     if kind == "pbt":
+        # synch: every trial reaches the interval before the worst are replaced, so the outcome does not depend on
+        # which trials happened to be running at that moment (trials wait paused, freeing their resources).
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.perturbation_interval,
-                                       hyperparam_mutations=space.to_tune(mutation=True), quantile_fraction=0.25)
+                                       hyperparam_mutations=space.to_tune(mutation=True), quantile_fraction=0.25,
+                                       synch=True)
     return FIFOScheduler()
 
 
@@ -356,13 +359,21 @@ def collect_trials(grid: Any, space: Space, metric: str) -> list[dict[str, Any]]
         done, planned = m.get("epochs_done"), m.get("planned_epochs")
         status = "error" if err else ("finished" if done is not None and done == planned else "stopped early")
         rows.append({
-            "trial": m.get("trial_id") or (Path(result.path).name if result.path else "?"),
+            # The id from the trial's folder: after a PBT clone the last metrics may be the donor's.
+            "trial": _trial_id(result.path) or m.get("trial_id") or "?",
             "status": status, metric: m.get(metric), "val_AP50": m.get("val_AP50"), "epochs": done,
             "planned_epochs": planned, "teacher_forwards": m.get("teacher_forwards"),
             "params": cfg, "error": err, "history": hist, "path": result.path,
         })
     rows.sort(key=lambda r: (r["status"] != "finished", -(r[metric] if r[metric] is not None else -math.inf)))
     return rows
+
+
+def _trial_id(path: str | None) -> str | None:
+    import re
+
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name) if path else None
+    return found.group(1) if found else None
 
 
 def write_sweep_report(given: RunJobConfig, job: RunJobConfig, space: Space, name: str, out: Path,
