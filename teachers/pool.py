@@ -10,8 +10,10 @@ guarantees that a streaming map does not give:
   recomputed; the fixed shard -> images mapping and fixed forward batches make a resumed cache byte-identical
   to an uninterrupted one;
 - an actor that dies mid-shard (killed, node lost, out of memory) is replaced by a fresh actor and its shard
-  is handed out again; its half-written temporary file is never committed, so no shard is lost or written
-  twice. A shard failing `max_attempts` times stops the run with an error naming it;
+  is handed out again, to the next actor with a free slot; its half-written temporary file is never committed,
+  so no shard is lost or written twice. The replacement takes shards only once it has started: one the cluster
+  has no room for (the lost node's resources are gone) never holds shards, and the run ends when the live
+  actors have done them all. A shard failing `max_attempts` times stops the run with an error naming it;
 - several teachers share one loop, each with its own actors and resources (CPUs/GPUs, fractions allowed).
 
 Actors read images themselves (the data set must be reachable from every node, as the cache root is), so
@@ -175,6 +177,8 @@ class _TeacherRun:
         self.actors: list[Any] = []
         self.idle: deque[int] = deque()
         self.attempts: dict[int, int] = {}
+        self.held: dict[int, int] = {}  # slot of a replacement actor not started yet -> shard capacity held back
+        self.start_failures = 0  # replacement actors that died before they started
         self.report = PrecomputeReport(spec.name or work["name"], cache.uri, cache.manifest["num_shards"])
 
     def new_actor(self) -> Any:
@@ -324,6 +328,33 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
     inflight: dict[Any, tuple[_TeacherRun, int, int]] = {}  # ref -> (run, shard, actor slot)
     sent_to: dict[Any, Any] = {}  # ref -> the actor handle it was sent to
+    starting: dict[Any, tuple[_TeacherRun, int]] = {}  # ready() ref of a replacement actor -> (run, actor slot)
+
+    def _replace(run: _TeacherRun, slot: int, why: str | None, max_attempts: int) -> None:
+        """A new actor in `slot`; its slot's shard capacity is held back until its `ready()` answers."""
+        if why is not None:
+            run.start_failures += 1
+            log.warning("%s: %s, attempt %d of %d", run.work["name"], why, run.start_failures, max_attempts)
+            if run.start_failures >= max_attempts:
+                raise CacheError(f"teacher {run.work['name']}: {why}; the shards committed so far are kept in "
+                                 f"{run.cache.uri}: fix the cause and run again")
+        try:
+            ray.kill(run.actors[slot], no_restart=True)
+        except Exception:
+            pass
+        run.actors[slot] = run.new_actor()
+        run.report.actors_replaced += 1
+        run.held.setdefault(slot, 0)
+        starting[run.actors[slot].ready.remote()] = (run, slot)
+
+    def _free(run: _TeacherRun, slot: int) -> None:
+        """A shard of `slot` is finished (or failed): the slot may take another one, unless its actor is a
+        replacement that has not started yet."""
+        if slot in run.held:
+            run.held[slot] += 1
+        else:
+            run.idle.append(slot)
+
     t_start = time.perf_counter()
     try:
         for run in runs:
@@ -348,25 +379,35 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                     sent_to[ref] = run.actors[slot]
                     if on_dispatch:
                         on_dispatch(run.work["name"], shard, run.actors[slot])
-            if not inflight:
+            # Replacement actors still starting only matter while shards wait for an actor: once the live actors
+            # have taken every shard, the run ends without them (a replacement that the cluster has no room for,
+            # e.g. after losing a node, must not hold anything up).
+            if not inflight and not (starting and any(r.pending for r in runs)):
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1)
             for ref in ready:
+                if ref in starting:
+                    run, slot = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # the replacement died too (its node lost) or cannot start
+                        _replace(run, slot, f"replacement actor failed to start ({type(e).__name__}: "
+                                            f"{str(e)[:200]})", max_attempts)
+                        continue
+                    run.idle.extend([slot] * run.held.pop(slot, 0))  # it may now take shards
+                    continue
                 run, shard, slot = inflight.pop(ref)
                 try:
                     out = ray.get(ref)
                 except RayActorError as e:
                     # The actor died mid-shard: its temporary file (if any) is never committed. Replace it (once,
-                    # though each of its shards in flight fails on its own).
+                    # though each of its shards in flight fails on its own). The shard goes back to the queue
+                    # and the next live actor with a free slot takes it; the replacement takes shards only once
+                    # it has started.
                     _retry(run, shard, f"actor died ({type(e).__name__})", max_attempts)
                     if sent_to[ref] is run.actors[slot]:
-                        try:
-                            ray.kill(run.actors[slot], no_restart=True)
-                        except Exception:
-                            pass
-                        run.actors[slot] = run.new_actor()
-                        run.report.actors_replaced += 1
-                    run.idle.append(slot)
+                        _replace(run, slot, None, max_attempts)
+                    _free(run, slot)
                     sent_to.pop(ref, None)
                     continue
                 except RayTaskError as e:
@@ -375,7 +416,7 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                     if isinstance(cause, CurriculumError):  # bad data / config: retrying cannot help
                         raise type(cause)(f"teacher {run.work['name']}, shard {shard}: {cause}") from None
                     _retry(run, shard, f"{type(cause or e).__name__}: {str(cause or e)[:300]}", max_attempts)
-                    run.idle.append(slot)
+                    _free(run, slot)
                     continue
                 sent_to.pop(ref, None)
                 run.cache.commit(shard, out["tmp"], out["entry"])
@@ -384,7 +425,7 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                 n_img = run.ranges[shard][1] - run.ranges[shard][0]
                 run.report.images += n_img
                 bar.update(n_img)
-                run.idle.append(slot)
+                _free(run, slot)
                 if on_commit:
                     on_commit(run.work["name"], shard)
     finally:
