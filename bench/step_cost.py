@@ -508,7 +508,10 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
         lines += ["", f"Beyond (a): {b['step'] - a['step']:.2f} ms per step, of which reading and moving the targets "
                       f"{b['targets'] + b['move']:.2f}, the losses' forward {b['losses']:.2f}, the larger student "
                       f"forward {b['forward'] - a['forward']:.2f} and backward {b['backward'] - a['backward']:.2f} "
-                      "(the losses' share of backward; (a) and (b) come from separate passes)."]
+                      "(the losses' share of backward; (a) and (b) come from separate passes).",
+                  "", f"What the cache itself costs: (a) / ((a) + reading + moving) = "
+                      f"{a['step'] / (a['step'] + b['targets'] + b['move']):.3f}; the rest of (b)'s gap is the "
+                      "loss's own compute (e.g. MGD's generation blocks), which any way of getting targets pays."]
     return lines
 
 

@@ -200,18 +200,21 @@ def report_rows(out: Path) -> list[dict]:
 @pytest.mark.slow  # about 4 minutes on a shared 2-core machine: a Ray head, two teachers, three Ray Train runs
 def test_run_through_ray_job_submit(ray_head, shapes_root, shared, tmp_path):
     out = tmp_path / "job"
+    # The object-store budget (64 KiB of decoded targets) is smaller than one cache shard: the targets are
+    # streamed through Ray's object store, shard by shard, and the run still trains to the end.
     cfg = tiny(shapes_root, shared, out, teachers=[{"name": "fcos_resnet_mini"}, {"name": "fcos_resnet18_half"}],
                order="auto", auto_order={"images": 8}, stages=[{"epochs": 1}, {"epochs": 2}], baseline=True,
                trainer={"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1})
+    cfg["cache"]["memory_bytes"] = 64 * 1024
     path = tmp_path / "run.yaml"
     import yaml
 
     path.write_text(yaml.safe_dump(cfg))
     sid = f"curriculum-test-{os.getpid()}-{int(time.time())}"
-    # Rank 0 of stage 2 dies at the start of its epoch 2: Ray Train replaces the worker group (max_failures 1)
-    # and it goes on from epoch 1's checkpoint.
+    # Rank 0 of stage 2 dies in the middle of its epoch 2 (after its first batch): Ray Train replaces the worker
+    # group (max_failures 1) and it goes on from epoch 1's checkpoint.
     marker = tmp_path / "fault"
-    fault = json.dumps({"stage": 1, "epoch": 1, "marker": str(marker), "mode": "exit"})
+    fault = json.dumps({"stage": 1, "epoch": 1, "batch": 1, "marker": str(marker), "mode": "exit"})
     runtime_env = {"excludes": [".venv", "runs", "data", ".git", ".pytest_cache"], "env_vars": {FAULT_ENV: fault}}
     r = subprocess.run([ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--submission-id", sid,
                         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",

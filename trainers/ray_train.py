@@ -103,16 +103,19 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
 
 
 class _DeviceLoader:
-    """Moves each batch (images, target dicts) to the worker's device; a no-op wrapper on the CPU."""
+    """Moves each batch (images, target dicts) to the worker's device; a no-op wrapper on the CPU.
+    `before_batch(b)` runs before batch b is handed out (the tests' fault hook)."""
 
-    def __init__(self, loader: Any, device: torch.device) -> None:
-        self.loader, self.device = loader, device
+    def __init__(self, loader: Any, device: torch.device, before_batch: Any = None) -> None:
+        self.loader, self.device, self.before_batch = loader, device, before_batch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for images, targets in self.loader:
+        for b, (images, targets) in enumerate(self.loader):
+            if self.before_batch is not None:
+                self.before_batch(b)
             if self.device.type != "cpu":
                 images = [im.to(self.device, non_blocking=True) for im in images]
                 targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
@@ -205,9 +208,12 @@ def _mean_across_workers(stats: dict[str, float], world: int) -> dict[str, float
     return out
 
 
-def _maybe_fault(fault: dict[str, Any] | None, stage_index: int, epoch: int, rank: int) -> None:
-    """Test hook: once (a marker file records it), rank 0 dies or raises at the start of `epoch` of a stage."""
+def _maybe_fault(fault: dict[str, Any] | None, stage_index: int, epoch: int, rank: int, batch: int = 0) -> None:
+    """Test hook: once (a marker file records it), rank 0 dies or raises before batch `batch` (default 0: the
+    start) of `epoch` of a stage."""
     if not fault or rank != 0 or fault.get("stage", 0) != stage_index or fault.get("epoch") != epoch:
+        return
+    if fault.get("batch", 0) != batch:
         return
     marker = Path(fault["marker"])
     if marker.exists():
@@ -287,8 +293,8 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
 
     from curriculum.data import collate_fn
     from teachers.zoo import build_detector, teacher_forward_counts
-    from trainers.train import (TRAIN_STATE_FORMAT, build_dataset, evaluate_model, load_train_state, make_optimizer,
-                                make_scheduler, seed_everything, train_one_epoch)
+    from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model,
+                                load_train_state, make_optimizer, make_scheduler, seed_everything, train_one_epoch)
 
     job: TrainJobConfig = config_from_dict(TrainJobConfig, loop_config["job"])
     stage: dict[str, Any] | None = loop_config.get("stage")
@@ -383,8 +389,13 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
             extra = Distillation(source, ddp_distiller, distiller.detector_loss_scales(), decay, gen,
                                  autocast=device.type == "cuda")
             ddp_distiller.train()
-        stats = train_one_epoch(train_model, _DeviceLoader(loader, device), opt, sched, t, epoch,
-                                progress=rank == 0 and loop_config.get("progress", True), extra_loss=extra)
+        hook = (lambda b, e=epoch: _maybe_fault(loop_config.get("fault"), stage_index, e, rank, b)
+                if loop_config.get("fault", {}) and loop_config["fault"].get("batch") else None)
+        try:
+            stats = train_one_epoch(train_model, _DeviceLoader(loader, device, hook), opt, sched, t, epoch,
+                                    progress=rank == 0 and loop_config.get("progress", True), extra_loss=extra)
+        except NonFiniteLossError as e:  # name the stage too; the last good checkpoint is the previous epoch's
+            raise NonFiniteLossError(f"stage {stage['name'] if stage else 'training'}: {e}") from None
         stats = _mean_across_workers(stats, world)
         record: dict[str, Any] = {"epoch": epoch + 1, **stats}
         if stage is not None:
