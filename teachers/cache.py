@@ -875,10 +875,8 @@ def open_dataset(images: str, ann: str, image_size: int | tuple[int, int], on_ba
 def produce_shard(
     detector: Any, ds: CocoDetection, start: int, stop: int, views: Sequence[str], spec: dict[str, Any],
     batch_size: int, timings: dict[str, float] | None = None, io_threads: int = 2, forward_lock: Any = None,
-    encode_here: bool = True,
-) -> Any:
-    """Teacher outputs of data-set positions [start, stop) in every view, encoded, as one Arrow table
-    (`encode_here` False: the raw rows, in table order, for `encode_shard` in another process).
+) -> pa.Table:
+    """Teacher outputs of data-set positions [start, stop) in every view, encoded, as one Arrow table.
 
     A small pipeline: while the teacher runs batch b, a thread decodes the images of batch b+1 and another
     encodes the outputs of batch b-1 (image decoding, numpy and zstd release the GIL), so the forward pass is
@@ -916,27 +914,13 @@ def produce_shard(
                 t0 = time.perf_counter()
                 raws = teacher_outputs(detector, [s[0] for s in samples], spec["targets"], spec["levels"])
                 t_fwd += time.perf_counter() - t0
-            if encode_here:
-                encoders.append(pool.submit(encode_batch, b, samples, raws))
-            else:
-                idx, view_name = batches[b]
-                for i, (_, boxes, iid, view), raw in zip(idx, samples, raws):
-                    rows[(i, view_name)] = {"image_id": iid, "view": view.to_dict(), "view_key": view.key(),
-                                            "boxes": boxes, "hw": (view.out_h, view.out_w), "raw": raw}
+            encoders.append(pool.submit(encode_batch, b, samples, raws))
         for f in encoders:
             f.result()
     if timings is not None:
         timings["forward_s"] = timings.get("forward_s", 0.0) + t_fwd
     ordered = [rows[(i, v)] for i in range(start, stop) for v in views]  # image-major: one image's views adjacent
-    return rows_to_table(ordered) if encode_here else ordered
-
-
-def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any]) -> pa.Table:
-    """The table of `produce_shard(..., encode_here=False)`'s raw rows: what the precompute actor's encoder
-    process runs, so that encoding and compression never hold the forward's GIL."""
-    comp = CompressionConfig(**spec["compression"])
-    return rows_to_table([{"image_id": r["image_id"], "view_key": r["view_key"], "view": r["view"],
-                           **encode_row(r["raw"], comp, r["boxes"], r["hw"])} for r in raw_rows])
+    return rows_to_table(ordered)
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

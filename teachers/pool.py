@@ -114,17 +114,10 @@ class PrecomputeActor:
     next one's forward runs; a lock keeps one forward at a time."""
 
     def __init__(self, work: dict[str, Any], threads: int) -> None:
-        import multiprocessing
         import threading
-        from concurrent.futures import ProcessPoolExecutor
 
         torch.set_num_threads(threads)
         self.lock = threading.Lock()
-        # Encoding, zstd and the write run in a child process: in this process they would hold the GIL between
-        # the forward's many small ops and slow it by about a quarter (measured on 2 cores, bench/precompute.py).
-        self.encoder = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_encoder_init)
-        self.encoder.submit(int, 0).result()  # start it now, not on the first shard
         self.work = work
         self.detector = load_teacher(work["checkpoint"], device=_device(work["gpus"]))
         d = work["data"]
@@ -143,27 +136,13 @@ class PrecomputeActor:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         w = self.work
-        raw_rows = produce_shard(self.detector, self.ds, start, stop, w["views"], w["spec"], w["batch_size"],
-                                 timings, forward_lock=self.lock, encode_here=False)
-        tmp, entry = self.encoder.submit(_encode_and_write, w["cache_uri"], i, raw_rows, w["spec"],
-                                         (start, stop)).result()
+        table = produce_shard(self.detector, self.ds, start, stop, w["views"], w["spec"], w["batch_size"], timings,
+                              forward_lock=self.lock)
+        data = table_to_bytes(table, self.cache.shard_meta(i))
+        tmp = self.cache.write_tmp(i, data)
+        entry = shard_entry(i, data, table.num_rows, (start, stop))
         return {"shard": i, "tmp": tmp, "entry": entry, "pid": os.getpid(), "seconds": time.perf_counter() - t0,
                 "forward_s": timings.get("forward_s", 0.0)}
-
-
-def _encoder_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _encode_and_write(cache_uri: str, i: int, raw_rows: list[dict[str, Any]], spec: dict[str, Any],
-                      span: tuple[int, int]) -> tuple[str, dict[str, Any]]:
-    """In the actor's encoder process: encode a shard's raw rows, compress, write under a temporary name."""
-    from teachers.cache import encode_shard
-
-    cache = TeacherCache.open(cache_uri)
-    table = encode_shard(raw_rows, spec)
-    data = table_to_bytes(table, cache.shard_meta(i))
-    return cache.write_tmp(i, data), shard_entry(i, data, table.num_rows, span)
 
 
 @dataclass
