@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,21 @@ def ray_session():
                  configure_logging=True)
     yield ray
     # Left running until the interpreter exits: other session-scoped users may still need it.
+
+
+def _kill_matching(marker: str) -> None:
+    """SIGKILL every process (but this one) whose command line holds `marker`: what a Ray started by a test leaves
+    behind, found by its private temp dir (never `ray stop`, which would stop every Ray of this user)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if marker in args and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def kill_matching():
+    return _kill_matching

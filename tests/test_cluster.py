@@ -40,21 +40,8 @@ TIMEOUT_S = 480
 pytestmark = pytest.mark.slow  # a 4-node Ray cluster, a teacher, two precomputes and a Ray Train stage
 
 
-def _kill_leftovers(marker: str) -> None:
-    """Processes of our cluster still running (the script died before `cluster.shutdown()`): found by the private
-    temp dir in their command line, killed by pid."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if marker in args and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory):
+def cluster_run(tmp_path_factory, kill_matching):
     work = tmp_path_factory.mktemp("cluster")
     # A private Ray temp dir (short: Ray's socket paths live under it). RAY_TMPDIR also moves Ray's
     # "current cluster" address file, so that no other Ray of this machine (e.g. a test session's `ray.init()`)
@@ -73,7 +60,7 @@ def cluster_run(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
         finally:
-            _kill_leftovers(ray_tmp)
+            kill_matching(ray_tmp)  # our cluster's processes, if the script died before shutdown
             shutil.rmtree(ray_tmp, ignore_errors=True)
     summary_file = work / "w" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"phases": {}}

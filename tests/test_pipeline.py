@@ -148,7 +148,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(kill_matching):
     """A local `ray start --head --block` of our own (ports and temp dir of its own, token auth disabled as
     shared/RAY_NOTES.md advises for local tests), stopped at the end by its process id (never `ray stop`, which
     would stop every Ray of this user on the machine)."""
@@ -181,15 +181,7 @@ def ray_head():
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        # Services that left the session (if any) are found by our temp dir in their command line, killed by pid.
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if temp in args and int(pid) != os.getpid():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_matching(temp)  # services that left the session (if any), found by our temp dir
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -47,6 +47,7 @@ The driver evaluates afterwards: evaluation is a single pass that does not need 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -148,8 +149,6 @@ class Distillation:
         self.decay, self.generator, self.autocast = decay, generator, autocast
 
     def __call__(self, out: Any, targets: list[dict], images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        import contextlib
-
         from trainers.distill.outputs import student_outputs_from
 
         tt = self.source(images, targets)
@@ -158,10 +157,10 @@ class Distillation:
         gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
         # On GPU the student's features come out of its bf16 autocast forward: the adapters must run under the
         # same autocast, or their fp32 convolutions refuse bf16 inputs.
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with ctx:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
             terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
-        terms = {k: v.float() for k, v in terms.items()}
+        if self.autocast:
+            terms = {k: v.float() for k, v in terms.items()}
         for name, factor in self.scales.items():  # detector terms a loss rescales (Chen's mu) replace the originals
             if name in out.losses:
                 terms[name] = out.losses[name] * factor

@@ -267,7 +267,6 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
         raise CurriculumError(f"--resume: {out} holds no sweep to resume (start it without --resume)")
     base = to_dict(job)
     for key in space.params:  # a key the config cannot take fails here, before teachers or trials run
-        trial_config_dict(base, space, {})
         _resolve_key(base, key)
     default = default_point(base, space) if cfg.include_default else None
     if default is not None:  # the default trial must build: same check as any trial
