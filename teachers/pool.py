@@ -167,6 +167,41 @@ class PrecomputeReport:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+class ActorSlots:
+    """Which actors of a teacher may take another shard: each actor slot has `capacity` places (its shards in
+    flight). A slot whose actor was replaced is *held* until the replacement has started: its free places, and
+    those freed later, wait in `held` instead of `free`, so no shard is queued on an actor the cluster may never
+    find room for (a lost node), while the live actors take the remaining shards."""
+
+    def __init__(self, n: int, capacity: int) -> None:
+        self.free: deque[int] = deque(slot for _ in range(capacity) for slot in range(n))
+        self.held: dict[int, int] = {}
+
+    def take(self) -> int:
+        return self.free.popleft()
+
+    def __bool__(self) -> bool:
+        return bool(self.free)
+
+    def release(self, slot: int) -> None:
+        """A shard of `slot` finished or failed."""
+        if slot in self.held:
+            self.held[slot] += 1
+        else:
+            self.free.append(slot)
+
+    def hold(self, slot: int) -> None:
+        """`slot` has a new actor that has not started: park its free places."""
+        parked = sum(1 for x in self.free if x == slot)
+        if parked:
+            self.free = deque(x for x in self.free if x != slot)
+        self.held[slot] = self.held.get(slot, 0) + parked
+
+    def started(self, slot: int) -> None:
+        """The replacement in `slot` answered `ready()`: its places are free again."""
+        self.free.extend([slot] * self.held.pop(slot, 0))
+
+
 class _TeacherRun:
     """Driver-side state of one teacher: its cache, its actors, its queue of shards."""
 
@@ -175,9 +210,8 @@ class _TeacherRun:
         self.ranges = shard_ranges(cache.manifest["num_images"], cache.manifest["shard_size"])
         self.pending: deque[int] = deque(shards)
         self.actors: list[Any] = []
-        self.idle: deque[int] = deque()
+        self.slots = ActorSlots(0, 0)
         self.attempts: dict[int, int] = {}
-        self.held: dict[int, int] = {}  # slot of a replacement actor not started yet -> shard capacity held back
         self.start_failures = 0  # replacement actors that died before they started
         self.report = PrecomputeReport(spec.name or work["name"], cache.uri, cache.manifest["num_shards"])
 
@@ -344,24 +378,15 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
             pass
         run.actors[slot] = run.new_actor()
         run.report.actors_replaced += 1
-        run.held.setdefault(slot, 0)
+        run.slots.hold(slot)
         starting[run.actors[slot].ready.remote()] = (run, slot)
-
-    def _free(run: _TeacherRun, slot: int) -> None:
-        """A shard of `slot` is finished (or failed): the slot may take another one, unless its actor is a
-        replacement that has not started yet."""
-        if slot in run.held:
-            run.held[slot] += 1
-        else:
-            run.idle.append(slot)
 
     t_start = time.perf_counter()
     try:
         for run in runs:
             n = min(run.spec.actors, len(run.pending))
             run.actors = [run.new_actor() for _ in range(n)]
-            for _ in range(run.spec.shards_in_flight):  # an actor slot appears once per shard it may hold
-                run.idle.extend(range(n))
+            run.slots = ActorSlots(n, run.spec.shards_in_flight)
         # Start the clock once the teachers are loaded: `seconds` is the steady-state pace, `startup_seconds` the
         # fixed cost (worker start, imports, checkpoint load, data set parse).
         ray.get([a.ready.remote() for run in runs for a in run.actors])
@@ -371,8 +396,8 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
         t_start = t_ready
         while True:
             for run in runs:
-                while run.idle and run.pending:
-                    slot, shard = run.idle.popleft(), run.pending.popleft()
+                while run.slots and run.pending:
+                    slot, shard = run.slots.take(), run.pending.popleft()
                     s, e = run.ranges[shard]
                     ref = run.actors[slot].run_shard.remote(shard, s, e)
                     inflight[ref] = (run, shard, slot)
@@ -394,7 +419,7 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                         _replace(run, slot, f"replacement actor failed to start ({type(e).__name__}: "
                                             f"{str(e)[:200]})", max_attempts)
                         continue
-                    run.idle.extend([slot] * run.held.pop(slot, 0))  # it may now take shards
+                    run.slots.started(slot)
                     continue
                 run, shard, slot = inflight.pop(ref)
                 try:
@@ -407,7 +432,7 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                     _retry(run, shard, f"actor died ({type(e).__name__})", max_attempts)
                     if sent_to[ref] is run.actors[slot]:
                         _replace(run, slot, None, max_attempts)
-                    _free(run, slot)
+                    run.slots.release(slot)
                     sent_to.pop(ref, None)
                     continue
                 except RayTaskError as e:
@@ -416,7 +441,7 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                     if isinstance(cause, CurriculumError):  # bad data / config: retrying cannot help
                         raise type(cause)(f"teacher {run.work['name']}, shard {shard}: {cause}") from None
                     _retry(run, shard, f"{type(cause or e).__name__}: {str(cause or e)[:300]}", max_attempts)
-                    _free(run, slot)
+                    run.slots.release(slot)
                     continue
                 sent_to.pop(ref, None)
                 run.cache.commit(shard, out["tmp"], out["entry"])
@@ -425,7 +450,7 @@ def _drive(runs_in, max_attempts: int, progress: bool, on_dispatch, on_commit, o
                 n_img = run.ranges[shard][1] - run.ranges[shard][0]
                 run.report.images += n_img
                 bar.update(n_img)
-                _free(run, slot)
+                run.slots.release(slot)
                 if on_commit:
                     on_commit(run.work["name"], shard)
     finally:

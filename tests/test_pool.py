@@ -17,7 +17,7 @@ from curriculum.errors import DataError
 from teachers.cache import (
     LOCK_NAME, CacheLockedError, CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset,
 )
-from teachers.pool import InlineTeacher, TeacherServer, precompute, prefetch, rebuild, verify_cache
+from teachers.pool import ActorSlots, InlineTeacher, TeacherServer, precompute, prefetch, rebuild, verify_cache
 from test_cache import make_subset, one_thread, reference_rows, save_teacher  # noqa: F401 (autouse fixture)
 
 
@@ -122,6 +122,26 @@ def test_killed_actor_is_replaced_and_no_shard_is_lost_or_written_twice(setup, r
     assert sorted(report.computed) == [0, 1, 2, 3]  # each shard committed exactly once
     assert shard_files(report.cache) == ref_files
     assert json.loads(Path(report.cache, "manifest.json").read_text())["shards"] == ref_manifest["shards"]
+
+
+def test_a_replaced_actor_takes_no_shard_before_it_starts():
+    # The case a CI run met on a 3-node cluster: the lost node's actor finished a shard (a free place queued), then
+    # failed its other one; the retried shard must go to a live actor, not to the replacement the cluster may
+    # never find room for.
+    slots = ActorSlots(3, 2)
+    taken = [slots.take() for _ in range(6)]
+    assert taken == [0, 1, 2, 0, 1, 2] and not slots
+    slots.release(0)  # actor 0 returned a shard: one free place
+    slots.hold(0)  # then its node was lost: a replacement is starting in slot 0
+    slots.release(0)  # its other shard failed
+    assert not slots  # neither place of slot 0 can be taken
+    slots.release(2)
+    assert slots.take() == 2 and not slots
+    slots.started(0)  # the replacement answered ready(): both places are free again
+    assert [slots.take(), slots.take()] == [0, 0] and not slots
+    slots.hold(1)
+    slots.started(1)  # a replacement that held nothing frees nothing
+    assert not slots
 
 
 def test_rebuild_and_verify(setup, reference, tmp_path):
