@@ -90,7 +90,8 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -873,15 +874,20 @@ def open_dataset(images: str, ann: str, image_size: int | tuple[int, int], on_ba
 
 
 def produce_shard(
-    detector: Any, ds: CocoDetection, start: int, stop: int, views: Sequence[str], spec: dict[str, Any],
+    detector: Any, ds: CocoDetection | None, start: int, stop: int, views: Sequence[str], spec: dict[str, Any],
     batch_size: int, timings: dict[str, float] | None = None, io_threads: int = 2, forward_lock: Any = None,
-) -> pa.Table:
+    load_batch: Callable[[list[int], str], Future] | None = None,
+) -> pa.Table | list[dict[str, Any]]:
     """Teacher outputs of data-set positions [start, stop) in every view, encoded, as one Arrow table.
 
     A small pipeline: while the teacher runs batch b, a thread decodes the images of batch b+1 and another
     encodes the outputs of batch b-1 (image decoding, numpy and zstd release the GIL), so the forward pass is
     what sets the pace. The forward batches themselves are fixed (`shard_batches`). `forward_lock`: held around
     each forward when several shards are produced concurrently in one process (one forward at a time).
+
+    `load_batch(indexes, view_name)`: a future of `load_samples`' result computed elsewhere (the precompute
+    actor's I/O process); then nothing is encoded here and the raw rows come back, in table order, for
+    `encode_shard` in that process, so this process runs the forward and little else.
     """
     import contextlib
 
@@ -892,6 +898,7 @@ def produce_shard(
     loaded: dict[int, Any] = {}
     batches = shard_batches(start, stop, views, batch_size)
     t_fwd = 0.0
+    here = load_batch is None
 
     def load(b: int) -> list:
         idx, view_name = batches[b]
@@ -903,24 +910,55 @@ def produce_shard(
             cells = encode_row(raw, comp, boxes, (view.out_h, view.out_w))
             rows[(i, view_name)] = {"image_id": iid, "view_key": view.key(), "view": view.to_dict(), **cells}
 
+    def submit_load(pool: Any, b: int) -> Future:
+        return pool.submit(load, b) if here else load_batch(*batches[b])
+
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
-        pending = pool.submit(load, 0)
+        pending = submit_load(pool, 0)
         encoders = []
         for b in range(len(batches)):
             samples = pending.result()
             if b + 1 < len(batches):
-                pending = pool.submit(load, b + 1)
+                pending = submit_load(pool, b + 1)
+            if not here:
+                samples = [(torch.from_numpy(im), boxes, iid, View(**view)) for im, boxes, iid, view in samples]
             with forward_lock or contextlib.nullcontext():
                 t0 = time.perf_counter()
                 raws = teacher_outputs(detector, [s[0] for s in samples], spec["targets"], spec["levels"])
                 t_fwd += time.perf_counter() - t0
-            encoders.append(pool.submit(encode_batch, b, samples, raws))
+            if here:
+                encoders.append(pool.submit(encode_batch, b, samples, raws))
+            else:
+                idx, view_name = batches[b]
+                for i, (_, boxes, iid, view), raw in zip(idx, samples, raws):
+                    rows[(i, view_name)] = {"image_id": iid, "view": view.to_dict(), "view_key": view.key(),
+                                            "boxes": boxes, "hw": (view.out_h, view.out_w), "raw": raw}
         for f in encoders:
             f.result()
     if timings is not None:
         timings["forward_s"] = timings.get("forward_s", 0.0) + t_fwd
     ordered = [rows[(i, v)] for i in range(start, stop) for v in views]  # image-major: one image's views adjacent
-    return rows_to_table(ordered)
+    return rows_to_table(ordered) if here else ordered
+
+
+def load_samples(ds: CocoDetection, indexes: Sequence[int], view_name: str
+                 ) -> list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]]:
+    """`view_sample` of each position in a picklable form (image as numpy, view as a dict): what the
+    precompute actor's I/O process sends back for `produce_shard(load_batch=...)`."""
+    loaded: dict[int, Any] = {}
+    out = []
+    for i in indexes:
+        image, boxes, iid, view = view_sample(ds, i, view_name, loaded)
+        out.append((image.numpy(), boxes, iid, view.to_dict()))
+    return out
+
+
+def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any]) -> pa.Table:
+    """The table of `produce_shard(..., load_batch=...)`'s raw rows (what the precompute actor's I/O process
+    runs); the same cells as `produce_shard` encoding in its own threads."""
+    comp = CompressionConfig(**spec["compression"])
+    return rows_to_table([{"image_id": r["image_id"], "view_key": r["view_key"], "view": r["view"],
+                           **encode_row(r["raw"], comp, r["boxes"], r["hw"])} for r in raw_rows])
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -108,41 +108,100 @@ def _threads(cpus: float, threads: int) -> int:
 
 
 class PrecomputeActor:
-    """Loads one teacher and the data set once; computes shards and writes them under temporary names.
+    """Loads one teacher once; computes shards and writes them under temporary names.
 
-    Threaded (`max_concurrency` = shards in flight): while one shard is encoded, compressed and written, the
-    next one's forward runs; a lock keeps one forward at a time."""
+    The actor's own process runs the teacher's forward and little else. Its I/O process (spawned once, two
+    workers) decodes the images of the next batch and encodes, compresses and writes each finished shard: in
+    the actor's threads that work held the GIL between the forward's many small ops and slowed it by about a
+    quarter on 2 cores (bench/precompute.py). Threaded (`max_concurrency` = shards in flight): while one shard
+    is encoded and written, the next one's forward runs; a lock keeps one forward at a time."""
 
     def __init__(self, work: dict[str, Any], threads: int) -> None:
+        import multiprocessing
         import threading
+        from concurrent.futures import ProcessPoolExecutor
 
         torch.set_num_threads(threads)
         self.lock = threading.Lock()
         self.work = work
-        self.detector = load_teacher(work["checkpoint"], device=_device(work["gpus"]))
         d = work["data"]
-        self.ds = open_dataset(d["images"], d["annotations"], (d["out_h"], d["out_w"]), d["on_bad_box"])
-        self.cache = TeacherCache.open(work["cache_uri"])
-        from teachers.cache import rows_to_table
-
-        # Arrow's first nested-array build costs ~0.5 s of one-time set-up: pay it before the clock starts.
-        rows_to_table([{"image_id": 0, "view_key": "", "view": {"orig_h": 1, "orig_w": 1, "out_h": 1, "out_w": 1,
-                                                                 "flip": False}}])
+        self.ds_args = (d["images"], d["annotations"], (d["out_h"], d["out_w"]), d["on_bad_box"])
+        self.io = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_io_init, initargs=(os.getpid(), self.ds_args, work["cache_uri"]))
+        # Start both workers now (data set parsed, Arrow warmed up), not on the first shard.
+        for f in [self.io.submit(_io_warm) for _ in range(2)]:
+            f.result()
+        self.detector = load_teacher(work["checkpoint"], device=_device(work["gpus"]))
 
     def ready(self) -> int:
         return os.getpid()
 
+    def _load(self, indexes: list[int], view_name: str) -> Any:
+        return self.io.submit(_io_load, indexes, view_name)
+
     def run_shard(self, i: int, start: int, stop: int) -> dict[str, Any]:
+        from concurrent.futures.process import BrokenProcessPool
+
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         w = self.work
-        table = produce_shard(self.detector, self.ds, start, stop, w["views"], w["spec"], w["batch_size"], timings,
-                              forward_lock=self.lock)
-        data = table_to_bytes(table, self.cache.shard_meta(i))
-        tmp = self.cache.write_tmp(i, data)
-        entry = shard_entry(i, data, table.num_rows, (start, stop))
+        try:
+            raw_rows = produce_shard(self.detector, None, start, stop, w["views"], w["spec"], w["batch_size"],
+                                     timings, forward_lock=self.lock, load_batch=self._load)
+            tmp, entry = self.io.submit(_io_encode_and_write, i, raw_rows, w["spec"], (start, stop)).result()
+        except BrokenProcessPool:
+            # Its I/O process died (killed, out of memory): this actor can do no more. Exiting makes the driver
+            # replace it and hand its shards out again, as for any dead actor.
+            log.error("precompute actor %d: its I/O process died; exiting so that it is replaced", os.getpid())
+            os._exit(1)
         return {"shard": i, "tmp": tmp, "entry": entry, "pid": os.getpid(), "seconds": time.perf_counter() - t0,
                 "forward_s": timings.get("forward_s", 0.0)}
+
+
+# The precompute actor's I/O process: module-level state, set once by `_io_init`.
+_IO: dict[str, Any] = {}
+
+
+def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str) -> None:
+    import threading
+
+    torch.set_num_threads(1)
+    _IO["ds"] = open_dataset(*ds_args)
+    _IO["cache"] = TeacherCache.open(cache_uri)
+
+    def watch_parent() -> None:  # a killed actor (lost node, ray.kill) must not leave this process behind
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+
+
+def _io_warm() -> int:
+    from teachers.cache import rows_to_table
+
+    # Arrow's first nested-array build costs ~0.5 s of one-time set-up: pay it before the clock starts.
+    rows_to_table([{"image_id": 0, "view_key": "", "view": {"orig_h": 1, "orig_w": 1, "out_h": 1, "out_w": 1,
+                                                             "flip": False}}])
+    time.sleep(0.2)  # so that the second warm-up call goes to the other worker
+    return os.getpid()
+
+
+def _io_load(indexes: list[int], view_name: str) -> list:
+    from teachers.cache import load_samples
+
+    return load_samples(_IO["ds"], indexes, view_name)
+
+
+def _io_encode_and_write(i: int, raw_rows: list[dict[str, Any]], spec: dict[str, Any], span: tuple[int, int]
+                         ) -> tuple[str, dict[str, Any]]:
+    from teachers.cache import encode_shard
+
+    cache = _IO["cache"]
+    table = encode_shard(raw_rows, spec)
+    data = table_to_bytes(table, cache.shard_meta(i))
+    return cache.write_tmp(i, data), shard_entry(i, data, table.num_rows, span)
 
 
 @dataclass
