@@ -144,6 +144,39 @@ def test_a_replaced_actor_takes_no_shard_before_it_starts():
     assert not slots
 
 
+def test_corrupt_image_stops_precompute_naming_it_and_keeps_finished_shards(setup, reference, tmp_path):
+    # The image is decoded in the actor's I/O process: its DataError must come back through the actor and Ray
+    # to the driver, naming the file, not be retried (a retry cannot help) nor become a dead-actor error.
+    import shutil
+
+    from curriculum.errors import DataError
+
+    d, images, ann = setup
+    _, ref_files, _ = reference
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = [im["file_name"] for im in json.loads(Path(ann).read_text())["images"]]
+    for f in files:
+        shutil.copy(Path(images, f), folder / f)
+    bad = folder / files[6]  # shard 3 of 4 (two images per shard)
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError) as e:
+        precompute(job(d, str(folder), ann, str(tmp_path / "cache")), progress=False)
+    assert str(bad) in str(e.value) and "shard 3" in str(e.value), e.value
+    (cache_dir,) = [p.parent for p in (tmp_path / "cache").rglob("manifest.json")]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert not manifest["complete"]
+    done = shard_files(str(cache_dir))
+    assert "shard-00000.parquet" in done and "shard-00003.parquet" not in done
+    # The shards finished before the error are kept and are the fault-free run's bytes.
+    assert all(done[name] == ref_files[name] for name in done if name.endswith(".parquet")), sorted(done)
+    # Once the image is replaced, a second run computes only what is missing.
+    shutil.copy(Path(images, files[6]), bad)
+    (report,) = precompute(job(d, str(folder), ann, str(tmp_path / "cache")), progress=False)
+    assert report.already_done + len(report.adopted) >= 1 and 3 in report.computed
+    assert shard_files(report.cache) == ref_files
+
+
 def test_rebuild_and_verify(setup, reference, tmp_path):
     import shutil
 
