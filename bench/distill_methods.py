@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -334,6 +335,13 @@ def run_one(method: str, kind: str, job: TrainJobConfig, student_name: str, teac
 # ------------------------------------------------------------------------------------------------ teachers
 
 
+def pair_job(job: TrainJobConfig, kind: str, args: argparse.Namespace) -> TrainJobConfig:
+    """The student schedule of one pair: the two-stage pair may have its own epochs (`--two-stage-epochs`)."""
+    if kind != "two_stage" or not args.two_stage_epochs:
+        return job
+    return dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=args.two_stage_epochs))
+
+
 def ensure_teacher(checkpoint: str | None, config: Path, name: str | None, args: argparse.Namespace) -> Detector:
     """Load the teacher checkpoint, or train the teacher of `config` (model name `name` if given) first."""
     if checkpoint is None:
@@ -342,6 +350,9 @@ def ensure_teacher(checkpoint: str | None, config: Path, name: str | None, args:
             overrides.append(f"data.root={args.data_root}")
         if name is not None:
             overrides += [f"model.name={name}", f"output_dir=runs/teacher_{name}"]
+        if name is not None and args.two_stage_teacher_epochs:
+            overrides += [f"train.epochs={args.two_stage_teacher_epochs}",
+                          f"output_dir=runs/teacher_{name}_e{args.two_stage_teacher_epochs}"]
         job = load_config(config, overrides=overrides)
         path = Path(job.output_dir) / "model.pt"
         if not path.is_file():
@@ -410,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--two-stage-teacher", help="two-stage teacher checkpoint (default: trained when missing)")
     p.add_argument("--two-stage-teacher-config", type=Path, default=ROOT / "configs" / "teacher_resnet18_half.yaml")
     p.add_argument("--two-stage-teacher-name", default="fasterrcnn_resnet18_half")
+    p.add_argument("--two-stage-teacher-epochs", type=int,
+                   help="train the two-stage teacher for this many epochs (default: its config's)")
+    p.add_argument("--two-stage-epochs", type=int, help="the two-stage pair's student epochs (default: --epochs)")
     p.add_argument("--epochs", type=int, help="override the schedule's epochs")
     p.add_argument("--train-limit", type=int, default=0, help="max iterations per epoch (0: the whole split)")
     p.add_argument("--data-root", help="override data.root (e.g. a snapshot of data/shapes that no one rewrites "
@@ -476,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(result.read_text()))
             else:
                 print(f"[{kind}/{method}] training {student_name}", flush=True)
-                rows.append(run_one(method, kind, job, student_name, teacher, datasets, scale, args, args.out))
+                rows.append(run_one(method, kind, pair_job(job, kind, args), student_name, teacher, datasets, scale,
+                                    args, args.out))
             r = rows[-1]
             print(f"[{kind}/{method}] AP {r['AP']:.2f} AP50 {r['AP50']:.2f} APs {r['APs']:.2f} APm {r['APm']:.2f} "
                   f"in {r['wall_s']:.0f} s", flush=True)

@@ -1,7 +1,8 @@
 """Step cost of distillation: training steps per second with and without a teacher ("cost, scale and faults").
 
-For one student, the same batches in the same order and the same loss (MGD, the authors' RetinaNet preset, via
-`trainers.distill.build_distiller` with the teacher's level channels), four arms per teacher:
+For one student, the same batches in the same order and the same loss (by default MGD, the authors' RetinaNet
+preset; `--loss` picks others; via `trainers.distill.build_distiller` with the teacher's level channels), four arms
+per teacher:
 
 - (a) the plain student step: forward with losses, backward, gradient clipping, AdamW step (as
   `trainers.train.train_one_epoch` does it);
@@ -81,7 +82,13 @@ ARMS = ("a", "b", "c", "d")
 ARM_LABELS = {"a": "(a) no distillation", "b": "(b) from the cache", "c": "(c) from serving actors",
               "d": "(d) teacher inline"}
 GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5"}
-LOSSES = [{"name": "mgd", "preset": "retinanet"}]
+def loss_entries(names: str) -> list[dict[str, Any]]:
+    """`--loss a,b`: the distiller entries (MGD with the authors' RetinaNet preset, the others as configured)."""
+    return [{"name": n, "preset": "retinanet"} if n == "mgd" else {"name": n} for n in names.split(",")]
+
+
+def loss_label(names: str) -> str:
+    return ", ".join("MGD, authors' RetinaNet preset" if n == "mgd" else n for n in names.split(","))
 DEFAULT_TEACHERS = ("fcos_resnet18_half", "fcos_swin_mini")
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
@@ -199,11 +206,12 @@ def teacher_checkpoint(name: str, ckpt: str | None, num_classes: int, args: argp
     return str(path.resolve()), "random weights"
 
 
-def cache_spec(student: Detector, teacher: Detector) -> tuple[list[str], list[str] | None]:
+def cache_spec(student: Detector, teacher: Detector, losses: list[dict[str, Any]]
+               ) -> tuple[list[str], list[str] | None]:
     """Target kinds and FPN levels the loss reads, as `curriculum run` decides them for its caches."""
     from curriculum.plan import cache_needs
 
-    stage = SimpleNamespace(teacher="t", losses=LOSSES)
+    stage = SimpleNamespace(teacher="t", losses=losses)
     return cache_needs([stage], student.level_channels, {"t": teacher.level_channels})["t"]
 
 
@@ -274,7 +282,7 @@ def new_learner(template: Detector, teacher_channels: dict[str, int] | None, dev
     params = list(model.parameters())
     if teacher_channels is not None:
         torch.manual_seed(args.seed)
-        distiller = build_distiller(LOSSES, model.level_channels, teacher_channels).to(device).train()
+        distiller = build_distiller(loss_entries(args.loss), model.level_channels, teacher_channels).to(device).train()
         params += list(distiller.parameters())
         gen = torch.Generator(device=device).manual_seed(args.seed)
     t = TrainConfig(batch_size=args.batch_size, warmup_iters=0)  # AdamW, lr 2e-3, weight decay 1e-4, clip 10
@@ -464,7 +472,7 @@ def markdown(results: list[dict[str, Any]], head: dict[str, Any]) -> str:
         "actor of the same size.",
         f"Data: {head['data']['images']} images of `{head['data']['root']}`/train in {head['data']['batches']} batches"
         + (" (cycled)" if head["data"]["cycled"] else "") + f", flip {head['data']['flip']}; the same batches in the "
-        "same order for every arm. Loss: MGD, authors' RetinaNet preset (weights as configured: cost only).", "",
+        "same order for every arm. Loss: " + loss_label(a.get("loss", "mgd")) + " (weights as configured: cost only).", "",
     ]
     lines += [f"Note: {n}" for n in head["notes"]] + [""]
     for r in results:
@@ -544,6 +552,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student", default="fcos_mobilenetv3_micro")
     p.add_argument("--teacher", action="append", metavar="NAME[=CHECKPOINT]",
                    help=f"repeatable (default: {' and '.join(DEFAULT_TEACHERS)}, random weights)")
+    p.add_argument("--loss", default="mgd", help="distillation loss(es), comma separated registry names (default "
+                   "mgd; e.g. fitnet or hinton_kd to see the cost of getting targets under a lighter loss)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of a,b,c,d (default: all)")
     p.add_argument("--steps", type=int, default=40, help="measured steps per arm and round")
     p.add_argument("--warmup", type=int, default=5, help="steps before the clock starts")
@@ -602,7 +612,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             ckpt, weights = teacher_checkpoint(name, given, num_classes, args, out)
             t = TeacherSetup(name, ckpt, weights, load_teacher(ckpt, name, device=str(device)), serving=serving)
             print(f"teacher {name} ({weights}): preparing", flush=True)
-            kinds, levels = cache_spec(template, t.detector)
+            kinds, levels = cache_spec(template, t.detector, loss_entries(args.loss))
             if "b" in args.arms:
                 t.cache = build_cache(ckpt, data, kinds, levels, serve_gpus, args, out)
                 t.reader_path = t.cache["path"]
@@ -638,7 +648,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
 
 def write(out: Path, device: torch.device, head: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {**head, "results": results}
-    stem = f"step_cost_{device.type}"
+    loss = head["args"].get("loss", "mgd")
+    stem = f"step_cost_{device.type}" + ("" if loss == "mgd" else "_" + loss.replace(",", "+"))
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / f"{stem}.md").write_text(markdown(results, head))
     return summary
