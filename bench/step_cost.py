@@ -7,7 +7,8 @@ per teacher:
 - (a) the plain student step: forward with losses, backward, gradient clipping, AdamW step (as
   `trainers.train.train_one_epoch` does it);
 - (b) the same step distilling from a real Parquet cache (`teachers.pool.precompute`, beforehand and not timed,
-  for exactly the benchmark's images and views), read with `teachers.cache.CacheReader` inside the step;
+  for exactly the benchmark's images and views), read with `teachers.cache.CacheReader` one batch ahead in a
+  background thread (`trainers.ray_train.TargetReadAhead`, as the Ray Train loop does); the step waits for it;
 - (c) the same step distilling from `teachers.pool.TeacherServer` actors, `teachers.pool.prefetch` keeping the
   next batches' requests in flight while the student computes;
 - (d) the same step with the teacher inline in the step (`TeacherTargets.inline`, as `teacher_mode: inline` and
@@ -366,9 +367,16 @@ def plain_feed(batches: list[Batch], n: int) -> Feed:
 
 
 def cache_feed(batches: list[Batch], n: int, reader: Any) -> Feed:
-    read = lambda images, targets: reader.targets_for(targets)  # noqa: E731  (ray_train's cache source)
-    for images, targets in batch_stream(batches, n):
-        yield images, targets, read
+    """As `trainers.ray_train` reads the cache: the next batch's targets read in a background thread while the
+    current step computes (`TargetReadAhead`); the step's "targets" time is then its wait for them."""
+    from trainers.ray_train import TargetReadAhead
+
+    source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
+    try:
+        for images, targets in source.wrap(batch_stream(batches, n)):
+            yield images, targets, source
+    finally:
+        source.close()
 
 
 def serve_feed(batches: list[Batch], n: int, server: Any, depth: int) -> Feed:
@@ -480,7 +488,7 @@ def markdown(results: list[dict[str, Any]], head: dict[str, Any]) -> str:
                   "| arm | steps/s | images/s | ratio to (a) | goal | per step |", "|---|---:|---:|---:|---|---|"]
         for arm, v in r["arms"].items():
             p = v["parts_ms"]
-            note = {"b": f"; read {p.get('targets', 0):.1f} ms",
+            note = {"b": f"; waits {p.get('targets', 0):.1f} ms for the targets",
                     "c": f"; waits {p.get('wait', 0):.1f} ms for the teachers",
                     "d": f"; teacher forward {p.get('targets', 0):.1f} ms"}.get(arm, "")
             ratio = r["ratios"].get(arm)
@@ -503,7 +511,7 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
     lines = ["Where the time of (b) goes (ms per step, median"
              + (", from passes of (a) and (b) synchronised around each part)" if bd["synchronised"] else ")")
              + ":", "", "| part | (b) ms/step | share of (b) | (a) ms/step |", "|---|---:|---:|---:|"]
-    for label, key in (("reading the targets (CacheReader: Parquet, decode, collate)", "targets"),
+    for label, key in (("waiting for the targets (CacheReader, read one batch ahead)", "targets"),
                        (f"moving them to `{device}`", "move"),
                        ("the distillation losses, forward (distiller)", "losses"),
                        ("student forward (with losses; (b) also keeps FPN features and head outputs)", "forward"),
@@ -513,11 +521,11 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
         ref = "-" if a is None else f"{a[key]:.2f}"
         lines.append(f"| {label} | {b[key]:.2f} | {100 * b[key] / b['step']:.1f} % | {ref} |")
     if a is not None:
-        lines += ["", f"Beyond (a): {b['step'] - a['step']:.2f} ms per step, of which reading and moving the targets "
+        lines += ["", f"Beyond (a): {b['step'] - a['step']:.2f} ms per step, of which waiting for and moving the targets "
                       f"{b['targets'] + b['move']:.2f}, the losses' forward {b['losses']:.2f}, the larger student "
                       f"forward {b['forward'] - a['forward']:.2f} and backward {b['backward'] - a['backward']:.2f} "
                       "(the losses' share of backward; (a) and (b) come from separate passes).",
-                  "", f"What the cache itself costs: (a) / ((a) + reading + moving) = "
+                  "", f"What the cache itself costs: (a) / ((a) + waiting + moving) = "
                       f"{a['step'] / (a['step'] + b['targets'] + b['move']):.3f}; the rest of (b)'s gap is the "
                       "loss's own compute (e.g. MGD's generation blocks), which any way of getting targets pays."]
     return lines

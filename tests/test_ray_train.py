@@ -31,3 +31,34 @@ def test_two_workers_train_and_resume(ray_session, shapes_root, tmp_path):
     assert again["epoch"] == 1
     for k, v in state["model"]["model"].items():
         assert torch.equal(v, again["model"]["model"][k]), k
+
+
+def test_target_read_ahead_reads_the_next_batch_in_the_background_and_returns_the_same_targets():
+    import threading
+    import time
+
+    from trainers.ray_train import TargetReadAhead
+
+    started: list[tuple[int, str]] = []
+
+    def read(images, targets):
+        i = targets[0]["image_id"]
+        started.append((i, threading.current_thread().name))
+        return f"targets of {i}"
+
+    ahead = TargetReadAhead(read)
+    batches = [([None], [{"image_id": i}]) for i in range(4)]
+    got = []
+    for images, targets in ahead.wrap(iter(batches)):
+        i = targets[0]["image_id"]
+        # Before the step asks for batch i's targets, batch i + 1's read has been started (unless i is the last).
+        deadline = time.monotonic() + 5
+        while len(started) < min(i + 2, 4) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [s for s, _ in started] == list(range(min(i + 2, 4))), (i, started)
+        got.append(ahead(images, targets))
+    assert got == [f"targets of {i}" for i in range(4)]
+    assert all(name.startswith("teacher-targets") for _, name in started)
+    # A batch it did not read ahead (another list) is read on the spot, in the caller's thread.
+    assert ahead([None], [{"image_id": 2}]) == "targets of 2" and started[-1][1] == threading.current_thread().name
+    ahead.close()

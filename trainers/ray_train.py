@@ -105,23 +105,77 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
 
 class _DeviceLoader:
     """Moves each batch (images, target dicts) to the worker's device; a no-op wrapper on the CPU.
-    `before_batch(b)` runs before batch b is handed out (the tests' fault hook)."""
+    `before_batch(b)` runs before batch b is handed out (the tests' fault hook). `read_ahead`: a `TargetReadAhead`
+    that starts reading the next batch's teacher targets before the current batch is handed out."""
 
-    def __init__(self, loader: Any, device: torch.device, before_batch: Any = None) -> None:
-        self.loader, self.device, self.before_batch = loader, device, before_batch
+    def __init__(self, loader: Any, device: torch.device, before_batch: Any = None,
+                 read_ahead: "TargetReadAhead | None" = None) -> None:
+        self.loader, self.device, self.before_batch, self.read_ahead = loader, device, before_batch, read_ahead
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
-        for b, (images, targets) in enumerate(self.loader):
-            if self.before_batch is not None:
-                self.before_batch(b)
+    def _moved(self) -> Iterator[tuple[list, list]]:
+        for images, targets in self.loader:
             if self.device.type != "cpu":
                 images = [im.to(self.device, non_blocking=True) for im in images]
                 targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                            for t in targets]
             yield images, targets
+
+    def __iter__(self):
+        batches = self._moved() if self.read_ahead is None else self.read_ahead.wrap(self._moved())
+        for b, batch in enumerate(batches):
+            if self.before_batch is not None:
+                self.before_batch(b)
+            yield batch
+
+
+class TargetReadAhead:
+    """Reads the teacher targets of the next batch in a background thread while the current step computes.
+
+    For cache mode: looking rows up, decoding fp16/int8 and collating (or getting decoded shards from the object
+    store) then leaves the student's step, which only waits if the read is slower than the step
+    (bench/step_cost.py measures the wait). `wrap(batches)` yields the batches unchanged, one batch ahead;
+    calling the object as `source(images, targets)` returns what was read for that batch. The reads are the same
+    as without it, so the training is the same (one extra read at the end of an epoch cut short by
+    `max_iters_per_epoch`)."""
+
+    def __init__(self, read: Any) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.read = read
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-targets")
+        self.lock = threading.Lock()  # readers (their shard LRU) are not thread-safe: one read at a time
+        self.ahead: dict[int, Any] = {}
+
+    def _read(self, images: list, targets: list) -> Any:
+        with self.lock:
+            return self.read(images, targets)
+
+    def wrap(self, batches: Iterator[tuple[list, list]]) -> Iterator[tuple[list, list]]:
+        it = iter(batches)
+        nxt = next(it, None)
+        fut = None if nxt is None else self.pool.submit(self._read, *nxt)
+        try:
+            while nxt is not None:
+                cur, cur_fut = nxt, fut
+                nxt = next(it, None)
+                if nxt is not None:
+                    fut = self.pool.submit(self._read, *nxt)
+                self.ahead[id(cur[1])] = cur_fut
+                yield cur
+                self.ahead.pop(id(cur[1]), None)
+        finally:
+            self.ahead.clear()
+
+    def __call__(self, images: list, targets: list) -> Any:
+        fut = self.ahead.get(id(targets))
+        return self._read(images, targets) if fut is None else fut.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class _Autocast(torch.nn.Module):
@@ -327,7 +381,7 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
                 reader = CacheReader(stage["cache"], memory_bytes=loop_config.get("memory_bytes", 1 << 30))
             manifest = reader.manifest
             distiller = build_distiller(stage["losses"], model.level_channels, manifest["teacher"]["level_channels"])
-            source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
+            source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
             pos = {int(i): p for p, i in enumerate(reader.image_ids())}
             shard_of = [pos[int(i)] // manifest["shard_size"] for i in ds.image_ids]
             sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
@@ -391,7 +445,8 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
         hook = (lambda b, e=epoch: _maybe_fault(loop_config.get("fault"), stage_index, e, rank, b)
                 if loop_config.get("fault", {}) and loop_config["fault"].get("batch") else None)
         try:
-            stats = train_one_epoch(train_model, _DeviceLoader(loader, device, hook), opt, sched, t, epoch,
+            batches = _DeviceLoader(loader, device, hook, source if isinstance(source, TargetReadAhead) else None)
+            stats = train_one_epoch(train_model, batches, opt, sched, t, epoch,
                                     progress=rank == 0 and loop_config.get("progress", True), extra_loss=extra)
         except NonFiniteLossError as e:  # name the stage too; the last good checkpoint is the previous epoch's
             raise NonFiniteLossError(f"stage {stage['name'] if stage else 'training'}: {e}") from None
