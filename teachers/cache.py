@@ -874,77 +874,43 @@ def open_dataset(images: str, ann: str, image_size: int | tuple[int, int], on_ba
 
 
 def produce_shard(
-    detector: Any, ds: CocoDetection | None, start: int, stop: int, views: Sequence[str], spec: dict[str, Any],
-    batch_size: int, timings: dict[str, float] | None = None, io_threads: int = 2, forward_lock: Any = None,
-    load_batch: Callable[[list[int], str], Future] | None = None,
-) -> pa.Table | list[dict[str, Any]]:
-    """Teacher outputs of data-set positions [start, stop) in every view, encoded, as one Arrow table.
+    detector: Any, start: int, stop: int, views: Sequence[str], spec: dict[str, Any], batch_size: int,
+    load_batch: Callable[[list[int], str], Future], timings: dict[str, float] | None = None, forward_lock: Any = None,
+) -> list[dict[str, Any]]:
+    """Teacher outputs of data-set positions [start, stop) in every view: raw rows in table order, for
+    `encode_shard`.
 
-    A small pipeline: while the teacher runs batch b, a thread decodes the images of batch b+1 and another
-    encodes the outputs of batch b-1 (image decoding, numpy and zstd release the GIL), so the forward pass is
-    what sets the pace. The forward batches themselves are fixed (`shard_batches`). `forward_lock`: held around
-    each forward when several shards are produced concurrently in one process (one forward at a time).
-
-    `load_batch(indexes, view_name)`: a future of `load_samples`' result computed elsewhere (the precompute
-    actor's I/O process); then nothing is encoded here and the raw rows come back, in table order, for
-    `encode_shard` in that process, so this process runs the forward and little else.
+    `load_batch(indexes, view_name)` gives a future of `load_samples`' result, computed elsewhere (the precompute
+    actor's I/O process): batch b+1 is decoded there while the teacher runs batch b, so the forward pass sets the
+    pace. The forward batches themselves are fixed (`shard_batches`). `forward_lock`: held around each forward
+    when several shards are produced concurrently in one process (one forward at a time).
     """
     import contextlib
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    comp = CompressionConfig(**spec["compression"])
     rows: dict[tuple[int, str], dict[str, Any]] = {}
-    loaded: dict[int, Any] = {}
     batches = shard_batches(start, stop, views, batch_size)
     t_fwd = 0.0
-    here = load_batch is None
-
-    def load(b: int) -> list:
-        idx, view_name = batches[b]
-        return [view_sample(ds, i, view_name, loaded) for i in idx]
-
-    def encode_batch(b: int, samples: list, raws: list) -> None:
-        idx, view_name = batches[b]
+    pending = load_batch(*batches[0])
+    for b, (idx, view_name) in enumerate(batches):
+        samples = [(torch.from_numpy(im), boxes, iid, View(**view)) for im, boxes, iid, view in pending.result()]
+        if b + 1 < len(batches):
+            pending = load_batch(*batches[b + 1])
+        with forward_lock or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            raws = teacher_outputs(detector, [s[0] for s in samples], spec["targets"], spec["levels"])
+            t_fwd += time.perf_counter() - t0
         for i, (_, boxes, iid, view), raw in zip(idx, samples, raws):
-            cells = encode_row(raw, comp, boxes, (view.out_h, view.out_w))
-            rows[(i, view_name)] = {"image_id": iid, "view_key": view.key(), "view": view.to_dict(), **cells}
-
-    def submit_load(pool: Any, b: int) -> Future:
-        return pool.submit(load, b) if here else load_batch(*batches[b])
-
-    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
-        pending = submit_load(pool, 0)
-        encoders = []
-        for b in range(len(batches)):
-            samples = pending.result()
-            if b + 1 < len(batches):
-                pending = submit_load(pool, b + 1)
-            if not here:
-                samples = [(torch.from_numpy(im), boxes, iid, View(**view)) for im, boxes, iid, view in samples]
-            with forward_lock or contextlib.nullcontext():
-                t0 = time.perf_counter()
-                raws = teacher_outputs(detector, [s[0] for s in samples], spec["targets"], spec["levels"])
-                t_fwd += time.perf_counter() - t0
-            if here:
-                encoders.append(pool.submit(encode_batch, b, samples, raws))
-            else:
-                idx, view_name = batches[b]
-                for i, (_, boxes, iid, view), raw in zip(idx, samples, raws):
-                    rows[(i, view_name)] = {"image_id": iid, "view": view.to_dict(), "view_key": view.key(),
-                                            "boxes": boxes, "hw": (view.out_h, view.out_w), "raw": raw}
-        for f in encoders:
-            f.result()
+            rows[(i, view_name)] = {"image_id": iid, "view": view.to_dict(), "view_key": view.key(),
+                                    "boxes": boxes, "hw": (view.out_h, view.out_w), "raw": raw}
     if timings is not None:
         timings["forward_s"] = timings.get("forward_s", 0.0) + t_fwd
-    ordered = [rows[(i, v)] for i in range(start, stop) for v in views]  # image-major: one image's views adjacent
-    return rows_to_table(ordered) if here else ordered
+    return [rows[(i, v)] for i in range(start, stop) for v in views]  # image-major: one image's views adjacent
 
 
 def load_samples(ds: CocoDetection, indexes: Sequence[int], view_name: str
                  ) -> list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]]:
     """`view_sample` of each position in a picklable form (image as numpy, view as a dict): what the
-    precompute actor's I/O process sends back for `produce_shard(load_batch=...)`."""
+    precompute actor's I/O process sends back for `produce_shard`."""
     loaded: dict[int, Any] = {}
     out = []
     for i in indexes:
@@ -954,8 +920,7 @@ def load_samples(ds: CocoDetection, indexes: Sequence[int], view_name: str
 
 
 def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any]) -> pa.Table:
-    """The table of `produce_shard(..., load_batch=...)`'s raw rows (what the precompute actor's I/O process
-    runs); the same cells as `produce_shard` encoding in its own threads."""
+    """The Arrow table of `produce_shard`'s raw rows (what the precompute actor's I/O process runs)."""
     comp = CompressionConfig(**spec["compression"])
     return rows_to_table([{"image_id": r["image_id"], "view_key": r["view_key"], "view": r["view"],
                            **encode_row(r["raw"], comp, r["boxes"], r["hw"])} for r in raw_rows])

@@ -146,8 +146,8 @@ class PrecomputeActor:
         timings: dict[str, float] = {}
         w = self.work
         try:
-            raw_rows = produce_shard(self.detector, None, start, stop, w["views"], w["spec"], w["batch_size"],
-                                     timings, forward_lock=self.lock, load_batch=self._load)
+            raw_rows = produce_shard(self.detector, start, stop, w["views"], w["spec"], w["batch_size"], self._load,
+                                     timings, forward_lock=self.lock)
             tmp, entry = self.io.submit(_io_encode_and_write, i, raw_rows, w["spec"], (start, stop)).result()
         except BrokenProcessPool:
             # Its I/O process died (killed, out of memory): this actor can do no more. Exiting makes the driver

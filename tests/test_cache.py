@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from curriculum.data import View
 from curriculum.errors import DataError
 from teachers.cache import (
     LOCK_NAME, CacheError, CacheKey, CacheLockedError, CacheReader, CacheWriterLock, CorruptShardError,
-    StaleCacheError, TeacherCache, data_fingerprint, decode, encode, format_inspect, inspect_cache, open_dataset,
+    StaleCacheError, TeacherCache, data_fingerprint, decode, encode, encode_shard, format_inspect, inspect_cache,
+    load_samples, open_dataset,
     produce_shard, region_mask, resolve_fs, score_keep, shard_batches, shard_entry, shard_ranges, table_to_bytes,
     target_spec, teacher_fingerprint, teacher_outputs, view_config, view_sample,
 )
@@ -58,7 +60,10 @@ def build_cache(root: Path, ckpt: Path, images: str, ann: str, cfg: CacheConfig,
     spec = target_spec(cfg)
     for i in (only if only is not None else cache.missing_shards()):
         s, e = ranges[i]
-        table = produce_shard(det, ds, s, e, cfg.views, spec, batch_size)
+        with ThreadPoolExecutor(max_workers=1) as io:  # the actor's I/O process, as a thread
+            rows = produce_shard(det, s, e, cfg.views, spec, batch_size,
+                                 lambda idx, view: io.submit(load_samples, ds, idx, view))
+            table = encode_shard(rows, spec)
         data = table_to_bytes(table, cache.shard_meta(i))
         cache.commit(i, cache.write_tmp(i, data), shard_entry(i, data, table.num_rows, (s, e)))
     cache.write_manifest(force=True)  # the driver's `finally` (commits throttle manifest writes)

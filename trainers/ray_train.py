@@ -480,6 +480,8 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
                 torch.save(state, Path(d) / STATE_FILE)
                 ckpt_dir = d
             session.report(metrics, ckpt_dir)
+    if isinstance(source, TargetReadAhead):
+        source.close()  # its thread: a sweep runs many trials in one process
     if state is None:  # nothing left to train (resumed after the last epoch): the checkpoint's state
         state = {"epoch": start - 1, "stage": stage_index, "model": model.checkpoint(), "history": json.dumps(history)}
     return state
