@@ -227,6 +227,35 @@ def test_fp32_cache_equals_in_process_teacher(tmp_path, subset, name, targets):
     tt.check_finite()
 
 
+def test_produce_shard_loads_two_batches_ahead_of_the_forward(tmp_path, subset):
+    """While the teacher runs batch b, batches b+1 and b+2 are being decoded (LOAD_AHEAD); rows come back in
+    table order."""
+    images, ann = subset
+    det = save_teacher(tmp_path / "t.pt")
+    ds = open_dataset(images, ann, 128)
+    requested, at_forward = [], []
+
+    class CountingLock:  # entered around each forward: records how many loads were requested by then
+        def __enter__(self):
+            at_forward.append(len(requested))
+
+        def __exit__(self, *exc):
+            return False
+
+    spec = target_spec(CacheConfig(targets=["head"], views=["noflip", "flip"]))
+    with ThreadPoolExecutor(max_workers=1) as io:
+        def load(idx, view):
+            requested.append((list(idx), view))
+            return io.submit(load_samples, ds, idx, view)
+
+        rows = produce_shard(det, 0, 6, ["noflip", "flip"], spec, 2, load, forward_lock=CountingLock())
+    batches = shard_batches(0, 6, ["noflip", "flip"], 2)
+    assert requested == [(list(i), v) for i, v in batches]  # each batch loaded once, in forward order
+    assert at_forward == [min(b + 3, len(batches)) for b in range(len(batches))]
+    assert [(r["image_id"], r["view"]["flip"]) for r in rows] == [
+        (int(ds.image_ids[i]), f) for i in range(6) for f in (False, True)]
+
+
 @pytest.mark.parametrize("comp", [
     CompressionConfig(dtype="fp16"),
     CompressionConfig(dtype="int8"),
