@@ -59,6 +59,54 @@ def subset_annotations(src: Path, out: Path, n: int) -> None:
     out.write_text(json.dumps(data))
 
 
+def io_worker_pace(det, ds, kinds: list[str], views: list[str], args, forward_rows_s: float) -> None:
+    """What one I/O worker of a precompute actor does per row, alone on one thread: decode (load_samples),
+    encode (encode_shard), Parquet + zstd (table_to_bytes) and the write; hence how many workers
+    (`teachers[].io_workers`) keep up with a given forward rate, e.g. a GPU teacher's."""
+    from teachers.cache import encode_shard, load_samples, target_spec
+
+    spec = target_spec(CacheConfig(targets=kinds, views=views, compression=SETTINGS["fp16+top3"]))
+    t = {"decode": 0.0, "encode": 0.0, "parquet+zstd": 0.0, "write": 0.0}
+    out = Path(tempfile.mkdtemp(prefix="bench_io_"))
+    n_rows, n_bytes = 0, 0
+    ranges = shard_ranges(len(ds), args.shard_size)
+    for warm_up, (s, e) in [(True, ranges[0])] + [(False, r) for r in ranges]:  # Arrow's one-time set-up untimed
+        raw_rows = []
+        for idx, v in shard_batches(s, e, views, args.batch_size):
+            t0 = time.perf_counter()
+            loaded = load_samples(ds, idx, v)
+            t["decode"] += time.perf_counter() - t0
+            raws = teacher_outputs(det, [torch.from_numpy(x[0]) for x in loaded], kinds)
+            raw_rows += [{"image_id": iid, "view": view, "view_key": f"{iid}{v}", "boxes": boxes, "hw": (128, 128),
+                          "raw": r} for (_, boxes, iid, view), r in zip(loaded, raws)]
+        if warm_up:
+            table_to_bytes(encode_shard(raw_rows, spec), {})
+            t = dict.fromkeys(t, 0.0)
+            continue
+        t0 = time.perf_counter()
+        table = encode_shard(raw_rows, spec)
+        t1 = time.perf_counter()
+        data = table_to_bytes(table, {})
+        t2 = time.perf_counter()
+        (out / f"shard-{s}.parquet").write_bytes(data)
+        t3 = time.perf_counter()
+        t["encode"] += t1 - t0
+        t["parquet+zstd"] += t2 - t1
+        t["write"] += t3 - t2
+        n_rows, n_bytes = n_rows + len(raw_rows), n_bytes + len(data)
+    per = {k: v / n_rows * 1e3 for k, v in t.items()}
+    pace = n_rows / sum(t.values())
+    print(f"\n## one I/O worker alone (1 thread, {n_rows} rows, fp16 + top-3 logits): " + ", ".join(
+        f"{k} {v:.2f} ms" for k, v in per.items()) + f" per row; {pace:.0f} rows/s, {n_bytes / n_rows / 1024:.0f} "
+        f"KiB written per row")
+    print(f"the bare forward above ran at {forward_rows_s:.0f} rows/s (median): {forward_rows_s / pace:.2f} of one worker's "
+          f"time; a forward of F rows/s needs io_workers >= F / {pace:.0f} (and shards_in_flight >= io_workers + 1)")
+    area = COCO_HW[0] * COCO_HW[1] / (128 * 128)
+    enc_ms = per["encode"] + per["parquet+zstd"] + per["write"]
+    print(f"projection to 800x1333 (encode, zstd and write scale with the dense bytes, x{area:.0f}; decoding of "
+          f"large JPEGs not included): about {1e3 / (enc_ms * area):.1f} rows/s per worker with these settings")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=200)
@@ -147,6 +195,8 @@ def main() -> None:
               f"around it) | precompute {rows / rep.seconds:6.1f} rows/s ({rep.seconds:.2f} s; forward inside the "
               f"actor {rep.forward_seconds:.2f} s; actor start {rep.startup_seconds:.1f} s) | ratio {ratio:.3f}")
     print(f"ratio precompute / bare: median {float(np.median(ratios)):.3f} over {len(ratios)} runs (goal >= 0.9)")
+    io_worker_pace(det, ds, kinds, views, args, rows / float(np.median(bare_runs)))
+
 
     # ---- 2. bytes per image ------------------------------------------------------------------------------
     m = min(args.size_images, n)

@@ -300,10 +300,16 @@ class TeacherSpec:
     batch_size: int = 8  # images per forward inside an actor
     threads: int = 0  # torch intra-op threads per actor; 0: max(1, round(cpus_per_actor))
     shards_in_flight: int = 2  # per actor: one shard's decode/encode/write overlaps the next one's forward
+    # Processes per actor that decode images and encode, compress and write shards. One keeps up with a CPU
+    # forward; a GPU teacher outpaces it (bench/precompute.py prints how many a given forward rate needs): raise
+    # this and shards_in_flight together (each shard in flight has at most one encode running).
+    io_workers: int = 2
 
     def __post_init__(self) -> None:
         if self.shards_in_flight < 1:
             raise ConfigError(f"teachers[].shards_in_flight: must be at least 1, got {self.shards_in_flight}")
+        if self.io_workers < 1:
+            raise ConfigError(f"teachers[].io_workers: must be at least 1, got {self.io_workers}")
         if not self.checkpoint:
             raise ConfigError("teachers[]: checkpoint is required (a model.pt written by `curriculum train`)")
         if self.actors < 1:

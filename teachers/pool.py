@@ -110,13 +110,13 @@ def _threads(cpus: float, threads: int) -> int:
 class PrecomputeActor:
     """Loads one teacher once; computes shards and writes them under temporary names.
 
-    The actor's own process runs the teacher's forward and little else. Its I/O process (spawned once, two
-    workers) decodes the images of the next batch and encodes, compresses and writes each finished shard: in
+    The actor's own process runs the teacher's forward and little else. Its I/O processes (`io_workers`, spawned
+    once) decode the images of the next two batches and encode, compress and write each finished shard: in
     the actor's threads that work held the GIL between the forward's many small ops and slowed it by about a
     quarter on 2 cores (bench/precompute.py). Threaded (`max_concurrency` = shards in flight): while one shard
     is encoded and written, the next one's forward runs; a lock keeps one forward at a time."""
 
-    def __init__(self, work: dict[str, Any], threads: int) -> None:
+    def __init__(self, work: dict[str, Any], threads: int, io_workers: int = 2) -> None:
         import multiprocessing
         import threading
         from concurrent.futures import ProcessPoolExecutor
@@ -126,10 +126,13 @@ class PrecomputeActor:
         self.work = work
         d = work["data"]
         self.ds_args = (d["images"], d["annotations"], (d["out_h"], d["out_w"]), d["on_bad_box"])
-        self.io = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_io_init, initargs=(os.getpid(), self.ds_args, work["cache_uri"]))
-        # Start both workers now (data set parsed, Arrow warmed up), not on the first shard.
-        for f in [self.io.submit(_io_warm) for _ in range(2)]:
+        ctx = multiprocessing.get_context("spawn")
+        # Start every worker now (data set parsed, Arrow warmed up), not on the first shard: a worker holds its
+        # warm-up call at the barrier until each worker has one.
+        warmed = ctx.Barrier(io_workers)
+        self.io = ProcessPoolExecutor(max_workers=io_workers, mp_context=ctx, initializer=_io_init,
+                                      initargs=(os.getpid(), self.ds_args, work["cache_uri"], warmed))
+        for f in [self.io.submit(_io_warm) for _ in range(io_workers)]:
             f.result()
         self.detector = load_teacher(work["checkpoint"], device=_device(work["gpus"]))
 
@@ -162,10 +165,11 @@ class PrecomputeActor:
 _IO: dict[str, Any] = {}
 
 
-def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str) -> None:
+def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str, warmed: Any) -> None:
     import threading
 
     torch.set_num_threads(1)
+    _IO["warmed"] = warmed
     _IO["ds"] = open_dataset(*ds_args)
     _IO["cache"] = TeacherCache.open(cache_uri)
 
@@ -184,7 +188,7 @@ def _io_warm() -> int:
     # Arrow's first nested-array build costs ~0.5 s of one-time set-up: pay it before the clock starts.
     rows_to_table([{"image_id": 0, "view_key": "", "view": {"orig_h": 1, "orig_w": 1, "out_h": 1, "out_w": 1,
                                                              "flip": False}}])
-    time.sleep(0.2)  # so that the second warm-up call goes to the other worker
+    _IO["warmed"].wait(timeout=300)
     return os.getpid()
 
 
@@ -282,7 +286,7 @@ class _TeacherRun:
             max_restarts=0, max_task_retries=0,  # the driver replaces dead actors and re-queues their shards
             max_concurrency=self.spec.shards_in_flight,
         )
-        return cls.remote(self.work, _threads(self.spec.cpus_per_actor, self.spec.threads))
+        return cls.remote(self.work, _threads(self.spec.cpus_per_actor, self.spec.threads), self.spec.io_workers)
 
 
 def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cache: dict) -> tuple[dict, CacheKey, Any]:

@@ -13,7 +13,7 @@ import yaml
 from curriculum.config import (
     CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, TeacherSpec, load_config,
 )
-from curriculum.errors import DataError
+from curriculum.errors import ConfigError, DataError
 from teachers.cache import (
     LOCK_NAME, CacheLockedError, CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset,
 )
@@ -29,13 +29,14 @@ def setup(shapes_root, tmp_path_factory):
     return d, images, ann
 
 
-def job(d: Path, images: str, ann: str, root: str, actors: int = 1, **cache_kw) -> PrecomputeJobConfig:
+def job(d: Path, images: str, ann: str, root: str, actors: int = 1, spec_kw: dict | None = None, **cache_kw
+        ) -> PrecomputeJobConfig:
     cache_kw.setdefault("targets", ["features", "head", "detections"])
     cache_kw.setdefault("compression", CompressionConfig(dtype="fp16", logits="topk", topk=3))
     return PrecomputeJobConfig(
         data=DataConfig(root=str(d), builtin="none", train_images=images, train_annotations=ann, image_size=128),
         teachers=[TeacherSpec(checkpoint=str(d / "teacher.pt"), actors=actors, cpus_per_actor=0.5, threads=1,
-                              batch_size=2)],
+                              batch_size=2, **(spec_kw or {}))],
         cache=CacheConfig(root=root, shard_size=2, views=["noflip", "flip"], **cache_kw),
     )
 
@@ -78,6 +79,16 @@ def test_precompute_matches_in_process_teacher(setup, reference):
 
 class Crash(Exception):
     pass
+
+
+def test_io_workers_and_shards_in_flight_change_nothing_in_the_cache(setup, reference, tmp_path):
+    """Three I/O processes and three shards in flight (what a GPU teacher needs) write the same bytes."""
+    d, images, ann = setup
+    (report,) = precompute(job(d, images, ann, str(tmp_path / "c"), spec_kw={"io_workers": 3, "shards_in_flight": 3}),
+                           progress=False)
+    assert shard_files(report.cache) == reference[1] and sorted(report.computed) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match=r"teachers\[\]\.io_workers: must be at least 1, got 0"):
+        TeacherSpec(checkpoint="t.pt", io_workers=0)
 
 
 def test_resume_after_a_crash_ends_with_the_same_cache(setup, reference, tmp_path):
