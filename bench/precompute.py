@@ -63,26 +63,26 @@ def io_worker_pace(det, ds, kinds: list[str], views: list[str], args, forward_ro
     """What one I/O worker of a precompute actor does per row, alone on one thread: decode (load_samples),
     encode (encode_shard), Parquet + zstd (table_to_bytes) and the write; hence how many workers
     (`teachers[].io_workers`) keep up with a given forward rate, e.g. a GPU teacher's."""
-    from teachers.cache import encode_shard, load_samples, target_spec
+    from concurrent.futures import Future
+
+    from teachers.cache import encode_shard, load_samples, produce_shard, target_spec
 
     spec = target_spec(CacheConfig(targets=kinds, views=views, compression=SETTINGS["fp16+top3"]))
     t = {"decode": 0.0, "encode": 0.0, "parquet+zstd": 0.0, "write": 0.0}
+
+    def load_batch(idx: list[int], view: str) -> Future:  # decoded here, on the spot, and timed
+        t0 = time.perf_counter()
+        f: Future = Future()
+        f.set_result(load_samples(ds, idx, view))
+        t["decode"] += time.perf_counter() - t0
+        return f
+
     out = Path(tempfile.mkdtemp(prefix="bench_io_"))
     n_rows, n_bytes = 0, 0
-    ranges = shard_ranges(len(ds), args.shard_size)
-    for warm_up, (s, e) in [(True, ranges[0])] + [(False, r) for r in ranges]:  # Arrow's one-time set-up untimed
-        raw_rows = []
-        for idx, v in shard_batches(s, e, views, args.batch_size):
-            t0 = time.perf_counter()
-            loaded = load_samples(ds, idx, v)
-            t["decode"] += time.perf_counter() - t0
-            raws = teacher_outputs(det, [torch.from_numpy(x[0]) for x in loaded], kinds)
-            raw_rows += [{"image_id": iid, "view": view, "view_key": f"{iid}{v}", "boxes": boxes, "hw": (128, 128),
-                          "raw": r} for (_, boxes, iid, view), r in zip(loaded, raws)]
-        if warm_up:
+    for k, (s, e) in enumerate(shard_ranges(len(ds), args.shard_size)):
+        raw_rows = produce_shard(det, s, e, views, spec, args.batch_size, load_batch)
+        if k == 0:  # Arrow's one-time set-up, untimed
             table_to_bytes(encode_shard(raw_rows, spec), {})
-            t = dict.fromkeys(t, 0.0)
-            continue
         t0 = time.perf_counter()
         table = encode_shard(raw_rows, spec)
         t1 = time.perf_counter()
@@ -99,8 +99,9 @@ def io_worker_pace(det, ds, kinds: list[str], views: list[str], args, forward_ro
     print(f"\n## one I/O worker alone (1 thread, {n_rows} rows, fp16 + top-3 logits): " + ", ".join(
         f"{k} {v:.2f} ms" for k, v in per.items()) + f" per row; {pace:.0f} rows/s, {n_bytes / n_rows / 1024:.0f} "
         f"KiB written per row")
-    print(f"the bare forward above ran at {forward_rows_s:.0f} rows/s (median): {forward_rows_s / pace:.2f} of one worker's "
-          f"time; a forward of F rows/s needs io_workers >= F / {pace:.0f} (and shards_in_flight >= io_workers + 1)")
+    print(f"the bare forward above ran at {forward_rows_s:.0f} rows/s (median): {forward_rows_s / pace:.2f} of one "
+          f"worker's time; a forward of F rows/s needs io_workers >= F / {pace:.0f} (and shards_in_flight >= "
+          f"io_workers + 1)")
     area = COCO_HW[0] * COCO_HW[1] / (128 * 128)
     enc_ms = per["encode"] + per["parquet+zstd"] + per["write"]
     print(f"projection to 800x1333 (encode, zstd and write scale with the dense bytes, x{area:.0f}; decoding of "
@@ -196,7 +197,6 @@ def main() -> None:
               f"actor {rep.forward_seconds:.2f} s; actor start {rep.startup_seconds:.1f} s) | ratio {ratio:.3f}")
     print(f"ratio precompute / bare: median {float(np.median(ratios)):.3f} over {len(ratios)} runs (goal >= 0.9)")
     io_worker_pace(det, ds, kinds, views, args, rows / float(np.median(bare_runs)))
-
 
     # ---- 2. bytes per image ------------------------------------------------------------------------------
     m = min(args.size_images, n)

@@ -372,11 +372,8 @@ def cache_feed(batches: list[Batch], n: int, reader: Any) -> Feed:
     from trainers.ray_train import TargetReadAhead
 
     source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
-    try:
-        for images, targets in source.wrap(batch_stream(batches, n)):
-            yield images, targets, source
-    finally:
-        source.close()
+    for images, targets in source.wrap(batch_stream(batches, n)):
+        yield images, targets, source
 
 
 def serve_feed(batches: list[Batch], n: int, server: Any, depth: int) -> Feed:
@@ -521,8 +518,8 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
         ref = "-" if a is None else f"{a[key]:.2f}"
         lines.append(f"| {label} | {b[key]:.2f} | {100 * b[key] / b['step']:.1f} % | {ref} |")
     if a is not None:
-        lines += ["", f"Beyond (a): {b['step'] - a['step']:.2f} ms per step, of which waiting for and moving the targets "
-                      f"{b['targets'] + b['move']:.2f}, the losses' forward {b['losses']:.2f}, the larger student "
+        lines += ["", f"Beyond (a): {b['step'] - a['step']:.2f} ms per step, of which waiting for and moving the "
+                      f"targets {b['targets'] + b['move']:.2f}, the losses' forward {b['losses']:.2f}, the larger student "
                       f"forward {b['forward'] - a['forward']:.2f} and backward {b['backward'] - a['backward']:.2f} "
                       "(the losses' share of backward; (a) and (b) come from separate passes).",
                   "", f"What the cache itself costs: (a) / ((a) + waiting + moving) = "

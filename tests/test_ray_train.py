@@ -61,4 +61,3 @@ def test_target_read_ahead_reads_the_next_batch_in_the_background_and_returns_th
     assert all(name.startswith("teacher-targets") for _, name in started)
     # A batch it did not read ahead (another list) is read on the spot, in the caller's thread.
     assert ahead([None], [{"image_id": 2}]) == "targets of 2" and started[-1][1] == threading.current_thread().name
-    ahead.close()

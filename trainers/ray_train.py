@@ -139,14 +139,13 @@ class TargetReadAhead:
     (bench/step_cost.py measures the wait). `wrap(batches)` yields the batches unchanged, one batch ahead;
     calling the object as `source(images, targets)` returns what was read for that batch. The reads are the same
     as without it, so the training is the same (one extra read at the end of an epoch cut short by
-    `max_iters_per_epoch`)."""
+    `max_iters_per_epoch`). Its thread lives as long as one `wrap` (an epoch), however that ends: a sweep runs
+    many trials, failing ones too, in one process."""
 
     def __init__(self, read: Any) -> None:
         import threading
-        from concurrent.futures import ThreadPoolExecutor
 
         self.read = read
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-targets")
         self.lock = threading.Lock()  # readers (their shard LRU) are not thread-safe: one read at a time
         self.ahead: dict[int, Any] = {}
 
@@ -155,27 +154,28 @@ class TargetReadAhead:
             return self.read(images, targets)
 
     def wrap(self, batches: Iterator[tuple[list, list]]) -> Iterator[tuple[list, list]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-targets")
         it = iter(batches)
-        nxt = next(it, None)
-        fut = None if nxt is None else self.pool.submit(self._read, *nxt)
         try:
+            nxt = next(it, None)
+            fut = None if nxt is None else pool.submit(self._read, *nxt)
             while nxt is not None:
                 cur, cur_fut = nxt, fut
                 nxt = next(it, None)
                 if nxt is not None:
-                    fut = self.pool.submit(self._read, *nxt)
+                    fut = pool.submit(self._read, *nxt)
                 self.ahead[id(cur[1])] = cur_fut
                 yield cur
                 self.ahead.pop(id(cur[1]), None)
         finally:
             self.ahead.clear()
+            pool.shutdown(wait=True)
 
     def __call__(self, images: list, targets: list) -> Any:
         fut = self.ahead.get(id(targets))
         return self._read(images, targets) if fut is None else fut.result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
 
 
 class _Autocast(torch.nn.Module):
@@ -480,8 +480,6 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
                 torch.save(state, Path(d) / STATE_FILE)
                 ckpt_dir = d
             session.report(metrics, ckpt_dir)
-    if isinstance(source, TargetReadAhead):
-        source.close()  # its thread: a sweep runs many trials in one process
     if state is None:  # nothing left to train (resumed after the last epoch): the checkpoint's state
         state = {"epoch": start - 1, "stage": stage_index, "model": model.checkpoint(), "history": json.dumps(history)}
     return state
