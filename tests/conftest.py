@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+THREADS = 2
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Every test starts from the same process state, whatever ran before it: the global random generators
+    seeded, the session's torch thread count; a test (or a bench's main called in-process) that changes the
+    thread count gets it restored after. So a test's figures are the same alone and in any order."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -341,7 +341,16 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
 
     The same loop serves Ray Train workers (`TrainSession`) and Tune trials (`TuneSession`). A stage's teacher
     targets come from its cache (`stage["cache"]`), or with `teacher_mode: inline` from the teacher run here.
+    Runs with `threads_per_worker` torch threads and restores the caller's count after (it may be called
+    in-process).
     """
+    from trainers.train import torch_threads
+
+    with torch_threads(loop_config.get("threads_per_worker")):
+        return _run_training(loop_config, session)
+
+
+def _run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from curriculum.data import collate_fn
@@ -355,8 +364,6 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
     stage_index = stage["index"] if stage else 0
     t = job.train
     rank, world, device = session.rank, session.world, session.device
-    if loop_config.get("threads_per_worker"):
-        torch.set_num_threads(loop_config["threads_per_worker"])
     seed_everything(t.seed)
     ds = build_dataset(job.data, "train", seed=t.seed)
     model = build_detector(job.model.name, ds.num_classes, image_size=job.data.image_size, **job.model.overrides())

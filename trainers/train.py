@@ -18,8 +18,9 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -238,6 +239,21 @@ def load_train_state(path: Path, trust: bool = False) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the job
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (0 or None: unchanged) and give the caller back its own
+    count after: a training called in-process must not change the threads (and so the float results) of what
+    the caller runs next."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -245,7 +261,14 @@ def seed_everything(seed: int) -> None:
 
 
 def train_detector(job: TrainJobConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train one detector without distillation, evaluate it, write the output folder; return the summary."""
+    """Train one detector without distillation, evaluate it, write the output folder; return the summary.
+
+    Runs with `train.num_threads` torch threads (when set) and restores the caller's count after."""
+    with torch_threads(job.train.num_threads):
+        return _train_detector(job, resume, progress)
+
+
+def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[str, Any]:
     out = Path(job.output_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     if ckpt_path.exists() and not resume:
@@ -256,8 +279,6 @@ def train_detector(job: TrainJobConfig, resume: bool = False, progress: bool = T
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     dump_config(job, out / "config.yaml")
     t = job.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
     ensure_builtin_data(job.data)
     train_ds = build_dataset(job.data, "train", seed=t.seed)
