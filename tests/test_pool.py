@@ -206,6 +206,63 @@ def test_rebuild_and_verify(setup, reference, tmp_path):
     assert shard_files(str(copy)) == ref_files
 
 
+def _rewrite_cell(cache_dir: Path, shard: int, column: str, change) -> None:
+    """Change one tensor of every row of a shard and commit the shard as if a teacher had written it (checksum
+    and manifest updated): what verify must catch by value, not by checksum."""
+    import pyarrow as pa
+
+    from teachers.cache import decode, encode, shard_entry, table_to_bytes
+
+    cache = TeacherCache.open(str(cache_dir))
+    table = cache.read_shard(shard)
+    cells = []
+    for cell in table.column(column).to_pylist():
+        cells.append(encode(change(decode(cell)), cell["codec"]))
+    arr = pa.StructArray.from_arrays(
+        [pa.array([c[k] for c in cells], table.schema.field(column).type.field(k).type)
+         for k in ("codec", "shape", "data", "aux", "index")],
+        fields=list(table.schema.field(column).type))
+    table = table.set_column(table.schema.get_field_index(column), column, arr)
+    data = table_to_bytes(table, cache.shard_meta(shard))
+    entry = cache.manifest["shards"][f"{shard:05d}"]
+    (cache_dir / "shards" / entry["file"]).write_bytes(data)
+    cache.manifest["shards"][f"{shard:05d}"] = shard_entry(shard, data, entry["rows"], tuple(entry["images"]))
+    cache.write_manifest(force=True)
+
+
+def test_verify_passes_a_sound_fp16_cache_from_other_threads_and_catches_a_changed_value(setup, reference, tmp_path):
+    """The precompute ran with 1 thread; verify recomputes with 2, whose last float bits differ: a sound cache
+    still verifies. A value changed by a little more than one fp16 step at its magnitude is caught, and so is a
+    changed teacher."""
+    import shutil
+
+    d, images, ann = setup
+    report, _, _ = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(report.cache, copy)
+    torch.set_num_threads(2)
+    v = verify_cache(str(copy), sample=8)
+    assert v["ok"] and v["checked"] == 16, v  # 8 images x 2 views
+    assert 0 < v["max_abs_error"]["features/p3"] < 0.05
+
+    def bump(x):
+        x = x.copy()
+        x.flat[int(np.argmax(np.abs(x)))] *= 1.01  # about 4 fp16 steps at the largest magnitude
+        return x
+
+    _rewrite_cell(copy, 1, "features/p3", bump)
+    v = verify_cache(str(copy), sample=8)
+    assert not v["ok"] and any("features/p3 differs" in p for p in v["problems"]), v
+    assert all("features/p3" in p for p in v["problems"]), v["problems"]  # nothing else is blamed
+    # The teacher retrained in place (the manifest's checkpoint path now holds other weights).
+    save_teacher(tmp_path / "retrained.pt", seed=1)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["teacher"]["checkpoint"] = str(tmp_path / "retrained.pt")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    v = verify_cache(str(copy), sample=2)
+    assert not v["ok"] and "teacher checkpoint changed" in v["problems"][0], v
+
+
 def test_second_writer_is_refused_and_a_stale_lock_taken_over(setup, reference, tmp_path, caplog):
     import shutil
     import socket
