@@ -66,7 +66,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from curriculum.config import TrainJobConfig, load_config
     from trainers.train import train_detector
 
+    from teachers.zoo import check_detector_name
+
     jobs = [load_config(c, TrainJobConfig, args.set) for c in args.configs]  # check every config first
+    for path, job in zip(args.configs, jobs):
+        try:
+            check_detector_name(job.model.name)
+        except CurriculumError as e:
+            raise ConfigError(f"{path}: model.name: {e}") from None
     rows = []
     for path, job in zip(args.configs, jobs):
         log.info("training %s (%s) into %s", job.model.name, path, job.output_dir)

@@ -83,7 +83,9 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None, preset
         extra = list(PRESETS[preset])
         out_dir = load_config(path, RunJobConfig, overrides).output_dir
         extra.append(f"output_dir={out_dir.rstrip('/')}_{preset}")
-    return load_config(path, RunJobConfig, extra + list(overrides or []))
+    job = load_config(path, RunJobConfig, extra + list(overrides or []))
+    check_run_config(job, str(path))
+    return job
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -473,12 +475,26 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
                     random_init=random_init)
 
 
+def check_run_config(job: RunJobConfig, where: str = "the run config") -> None:
+    """What can be checked before any work starts (no data generated, no folder created): the student's and every
+    teacher's detector name, so a misspelt name fails in a second rather than after the data set or a teacher."""
+    from teachers.zoo import check_detector_name
+
+    entries = [("student.name", job.student.name)] + [(f"teachers[{i}].name", t.name) for i, t in enumerate(job.teachers)]
+    for key, name in entries:
+        try:
+            check_detector_name(name)
+        except CurriculumError as e:
+            raise ConfigError(f"{where}: {key}: {e}") from None
+
+
 def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
                  base_dir: str | Path | None = None) -> dict[str, Any]:
     """Everything `curriculum run` does (module docstring); returns the report (also written as JSON).
 
     Relative paths of the config are taken relative to `base_dir` (default: the current directory).
     """
+    check_run_config(job)
     job = absolute_paths(job, base_dir)
     out = Path(job.output_dir)
     if (out / "stages").exists() and not resume:
@@ -644,4 +660,4 @@ def main_run(config: str, resume: bool = False, preset: str | None = None, overr
     return 0
 
 
-__all__ = ["PRESETS", "load_run_config", "run_pipeline", "run_stage", "teacher_checkpoint", "main_run"]
+__all__ = ["PRESETS", "check_run_config", "load_run_config", "run_pipeline", "run_stage", "teacher_checkpoint", "main_run"]

@@ -126,7 +126,9 @@ def list_detectors(builtin_only: bool = False) -> list[str]:
     return [f"{h}_{b}" for b, spec in BACKBONES.items() if spec.builtin or not builtin_only for h in HEADS]
 
 
-def _check_name(name: str) -> None:
+def check_detector_name(name: str) -> None:
+    """Raise ModelError naming the registered heads and backbones unless `name` is a zoo detector: cheap, for
+    checking a config before any work starts."""
     head, _, backbone = name.partition("_")
     if head not in HEADS or backbone not in BACKBONES:
         raise ModelError(
@@ -508,7 +510,7 @@ def build_detector(name: str, num_classes: int, **overrides: Any) -> Detector:
     overrides: any `DetectorConfig` field: image_size, fpn_channels, head_convs, anchor_scale, score_thresh,
     nms_thresh, detections_per_img, weights ("random", "timm", "torchvision" or a checkpoint path).
     """
-    _check_name(name)
+    check_detector_name(name)
     fields = set(DetectorConfig.__dataclass_fields__) - {"name", "num_classes"}
     bad = sorted(set(overrides) - fields)
     if bad:

@@ -35,6 +35,28 @@ def test_bad_config_is_one_clear_message(tmp_path, capsys):
     assert "unknown key 'modle' (did you mean 'model'?)" in capsys.readouterr().err
 
 
+def test_misspelt_detector_fails_before_any_work(tmp_path, capsys):
+    """A misspelt name stops `run`, `tune` and `train` before the built-in data set or an output folder exist."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}/data, builtin: shapes}}\n"
+                   "student: {name: fcos_mobilenetv3_micor}\nteachers: [{name: fcos_resnet_mini}]\n")
+    for argv in (["run", str(cfg)], ["tune", str(cfg), "--space", "mgd", "--num-samples", "1"]):
+        assert main(argv + ["--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert str(cfg) in err and "student.name" in err and "'fcos_mobilenetv3_micor'" in err, err
+    cfg.write_text(f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}/data, builtin: shapes}}\n"
+                   "teachers: [{name: fcos_resnet_mini}, {name: fcos_resnet18_hlaf}]\n")
+    assert main(["run", str(cfg), "--quiet"]) == 2
+    assert "teachers[1].name" in capsys.readouterr().err
+    train_cfg = tmp_path / "train.yaml"
+    train_cfg.write_text(f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}/data, builtin: shapes}}\n"
+                         "model: {name: fcos_mobilenetv3_micor}\n")
+    assert main(["train", str(train_cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(train_cfg) in err and "model.name" in err and "'fcos_mobilenetv3_micor'" in err, err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
 def test_missing_annotation_file_is_named(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"output_dir: {tmp_path}/out\ndata: {{root: {tmp_path}/none, builtin: none}}\n")

@@ -269,6 +269,9 @@ def train_detector(job: TrainJobConfig, resume: bool = False, progress: bool = T
 
 
 def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[str, Any]:
+    from teachers.zoo import check_detector_name
+
+    check_detector_name(job.model.name)  # before the output folder or the data set exist
     out = Path(job.output_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     if ckpt_path.exists() and not resume:

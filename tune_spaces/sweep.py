@@ -247,12 +247,13 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
     """The sweep of the module docstring; returns its report (also written under `<sweep>/report/`)."""
     from ray import tune
 
-    from curriculum.pipeline import Phases, absolute_paths, prepare_run
+    from curriculum.pipeline import Phases, absolute_paths, check_run_config, prepare_run
     from curriculum.plan import total_epochs
     from teachers.pool import ensure_ray
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    check_run_config(job)
     given = job
     job = absolute_paths(job, base_dir)
     cfg = job.tune
