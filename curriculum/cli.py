@@ -64,9 +64,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from curriculum.config import TrainJobConfig, load_config
-    from trainers.train import train_detector
-
     from teachers.zoo import check_detector_name
+    from trainers.train import train_detector
 
     jobs = [load_config(c, TrainJobConfig, args.set) for c in args.configs]  # check every config first
     for path, job in zip(args.configs, jobs):
