@@ -199,18 +199,41 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     """`kd_ratio`: one factor for the stage's feature terms so they add up to kd_ratio x the detector loss on the
     first `batches` training batches (data-set order, epoch 0 views), with the student as the stage starts.
 
-    Nothing is trained (a throw-away copy of the student, no gradients); the global RNG is restored.
+    Nothing is trained (a throw-away copy of the student, no gradients). The student and its adapters are built
+    from the training seed, as a training worker builds them (`trainers.ray_train.run_training`: seed, detector,
+    distiller), so the factors do not depend on what this process ran before; the caller's random state is
+    restored.
     """
+    if stage.kd_ratio is None or stage.teacher is None:
+        return {}
+    with _own_random_state():
+        return _calibrate(job, stage, init, batches)
+
+
+@contextmanager
+def _own_random_state() -> Iterator[None]:
+    """The block may seed and draw from the global generators (python, numpy, torch); the caller's are restored."""
+    import random
+
+    import numpy as np
+
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py), np.random.set_state(npy), torch.set_rng_state(th)
+
+
+def _calibrate(job: RunJobConfig, stage: Stage, init: str, batches: int) -> dict[str, float]:
     from curriculum.data import collate_fn
     from teachers.cache import CacheReader
     from teachers.zoo import load_detector
     from trainers.distill import build_distiller
     from trainers.distill.common import FeatureTerm
     from trainers.distill.outputs import student_outputs_from
-    from trainers.train import build_dataset
+    from trainers.train import build_dataset, seed_everything
 
-    if stage.kd_ratio is None or stage.teacher is None:
-        return {}
+    seed_everything(job.train.seed)
     student = load_detector(init)
     if stage.cache:
         reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
@@ -231,7 +254,6 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     ds = build_dataset(job.data, "train", seed=job.train.seed)
     ds.set_epoch(0)
     bs = job.train.batch_size
-    rng = torch.get_rng_state()
     gen = torch.Generator().manual_seed(job.train.seed)
     det = feat = 0.0
     student.train()
@@ -242,7 +264,6 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
             terms = distiller(student_outputs_from(out), source(images, targets), targets, generator=gen)
             det += float(sum(out.losses.values()))
             feat += sum(float(terms[f"distill_{k}"]) for k in keys)
-    torch.set_rng_state(rng)
     factor = stage.kd_ratio * det / max(feat, 1e-12)
     return {k: factor for k in keys}
 

@@ -481,6 +481,7 @@ def _run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
                     "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "model": model.checkpoint(),
                     "distiller": distiller.state_dict() if distiller is not None else None,
                     "loss_factors": loop_config.get("loss_factors") or {},
+                    "kd_ratio": loop_config.get("kd_ratio"),  # what the factors were calibrated for (PBT rescales)
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
                 }

@@ -211,9 +211,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         }
         session = TuneSession(
             resume=resume if own is not None else None, device=device,
-            extra=lambda m, base=done, si=st.index: {
+            extra=lambda m, base=done, si=st.index, kd=st.kd_ratio, f=factors: {
                 "epochs_done": base + m["epoch"], "stage": si + 1, "planned_epochs": planned,
-                "teacher_forwards": teacher_forward_counts()["teacher"] - forwards0})
+                "teacher_forwards": teacher_forward_counts()["teacher"] - forwards0,
+                # what this epoch trained with: a PBT clone's perturbed kd_ratio and its rescaled feature factor
+                "kd_ratio": kd, "loss_factor": next(iter(f.values()), None)})
         state = run_training(loop_config, session)
         done += st.epochs
         init = workdir / f"student_after_stage{st.index + 1}.pt"
@@ -221,6 +223,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
+
+
+def _finished(trial_id: str, result: dict[str, Any]) -> bool:
+    """Tune stopper: the trial has trained every epoch of every stage."""
+    return result.get("epochs_done", 0) >= result.get("planned_epochs", math.inf)
 
 
 def _scheduler(kind: str, cfg: Any, space: Space, max_t: int) -> Any:
@@ -232,6 +239,7 @@ def _scheduler(kind: str, cfg: Any, space: Space, max_t: int) -> Any:
     if kind == "pbt":
         # synch: every trial reaches the interval before the worst are replaced, so the outcome does not depend on
         # which trials happened to be running at that moment (trials wait paused, freeing their resources).
+        # Its draws (donor, perturbation) come from the driver's global `random` and numpy: `_fit` seeds them.
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.perturbation_interval,
                                        hyperparam_mutations=space.to_tune(mutation=True), quantile_fraction=0.25,
                                        synch=True)
@@ -318,7 +326,14 @@ def _fit(tune: Any, trainable: Any, param_space: dict, storage: Path, exp_name: 
             tuner = tune.Tuner.restore(str(storage / exp_name), trainable=trainable, param_space=param_space,
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
         else:
+            import random
+
+            import numpy as np
             from ray.tune.search.basic_variant import BasicVariantGenerator
+
+            # PBT has no seed of its own in Ray 2.60: it draws from these (the sweep's seed makes them replayable).
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
 
             # The cap on concurrent trials lives in the generator (Tune ignores max_concurrent_trials with one).
             search = BasicVariantGenerator(points_to_evaluate=[default] if default else None, random_state=cfg.seed,
@@ -330,6 +345,9 @@ def _fit(tune: Any, trainable: Any, param_space: dict, storage: Path, exp_name: 
                     metric=cfg.metric, mode="max", num_samples=num_samples + (1 if default else 0), search_alg=search,
                     scheduler=_scheduler(cfg.scheduler, cfg, space, max_t)),
                 run_config=tune.RunConfig(
+                    # A trial at its last epoch is finished before a scheduler sees the result: PBT would
+                    # otherwise clone into it a checkpoint it never trains from, and log values it never used.
+                    stop=_finished if cfg.scheduler == "pbt" else None,
                     storage_path=str(storage), name=exp_name, verbose=1 if progress else 0,
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures, fail_fast=False),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
@@ -363,6 +381,8 @@ def collect_trials(grid: Any, space: Space, metric: str) -> list[dict[str, Any]]
             "trial": _trial_id(result.path) or m.get("trial_id") or "?",
             "status": status, metric: m.get(metric), "val_AP50": m.get("val_AP50"), "epochs": done,
             "planned_epochs": planned, "teacher_forwards": m.get("teacher_forwards"),
+            # what the last epoch trained with (after a PBT clone: the perturbed kd_ratio, the rescaled factor)
+            "trained_kd_ratio": m.get("kd_ratio"), "loss_factor": m.get("loss_factor"),
             "params": cfg, "error": err, "history": hist, "path": result.path,
         })
     rows.sort(key=lambda r: (r["status"] != "finished", -(r[metric] if r[metric] is not None else -math.inf)))
