@@ -605,7 +605,7 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
     student_ckpt["curriculum"] = {"teachers": order, "stages": [s.name for s in stages],
                                   "config": str(out / "config.yaml")}
     _save(student_ckpt, rep / "student.pt")
-    _plot(rep, history, others, stage_borders(stages))
+    _plot(rep, history, others, stages, {name: teacher_evals[name]["AP"] for name in order})
     lines = [
         f"# Curriculum run: {job.student.name} <- {' -> '.join(order)}",
         "",
@@ -649,16 +649,27 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
     return report
 
 
-def _plot(rep: Path, history: list[dict], others: dict, borders: list[int]) -> None:
+def _plot(rep: Path, history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> None:
+    """loss.png and ap.png (`ap_figure`)."""
+    import matplotlib.pyplot as plt
+
+    from trainers.train import plot_history
+
+    plot_history([{k: v for k, v in h.items() if k != "decay"} for h in history], rep, stage_borders(stages))
+    fig = ap_figure(history, others, stages, teacher_ap)
+    fig.savefig(rep / "ap.png", dpi=100)
+    plt.close(fig)
+
+
+def ap_figure(history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> Any:
+    """The student's val AP per epoch through the stages (each named over its span, borders dashed), the
+    baseline and direct arms, and each teacher's AP as a reference line: did the student reach its teachers?"""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trainers.train import plot_history
-
-    plot_history([{k: v for k, v in h.items() if k != "decay"} for h in history], rep, borders)  # loss.png
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     ev = [h for h in history if "val" in h]
     ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP"] for h in ev], marker="o", label="curriculum AP")
     ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP50"] for h in ev], marker="o", ls=":", label="curriculum AP50")
@@ -668,10 +679,19 @@ def _plot(rep: Path, history: list[dict], others: dict, borders: list[int]) -> N
             pts = [(h["epoch"], 100 * h["val"]["AP"]) for h in hist if "val" in h][:-1]
             pts.append((hist[-1]["epoch"] if hist else 0, 100 * others[key]["val"]["AP"]))
             ax.plot(*zip(*pts), marker="s", label=f"{key} AP")
-    for b in borders:
+    for i, (name, ap) in enumerate(teacher_ap.items()):
+        ax.axhline(100 * ap, color=f"C{4 + i}", ls="-.", lw=1, label=f"teacher {name} ({100 * ap:.1f} AP)")
+    for b in stage_borders(stages):
         ax.axvline(b + 0.5, color="grey", ls="--")
-    ax.set_xlabel("epoch"), ax.set_ylabel("val AP (%)"), ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(rep / "ap.png", dpi=100), plt.close(fig)
+    start = 0
+    for st in stages:
+        ax.text(start + 0.5 + st.epochs / 2, 1.01, f"stage {st.index + 1}\n{st.teacher or 'no teacher'}",
+                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+        start += st.epochs
+    ax.set_xlim(0.5, max(start, 1) + 0.5)
+    ax.set_xlabel("epoch"), ax.set_ylabel("val AP (%)"), ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def main_run(config: str, resume: bool = False, preset: str | None = None, overrides: list[str] | None = None,

@@ -54,6 +54,30 @@ def tiny(root: Path, shared: Path, out: Path, **kw) -> dict:
     return d
 
 
+def test_ap_figure_draws_each_teacher_and_names_each_stage():
+    from curriculum.pipeline import ap_figure
+    from curriculum.plan import Stage
+
+    def stage(i, teacher, epochs):
+        return Stage(index=i, name=f"{i + 1}-{teacher}", teacher=teacher, teacher_checkpoint=None, epochs=epochs,
+                     losses=[], lr=None, decay_kind="constant", decay_params={}, decay_offset=0, decay_t_max=epochs)
+
+    val = lambda ap: {"AP": ap, "AP50": 2 * ap}  # noqa: E731
+    history = [{"epoch": e, "val": val(0.01 * e)} for e in (1, 2, 3, 4, 5)]
+    others = {"baseline": {"summary": {"history": [{"epoch": 5}]}, "val": val(0.02)}}
+    fig = ap_figure(history, others, [stage(0, "fcos_resnet_mini", 2), stage(1, "fcos_swin_mini", 3)],
+                    {"fcos_resnet_mini": 0.105, "fcos_swin_mini": 0.2})
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["teacher fcos_swin_mini (20.0 AP)"].get_ydata()) == [20.0, 20.0]
+    assert list(lines["teacher fcos_resnet_mini (10.5 AP)"].get_ydata()) == [10.5, 10.5]
+    assert list(lines["baseline AP"].get_ydata()) == [2.0]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["stage 1\nfcos_resnet_mini", "stage 2\nfcos_swin_mini"]
+    assert [t.get_position()[0] for t in ax.texts] == [1.5, 4.0]  # over the middle of each stage's epochs
+    assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [2.5]  # the border
+
+
 def test_cache_shard_sampler_gives_each_worker_whole_shards():
     from trainers.ray_train import CacheShardSampler
 

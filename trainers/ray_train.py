@@ -331,8 +331,30 @@ class TuneSession:
                         if checkpoint_dir else None)
 
 
+class _FrameworkChatter(logging.Filter):
+    """Drops records below WARNING emitted from Ray's and pycocotools' packages: worker-group start, DDP wrapping,
+    checkpoint and "Reporting training result" lines, and pycocotools' "creating index..." (Ray Train reroutes a
+    worker's prints into its logger, past our redirect of stdout). The project's own lines, and warnings and
+    errors, pass."""
+
+    def __init__(self) -> None:
+        import pycocotools
+        import ray
+
+        super().__init__()
+        self.prefixes = tuple(os.path.dirname(m.__file__) + os.sep for m in (ray, pycocotools))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.prefixes)
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker."""
+    if not loop_config.get("framework_logs"):
+        chatter = _FrameworkChatter()
+        for logger in (logging.getLogger(), logging.getLogger("ray.train")):
+            for handler in logger.handlers:
+                handler.addFilter(chatter)
     run_training(loop_config, TrainSession(bool(loop_config.get("use_gpu"))))
 
 
@@ -534,6 +556,8 @@ def fit_on_ray(
     from trainers.train import load_train_state
 
     storage = storage_path or str(Path(job.output_dir).resolve() / "ray")
+    # Ray Train's own INFO lines (controller and workers) only with --verbose, i.e. a driver logging at DEBUG.
+    framework_logs = logging.getLogger().isEnabledFor(logging.DEBUG)
     store = None
     if stage and stage.get("teacher") and stage.get("cache") and teacher_mode == "cache" and object_store:
         from teachers.cache import ObjectStoreShards
@@ -545,7 +569,8 @@ def fit_on_ray(
         train_loop_config={"job": to_dict(job), "threads_per_worker": threads_per_worker, "stage": stage,
                            "init": init, "memory_bytes": memory_bytes, "loss_factors": loss_factors,
                            "eval_every": eval_every, "use_gpu": use_gpu, "progress": progress, "fault": fault,
-                           "teacher_mode": teacher_mode, "shard_store": store.name if store else None},
+                           "teacher_mode": teacher_mode, "shard_store": store.name if store else None,
+                           "framework_logs": framework_logs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
@@ -553,6 +578,7 @@ def fit_on_ray(
             storage_path=storage, name=name,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="DEBUG" if framework_logs else "WARNING"),
         ),
     )
     try:
