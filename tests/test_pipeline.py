@@ -172,21 +172,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(kill_matching):
+def ray_head(kill_matching, tmp_path):
     """A local `ray start --head --block` of our own (ports and temp dir of its own, token auth disabled as
-    shared/RAY_NOTES.md advises for local tests), stopped at the end by its process id (never `ray stop`, which
-    would stop every Ray of this user on the machine)."""
+    shared/RAY_NOTES.md advises for local tests), started as the README says: with the virtual environment's
+    `bin` first on PATH. Stopped at the end by its process id (never `ray stop`, which would stop every Ray of this
+    user on the machine). Its processes, and so the job, get the test's fault hook in their environment: rank 0
+    of stage 2 dies in the middle of its epoch 2 (after its first batch), once (`marker`)."""
     bin_dir = Path(sys.executable).parent
     ray_bin = bin_dir / "ray"
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
+    marker = tmp_path / "fault"
+    fault = json.dumps({"stage": 1, "epoch": 1, "batch": 1, "marker": str(marker), "mode": "exit"})
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    env.pop("VIRTUAL_ENV", None)
+    head_env = dict(env, **{FAULT_ENV: fault})
     dash = _free_port()
     cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--disable-usage-stats",
            f"--port={_free_port()}", f"--dashboard-port={dash}", "--include-dashboard=true",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--temp-dir={temp}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -198,7 +204,7 @@ def ray_head(kill_matching):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"ray head did not come up: {r.stderr.decode()[-2000:]}")
             time.sleep(2)
-        yield {"address": address, "env": env, "ray": str(ray_bin)}
+        yield {"address": address, "env": env, "ray": str(ray_bin), "marker": marker}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head's session: ray start and the services it launched
         try:
@@ -207,6 +213,13 @@ def ray_head(kill_matching):
             os.killpg(proc.pid, signal.SIGKILL)
         kill_matching(temp)  # services that left the session (if any), found by our temp dir
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def readme_job_submit() -> str:
+    """The README's `ray job submit` line for a local head (section "The curriculum run")."""
+    lines = [ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("ray job submit --working-dir .")]
+    assert len(lines) == 1, lines
+    return lines[0].split("#")[0].strip()
 
 
 def report_rows(out: Path) -> list[dict]:
@@ -226,22 +239,25 @@ def test_run_through_ray_job_submit(ray_head, shapes_root, shared, tmp_path):
     import yaml
 
     path.write_text(yaml.safe_dump(cfg))
-    sid = f"curriculum-test-{os.getpid()}-{int(time.time())}"
-    # Rank 0 of stage 2 dies in the middle of its epoch 2 (after its first batch): Ray Train replaces the worker
-    # group (max_failures 1) and it goes on from epoch 1's checkpoint.
-    marker = tmp_path / "fault"
-    fault = json.dumps({"stage": 1, "epoch": 1, "batch": 1, "marker": str(marker), "mode": "exit"})
-    runtime_env = {"excludes": [".venv", "runs", "data", ".git", ".pytest_cache"], "env_vars": {FAULT_ENV: fault}}
-    r = subprocess.run([ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--submission-id", sid,
-                        "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-                        sys.executable, "-m", "curriculum.cli", "run", str(path), "--quiet"],
-                       env=ray_head["env"], capture_output=True, text=True, timeout=900)
-    st = subprocess.run([ray_head["ray"], "job", "status", "--address", ray_head["address"], sid],
-                        env=ray_head["env"], capture_output=True, text=True)
+    # The README's command as it is written, run from the project folder as the README says, with this test's
+    # config in place of the default one and --quiet; the head's address comes from the environment.
+    import re
+    import shlex
+
+    argv = shlex.split(readme_job_submit().replace('"$PWD"', shlex.quote(str(REPO))))
+    argv[argv.index("configs/run_default.yaml")] = str(path)
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"])
+    r = subprocess.run(argv + ["--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    found = re.search(r"Job '([^']+)' submitted successfully", r.stdout + r.stderr)
+    assert found, (r.stdout[-4000:], r.stderr[-4000:])
+    st = subprocess.run([ray_head["ray"], "job", "status", found.group(1)], env=env, capture_output=True, text=True)
     status = st.stdout + st.stderr
     assert "succeeded" in status.lower(), (status[-2000:], r.stdout[-4000:], r.stderr[-4000:])
     assert "| student after stage 2" in r.stdout  # the table is printed at the end of the job's log
-    assert marker.exists()  # the worker was killed, and the job still succeeded
+    assert "Reporting training result" not in r.stdout + r.stderr  # --quiet: no Ray Train internals
+    # Rank 0 of stage 2 died in the middle of its epoch 2 (the head's fault hook): Ray Train replaced the worker
+    # group (max_failures 1), it went on from epoch 1's checkpoint, and the job still succeeded.
+    assert ray_head["marker"].exists()
     second = [r for r in report_rows(out) if r["role"] == "stage"][1]
     assert second["epochs"] == 2
     report = json.loads((out / "report" / "results.json").read_text())
