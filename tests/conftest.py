@@ -16,6 +16,22 @@ THREADS = 2
 torch.set_num_threads(THREADS)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--test-order", default="file", metavar="file|reverse|shuffle:SEED",
+                     help="run the collected tests in file order, reversed, or shuffled with a seed: no test may "
+                          "depend on what ran before it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = config.getoption("--test-order")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle:"):
+        random.Random(int(order.split(":", 1)[1])).shuffle(items)
+    elif order != "file":
+        raise pytest.UsageError(f"--test-order {order!r}: file, reverse or shuffle:SEED")
+
+
 @pytest.fixture(autouse=True)
 def isolated_process_state():
     """Every test starts from the same process state, whatever ran before it: the global random generators
