@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curriculum.config import (  # noqa: E402
     CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, RayInitConfig, TeacherSpec,
 )
-from teachers.cache import (  # noqa: E402
-    column_bytes, encode_row, open_dataset, rows_to_table, shard_batches, shard_ranges, table_to_bytes,
-    teacher_outputs, view_sample,
-)
+from teachers.cache import column_bytes, rows_to_table, shard_ranges, table_to_bytes  # noqa: E402
+from teachers.codec import encode_row  # noqa: E402
+from teachers.outputs import teacher_outputs  # noqa: E402
+from teachers.precompute import open_dataset, shard_batches, view_sample  # noqa: E402
 
 COCO_IMAGES = 118_287
 COCO_HW = (800, 1333)
@@ -65,7 +65,8 @@ def io_worker_pace(det, ds, kinds: list[str], views: list[str], args, forward_ro
     (`teachers[].io_workers`) keep up with a given forward rate, e.g. a GPU teacher's."""
     from concurrent.futures import Future
 
-    from teachers.cache import encode_shard, load_samples, produce_shard, target_spec
+    from teachers.cache import target_spec
+    from teachers.precompute import encode_shard, load_samples, produce_shard
 
     spec = target_spec(CacheConfig(targets=kinds, views=views, compression=SETTINGS["fp16+top3"]))
     t = {"decode": 0.0, "encode": 0.0, "parquet+zstd": 0.0, "write": 0.0}
@@ -168,7 +169,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=max(2, args.threads + 1), include_dashboard=False, logging_level="warning")
-    from teachers.pool import precompute
+    from teachers.precompute import precompute
 
     # Interleaved, bare / precompute / bare / ...: the load of a shared machine drifts by tens of percent within
     # a minute, so each precompute run is compared with the mean of the bare runs around it.

@@ -264,17 +264,6 @@ def _load_torchvision_weights(body: nn.Module, spec: BackboneSpec) -> None:
 # --------------------------------------------------------------------------------------------------- detector
 
 
-# Forward passes of detectors marked as teachers (`Detector.role = "teacher"`, set by `teachers.pool.load_teacher`),
-# per process: how a sweep shows that its trials run no teacher ("teacher" = full forwards, "teacher_roi" = RoI-head
-# scoring of given boxes, which proposal sharing runs on cached features).
-_TEACHER_CALLS: dict[str, int] = {"teacher": 0, "teacher_roi": 0}
-
-
-def teacher_forward_counts() -> dict[str, int]:
-    """Teacher forwards run in this process so far (see `_TEACHER_CALLS`)."""
-    return dict(_TEACHER_CALLS)
-
-
 class Detector(nn.Module):
     """A torchvision detector plus a forward that records what distillation needs."""
 
@@ -283,7 +272,6 @@ class Detector(nn.Module):
         self.config = cfg
         self.model = model
         self.kind = "two_stage" if cfg.head == "fasterrcnn" else "one_stage"
-        self.role = "model"  # "teacher": its forwards are counted (teacher_forward_counts)
 
     @property
     def backbone(self) -> TimmFPNBackbone:
@@ -304,8 +292,6 @@ class Detector(nn.Module):
         Head outputs are always computed when losses or detections are asked for; only recorded when wanted.
         """
         m = self.model
-        if self.role == "teacher":
-            _TEACHER_CALLS["teacher"] += 1
         unknown = set(want) - {"losses", "features", "head", "detections"}
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}")
@@ -413,8 +399,6 @@ class Detector(nn.Module):
         """
         if self.kind != "two_stage":
             raise ModelError(f"{self.config.name} is one-stage: it has no RoI head to score boxes with")
-        if self.role == "teacher":
-            _TEACHER_CALLS["teacher_roi"] += 1
         return self._roi_forward(features, boxes, image_sizes)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ still leaves evidence):
 2. run: `curriculum.pipeline.run_pipeline` on a tiny config (its own small shapes data set, one teacher
    `fcos_resnet_mini` trained for 2 iterations, a precompute with 2 actors over 12 shards, a 1-epoch stage on
    Ray Train with `trainer.num_workers: 2`). The precompute it calls is wrapped only to count commits.
-3. fault: `teachers.pool.precompute` of the same teacher and cache settings into another cache root with
+3. fault: `teachers.precompute.precompute` of the same teacher and cache settings into another cache root with
    `--fault-actors` actors (default 3: one per node, no spare room); at the first dispatch after the first
    commit, the node of the actor just given that shard is removed (`cluster.remove_node(node,
    allow_graceful=False)`), and the driver is held for `--notice-after` seconds so that it meets the failures
@@ -102,7 +102,8 @@ def main() -> int:
         CacheConfig, CompressionConfig, PrecomputeJobConfig, RunJobConfig, TeacherSpec, config_from_dict,
     )
     from curriculum.shapes import make_shapes
-    import teachers.pool as pool
+    import teachers.precompute as pool
+    from teachers.verify import verify_cache
 
     t0 = time.perf_counter()
     shapes = work / "shapes"
@@ -181,7 +182,7 @@ def main() -> int:
     ref_dir = report.cache
     results = work / "run" / "report" / "results.json"
     rows = json.loads(results.read_text())["rows"] if results.is_file() else []
-    v = pool.verify_cache(ref_dir, sample=4)
+    v = verify_cache(ref_dir, sample=4)
     pre_actors = _actors("PrecomputeActor")
     train_workers = _actors("RayTrainWorker")
     SUMMARY["phases"]["run"] = {
@@ -268,7 +269,7 @@ def main() -> int:
         fdir = freport.cache
         files, ref_files = _shard_files(fdir), _shard_files(ref_dir)
         fm = json.loads(Path(fdir, "manifest.json").read_text())
-        v = pool.verify_cache(fdir, sample=6)
+        v = verify_cache(fdir, sample=6)
         actors = [a for a in _actors("PrecomputeActor") if a["actor_id"] not in seen_actor_ids]
         fault.update({
             "cache": fdir,

@@ -13,14 +13,17 @@ import torch
 
 from curriculum.config import CacheConfig, CompressionConfig
 from curriculum.data import View
-from curriculum.errors import DataError
+from curriculum.errors import CacheError, CacheLockedError, CorruptShardError, DataError, StaleCacheError
+from curriculum.files import resolve_fs
 from teachers.cache import (
-    LOCK_NAME, CacheError, CacheKey, CacheLockedError, CacheReader, CacheWriterLock, CorruptShardError,
-    StaleCacheError, TeacherCache, data_fingerprint, decode, encode, encode_shard, format_inspect, inspect_cache,
-    load_samples, open_dataset,
-    produce_shard, region_mask, resolve_fs, score_keep, shard_batches, shard_entry, shard_ranges, table_to_bytes,
-    target_spec, teacher_fingerprint, teacher_outputs, view_config, view_sample,
+    CacheKey, TeacherCache, data_fingerprint, format_inspect, inspect_cache, shard_entry, shard_ranges, table_to_bytes,
+    target_spec, teacher_fingerprint, view_config,
 )
+from teachers.codec import decode, encode, region_mask, score_keep
+from teachers.lock import LOCK_NAME, CacheWriterLock
+from teachers.outputs import teacher_outputs
+from teachers.precompute import encode_shard, load_samples, open_dataset, produce_shard, shard_batches, view_sample
+from teachers.readers import CacheReader
 from teachers.zoo import build_detector
 
 K = 7
@@ -204,7 +207,7 @@ def test_fp32_cache_equals_in_process_teacher(tmp_path, subset, name, targets):
     for col in direct:
         assert np.array_equal(got[col], direct[col])
 
-    # TeacherTargets for a batch: batch order, image ids, layouts of trainers/distill/targets.py.
+    # TeacherTargets for a batch: batch order, image ids, layouts of teachers/targets.py.
     ids = [int(i) for i in ds.image_ids[:3]]
     views = [ds.view_for(i) for i in range(3)]
     tt = reader.targets(ids, views)

@@ -3,7 +3,7 @@
 
 The cluster (`ray.cluster_utils.Cluster`) lives in a subprocess, tests/cluster_script.py: a process holds one Ray
 connection and this pytest process has its own local Ray (`ray_session`). The script runs the project's real
-entry points (`curriculum.pipeline.run_pipeline`, `teachers.pool.precompute`, `teachers.pool.verify_cache`) and
+entry points (`curriculum.pipeline.run_pipeline`, `teachers.precompute.precompute`, `teachers.verify.verify_cache`) and
 writes a JSON summary; where actors and train workers ran is what Ray's state API says (node ids of every
 `PrecomputeActor` and `RayTrainWorker`, alive or dead), not what the config asked for.
 

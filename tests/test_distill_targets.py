@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from curriculum.errors import DataError
-from trainers.distill.targets import TeacherTargets
+from teachers.targets import TeacherTargets
 
 
 def test_fields_are_detached_and_teacher_gets_no_grad():

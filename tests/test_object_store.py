@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from curriculum.config import CacheConfig, CompressionConfig
-from teachers.cache import (
-    CacheError, CacheReader, CorruptShardError, ObjectStoreReader, ObjectStoreShards, TeacherCache, decode_shard,
-    open_dataset,
-)
+from curriculum.errors import CacheError, CorruptShardError
+from teachers.cache import TeacherCache
+from teachers.precompute import open_dataset
+from teachers.readers import CacheReader, ObjectStoreReader, ObjectStoreShards, decode_shard
 from test_cache import build_cache, make_subset, one_thread, save_teacher  # noqa: F401 (autouse fixture)
 
 
@@ -82,7 +82,7 @@ def test_object_store_serves_what_the_cache_reader_serves(cache, ray_session):
         # A training worker is another process: it finds the store by name and reads the same rows.
         @ray_session.remote(num_cpus=0.5)
         def worker(name: str, keys: list) -> list:
-            from teachers.cache import ObjectStoreReader
+            from teachers.readers import ObjectStoreReader
 
             r = ObjectStoreReader(name)
             return [r.rows([iid], [view])[0] for iid, view in keys] + [r.fetches]

@@ -14,10 +14,13 @@ from curriculum.config import (
     CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, TeacherSpec, load_config,
 )
 from curriculum.errors import ConfigError, DataError
-from teachers.cache import (
-    LOCK_NAME, CacheLockedError, CacheReader, CorruptShardError, TeacherCache, find_caches, open_dataset,
-)
-from teachers.pool import ActorSlots, InlineTeacher, TeacherServer, precompute, prefetch, rebuild, verify_cache
+from curriculum.errors import CacheLockedError, CorruptShardError
+from teachers.cache import TeacherCache, find_caches
+from teachers.lock import LOCK_NAME
+from teachers.precompute import ActorSlots, open_dataset, precompute, rebuild
+from teachers.readers import CacheReader
+from teachers.serving import InlineTeacher, TeacherServer, prefetch
+from teachers.verify import verify_cache
 from test_cache import make_subset, one_thread, reference_rows, save_teacher  # noqa: F401 (autouse fixture)
 
 
@@ -211,7 +214,8 @@ def _rewrite_cell(cache_dir: Path, shard: int, column: str, change) -> None:
     and manifest updated): what verify must catch by value, not by checksum."""
     import pyarrow as pa
 
-    from teachers.cache import decode, encode, shard_entry, table_to_bytes
+    from teachers.cache import shard_entry, table_to_bytes
+    from teachers.codec import decode, encode
 
     cache = TeacherCache.open(str(cache_dir))
     table = cache.read_shard(shard)

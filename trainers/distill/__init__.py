@@ -2,7 +2,7 @@
 
 Modules (each states its paper, formula, the authors' defaults and the project's own choices):
 
-- ``targets``: ``TeacherTargets``, the one interface to teacher outputs (cache, actors, inline).
+- ``TeacherTargets`` (from ``teachers.targets``, where the target schema lives): what the losses read.
 - ``baselines``: Hinton et al. 2015 KD, FitNets hint.
 - ``chen2017``: Chen et al. 2017 weighted soft CE, teacher-bounded regression, adapted hint.
 - ``zhang2021``: Zhang & Ma 2021 attention-guided, attention and non-local distillation.
@@ -14,7 +14,7 @@ Modules (each states its paper, formula, the authors' defaults and the project's
 
 from .registry import LOSSES, Distiller, build_distiller, loss_options
 from .schedules import DECAY_KINDS, DistillationDecay, decay_factor
-from .targets import TeacherTargets
+from teachers.targets import TeacherTargets
 
 __all__ = [
     "DECAY_KINDS",

@@ -35,7 +35,7 @@ from torch import Tensor
 from curriculum.errors import ConfigError, DataError
 
 from .common import ROI_BOX_CODER_WEIGHTS, decode_deltas, pairwise_iou
-from .targets import TeacherTargets, check_rows_finite
+from teachers.targets import TeacherTargets, check_rows_finite
 
 HEADS = ("roi", "rpn", "dense")
 

@@ -45,7 +45,7 @@ from .common import DistillTerm, FeatureTerm
 from .context import DistillContext, student_device
 from .mgd import MGDLoss
 from .tar2020 import TARBoxLoss, TARClassificationLoss, TARFeatureLoss
-from .targets import TeacherTargets
+from teachers.targets import TeacherTargets
 from .zhang2021 import ZhangAttentionLoss, ZhangFeatureLoss, ZhangNonLocalLoss
 
 LOSSES: dict[str, type[DistillTerm]] = {
@@ -136,10 +136,6 @@ class Distiller(nn.Module):
             for name, s in term.detector_loss_scales().items():
                 scales[name] = scales.get(name, 1.0) * s
         return scales
-
-    def required_student_outputs(self) -> set[str]:
-        """Keys of ``student_outputs`` the configured terms read."""
-        return set().union(*(t.required_student() for t in self.terms.values())) if self.terms else set()
 
     def required_teacher_targets(self) -> set[str]:
         """``TeacherTargets`` fields the configured terms read (``roi_scorer`` or stored RoI outputs)."""

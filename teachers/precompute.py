@@ -1,6 +1,4 @@
-"""The teacher pool on Ray: precompute the cache, serve targets online, and the inline reference.
-
-Precompute (`precompute(job)`, `curriculum precompute CONFIG`). Our own actors and a driver that hands out
+"""Precompute (`precompute(job)`, `curriculum precompute CONFIG`). Our own actors and a driver that hands out
 shards from a ready-queue (`ray.wait`), not Ray Data `map_batches`, because the cache needs per-shard
 guarantees that a streaming map does not give:
 
@@ -22,15 +20,6 @@ the driver ships shard numbers, not pixels.
 One writer per cache: `precompute` and `rebuild` hold the cache folder's writer lock (`CacheWriterLock`) from
 before the manifest is read until they end, finished or failed; a second `curriculum precompute` on the same
 cache stops at once with an error naming the holder (host, pid, start). Readers are never blocked.
-
-Serving (`TeacherServer`, `prefetch`). For views no cache holds (random augmentation) the student sends its
-batch (numpy, one object in Ray's object store) and gets an ObjectRef back; `prefetch` submits batch i+1
-before the student computes step i. A request whose actor died is resent to a replacement actor; every
-answer carries the image ids and view keys it was computed for, checked against the request, so a step can
-never get another image's targets.
-
-Inline (`InlineTeacher`): the teacher in the training process, as other frameworks do; the reference for
-correctness and cost. All three paths produce rows with `teachers.cache.teacher_outputs`.
 """
 
 from __future__ import annotations
@@ -40,68 +29,122 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from curriculum.config import CacheConfig, DataConfig, PrecomputeJobConfig, RayInitConfig, TeacherSpec
-from curriculum.data import View
-from curriculum.errors import CurriculumError, DataError, ModelError
+from curriculum.cluster import ensure_ray
+from curriculum.config import CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, RayInitConfig, TeacherSpec
+from curriculum.data import CocoDetection, View
+from curriculum.errors import CacheError, CurriculumError, ModelError
 from teachers.cache import (
-    FP16_MAX, CacheError, CacheKey, CacheWriterLock, TeacherCache, collate_targets, data_fingerprint, open_dataset, produce_shard,
-    shard_entry, shard_ranges, table_to_bytes, target_spec, teacher_fingerprint, teacher_outputs, view_config,
+    VIEW_FLIPS, CacheKey, TeacherCache, data_fingerprint, rows_to_table, shard_entry, shard_ranges, table_to_bytes,
+    target_spec, teacher_fingerprint, view_config,
 )
+from teachers.codec import encode_row
+from teachers.lock import CacheWriterLock
+from teachers.outputs import actor_device, actor_threads, load_teacher, teacher_outputs
 
 log = logging.getLogger(__name__)
 
 
-# ================================================================================================ Ray and teachers
+# ================================================================================================ shards
 
 
-def ensure_ray(cfg: RayInitConfig | None = None) -> None:
-    """Join Ray: as is when already initialised; the cluster of RAY_ADDRESS when set (`ray job submit` sets it);
-    otherwise a local Ray with the configured logical CPUs."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    cfg = cfg or RayInitConfig()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", log_to_driver=True)
-        return
-    kw: dict[str, Any] = {}
-    if cfg.num_cpus is not None:
-        kw["num_cpus"] = cfg.num_cpus
-    if cfg.num_gpus is not None:
-        kw["num_gpus"] = cfg.num_gpus
-    if cfg.object_store_memory is not None:
-        kw["object_store_memory"] = cfg.object_store_memory
-    ray.init(**kw)
+def shard_batches(start: int, stop: int, views: Sequence[str], batch_size: int) -> list[tuple[list[int], str]]:
+    """The forward batches of a shard: per view, consecutive images. Fixed, so reruns give identical bytes
+    (a CPU forward's last bits depend on the batch it ran in)."""
+    return [(list(range(b, min(b + batch_size, stop))), v) for v in views for b in range(start, stop, batch_size)]
 
 
-def load_teacher(checkpoint: str, name: str | None = None, device: str | None = None) -> Any:
-    """A zoo detector from its checkpoint, in eval mode, without gradients."""
-    from teachers.zoo import load_detector
+def view_sample(ds: CocoDetection, index: int, view_name: str, cached: dict | None = None
+                ) -> tuple[torch.Tensor, np.ndarray, int, View]:
+    """(image, boxes, image id, View) of a data-set position in a cache view.
 
-    det = load_detector(checkpoint)
-    if name and det.config.name != name:
-        raise ModelError(f"teacher checkpoint {checkpoint} holds {det.config.name}, the config names {name}: "
-                         "fix the name or the path")
-    det.eval().requires_grad_(False)
-    det.role = "teacher"
-    if device:
-        det.to(device)
-    return det
+    The flip view is the flipped *image* (View.apply resizes then flips, so flipping the resized image is
+    exactly the flipped view); its boxes are mirrored."""
+    if cached is not None and index in cached:
+        image, target = cached[index]
+    else:
+        image, target = ds[index]
+        if cached is not None:
+            cached[index] = (image, target)
+    view: View = target["view"]
+    boxes = target["boxes"].numpy().astype(np.float64)
+    if VIEW_FLIPS[view_name]:
+        view = View(view.orig_h, view.orig_w, view.out_h, view.out_w, True)
+        image = torch.flip(image, dims=(-1,))
+        if len(boxes):
+            boxes = np.stack([view.out_w - boxes[:, 2], boxes[:, 1], view.out_w - boxes[:, 0], boxes[:, 3]], axis=1)
+    return image, boxes, int(target["image_id"]), view
 
 
-def _device(num_gpus: float) -> str:
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+def open_dataset(images: str, ann: str, image_size: int | tuple[int, int], on_bad_box: str = "clip") -> CocoDetection:
+    """The data set a cache is computed on: no random flip (views are explicit)."""
+    return CocoDetection(images, ann, image_size, flip="none", on_bad_box=on_bad_box)
 
 
-def _threads(cpus: float, threads: int) -> int:
-    return threads or max(1, int(round(cpus)))
+LOAD_AHEAD = 2  # batches whose images are being decoded while the teacher runs
+
+
+def produce_shard(
+    detector: Any, start: int, stop: int, views: Sequence[str], spec: dict[str, Any], batch_size: int,
+    load_batch: Callable[[list[int], str], Future], timings: dict[str, float] | None = None, forward_lock: Any = None,
+) -> list[dict[str, Any]]:
+    """Teacher outputs of data-set positions [start, stop) in every view: raw rows in table order, for
+    `encode_shard`.
+
+    `load_batch(indexes, view_name)` gives a future of `load_samples`' result, computed elsewhere (the precompute
+    actor's I/O processes): batches b+1 and b+2 are decoded there while the teacher runs batch b, so the forward
+    pass sets the pace. The forward batches themselves are fixed (`shard_batches`). `forward_lock`: held around
+    each forward when several shards are produced concurrently in one process (one forward at a time).
+    """
+    import contextlib
+
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    batches = shard_batches(start, stop, views, batch_size)
+    t_fwd = 0.0
+    # Two batches ahead, not one: a load queued behind the encoding of the previous shard in the I/O process
+    # made the forward wait (the py-spy figures are in the README).
+    pending = deque(load_batch(*batches[b]) for b in range(min(LOAD_AHEAD, len(batches))))
+    for b, (idx, view_name) in enumerate(batches):
+        loaded = pending.popleft().result()
+        samples = [(torch.from_numpy(im), boxes, iid, View(**view)) for im, boxes, iid, view in loaded]
+        if b + LOAD_AHEAD < len(batches):
+            pending.append(load_batch(*batches[b + LOAD_AHEAD]))
+        with forward_lock or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            raws = teacher_outputs(detector, [s[0] for s in samples], spec["targets"], spec["levels"])
+            t_fwd += time.perf_counter() - t0
+        for i, (_, boxes, iid, view), raw in zip(idx, samples, raws):
+            rows[(i, view_name)] = {"image_id": iid, "view": view.to_dict(), "view_key": view.key(),
+                                    "boxes": boxes, "hw": (view.out_h, view.out_w), "raw": raw}
+    if timings is not None:
+        timings["forward_s"] = timings.get("forward_s", 0.0) + t_fwd
+    return [rows[(i, v)] for i in range(start, stop) for v in views]  # image-major: one image's views adjacent
+
+
+def load_samples(ds: CocoDetection, indexes: Sequence[int], view_name: str
+                 ) -> list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]]:
+    """`view_sample` of each position in a picklable form (image as numpy, view as a dict): what the
+    precompute actor's I/O process sends back for `produce_shard`."""
+    loaded: dict[int, Any] = {}
+    out = []
+    for i in indexes:
+        image, boxes, iid, view = view_sample(ds, i, view_name, loaded)
+        out.append((image.numpy(), boxes, iid, view.to_dict()))
+    return out
+
+
+def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any]) -> pa.Table:
+    """The Arrow table of `produce_shard`'s raw rows (what the precompute actor's I/O process runs)."""
+    comp = CompressionConfig(**spec["compression"])
+    return rows_to_table([{"image_id": r["image_id"], "view_key": r["view_key"], "view": r["view"],
+                           **encode_row(r["raw"], comp, r["boxes"], r["hw"])} for r in raw_rows])
 
 
 # ================================================================================================ precompute
@@ -121,7 +164,7 @@ class PrecomputeActor:
         import threading
         from concurrent.futures import ProcessPoolExecutor
 
-        torch.set_num_threads(threads)
+        torch.set_numactor_threads(threads)
         self.lock = threading.Lock()
         self.work = work
         d = work["data"]
@@ -134,7 +177,7 @@ class PrecomputeActor:
                                       initargs=(os.getpid(), self.ds_args, work["cache_uri"], warmed))
         for f in [self.io.submit(_io_warm) for _ in range(io_workers)]:
             f.result()
-        self.detector = load_teacher(work["checkpoint"], device=_device(work["gpus"]))
+        self.detector = load_teacher(work["checkpoint"], device=actor_device(work["gpus"]))
 
     def ready(self) -> int:
         return os.getpid()
@@ -168,7 +211,7 @@ _IO: dict[str, Any] = {}
 def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str, warmed: Any) -> None:
     import threading
 
-    torch.set_num_threads(1)
+    torch.set_numactor_threads(1)
     _IO["warmed"] = warmed
     _IO["ds"] = open_dataset(*ds_args)
     _IO["cache"] = TeacherCache.open(cache_uri)
@@ -185,7 +228,7 @@ def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str, warmed: Any) -> No
 def _io_warm() -> int:
     from teachers.cache import rows_to_table
 
-    # Arrow's first nested-array build costs ~0.5 s of one-time set-up: pay it before the clock starts.
+    # Arrow's first nested-array build pays a one-time set-up: pay it before the clock starts.
     rows_to_table([{"image_id": 0, "view_key": "", "view": {"orig_h": 1, "orig_w": 1, "out_h": 1, "out_w": 1,
                                                              "flip": False}}])
     _IO["warmed"].wait(timeout=300)
@@ -286,7 +329,7 @@ class _TeacherRun:
             max_restarts=0, max_task_retries=0,  # the driver replaces dead actors and re-queues their shards
             max_concurrency=self.spec.shards_in_flight,
         )
-        return cls.remote(self.work, _threads(self.spec.cpus_per_actor, self.spec.threads), self.spec.io_workers)
+        return cls.remote(self.work, actor_threads(self.spec.cpus_per_actor, self.spec.threads), self.spec.io_workers)
 
 
 def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cache: dict) -> tuple[dict, CacheKey, Any]:
@@ -349,7 +392,7 @@ def precompute(
     """
     if not job.teachers:
         raise CacheError("the precompute config names no teachers (teachers: [{checkpoint: ..., actors: 1}])")
-    from trainers.train import ensure_builtin_data
+    from curriculum.shapes import ensure_builtin_data
 
     ensure_builtin_data(job.data)
     runs = []
@@ -542,271 +585,3 @@ def _retry(run: _TeacherRun, shard: int, why: str, max_attempts: int) -> None:
         raise CacheError(f"teacher {run.work['name']}: shard {shard} failed {max_attempts} times (last: {why}); "
                          f"the shards committed so far are kept in {run.cache.uri}: fix the cause and run again")
     run.pending.appendleft(shard)
-
-
-# ================================================================================================ verify
-
-
-def verify_tolerance(codec: str, live: np.ndarray, cached: np.ndarray, atol: float) -> float:
-    """How far a sound cached tensor may be from the live one, both decoded through `codec`.
-
-    The live forward here and the precompute's forward (other thread counts, other machine) differ in the last
-    float bits, relative `atol` of the largest magnitude; where that noise straddles a rounding boundary of
-    the stored representation, the decoded values differ by one step of it: fp16 spacing at the tensor's
-    largest magnitude, or int8's largest per-channel scale (max / 127). A corrupt or stale value is off by far
-    more than that.
-    """
-    if not live.size or live.dtype.kind not in "fc":
-        return 0.0
-    top = max(float(np.abs(live).max()), float(np.abs(cached).max()))
-    base = codec.partition("|")[0]
-    step = {"fp16": float(np.spacing(np.float16(min(top, FP16_MAX)))), "int8": top / 127.0}.get(base, 0.0)
-    return step + atol * max(1.0, top)
-
-
-def verify_cache(cache_path: str, sample: int = 8, seed: int = 0, atol: float = 1e-4) -> dict[str, Any]:
-    """Recompute a random sample of cached rows with the live teacher (in this process) and compare.
-
-    The sampled images are recomputed in the exact forward batches of the precompute, so an fp32 cache matches
-    within float noise of the thread count; compressed caches within that plus one step of their codec
-    (`verify_tolerance`: the live output goes through the same codec, then both are decoded). Every shard read
-    is checksummed.
-    """
-    from teachers.cache import CacheReader, encode_row, decode_row, shard_batches, view_sample
-    from curriculum.config import CompressionConfig
-
-    cache = TeacherCache.open(cache_path)
-    m = cache.manifest
-    live_fp = teacher_fingerprint(m["teacher"]["checkpoint"])
-    work = _work(cache)
-    d = work["data"]
-    ds = open_dataset(d["images"], d["annotations"], (d["out_h"], d["out_w"]), d["on_bad_box"])
-    problems: list[str] = []
-    if live_fp != m["key"]["teacher_fp"]:
-        problems.append(f"teacher checkpoint changed: fingerprint {live_fp}, cache {m['key']['teacher_fp']}")
-    if data_fingerprint(ds) != m["key"]["data_fp"]:
-        problems.append("data changed: annotations or image list differ from the cache's")
-    if problems:
-        return {"ok": False, "problems": problems, "checked": 0}
-    reader = CacheReader(cache, memory_bytes=1 << 28)
-    det = load_teacher(m["teacher"]["checkpoint"])
-    comp = CompressionConfig(**m["key"]["spec"]["compression"])
-    rng = np.random.default_rng(seed)
-    done = [int(k) for k in m["shards"]]
-    positions = []
-    for s in done:
-        a, b = m["shards"][f"{s:05d}"]["images"]
-        positions += list(range(a, b))
-    chosen = sorted(rng.choice(positions, size=min(sample, len(positions)), replace=False).tolist())
-    worst: dict[str, float] = {}
-    checked = 0
-    loaded: dict = {}
-    for p in chosen:
-        shard = p // m["shard_size"]
-        a, b = m["shards"][f"{shard:05d}"]["images"]
-        for idx, view_name in shard_batches(a, b, work["views"], work["batch_size"]):
-            if p not in idx:
-                continue
-            samples = [view_sample(ds, i, view_name, loaded) for i in idx]
-            raws = teacher_outputs(det, [s[0] for s in samples], work["spec"]["targets"], work["spec"]["levels"])
-            j = idx.index(p)
-            image, boxes, iid, view = samples[j]
-            cells = encode_row(raws[j], comp, boxes, (view.out_h, view.out_w))
-            live = decode_row(cells)
-            stored = reader.rows([iid], [view])[0]
-            for name, ref in live.items():
-                got = stored.get(name)
-                if got is None or got.shape != ref.shape:
-                    problems.append(f"image_id {iid} view {view.key()}: {name} shape {None if got is None else got.shape}"
-                                    f" cached, {ref.shape} live")
-                    continue
-                err = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
-                tol = verify_tolerance(cells[name]["codec"], ref, got, atol)
-                worst[name] = max(worst.get(name, 0.0), err)
-                if err > tol:
-                    problems.append(f"image_id {iid} view {view.key()}: {name} differs by {err:.3g} (> {tol:.3g})")
-            checked += 1
-    return {"ok": not problems, "problems": problems[:20], "checked": checked, "max_abs_error": worst}
-
-
-# ================================================================================================ serving
-
-
-class ServeActor:
-    """A teacher answering batches online (serving mode)."""
-
-    def __init__(self, checkpoint: str, targets: Sequence[str], levels: Sequence[str] | None, threads: int,
-                 gpus: float) -> None:
-        torch.set_num_threads(threads)
-        self.detector = load_teacher(checkpoint, device=_device(gpus))
-        self.targets, self.levels = list(targets), levels
-
-    def ready(self) -> int:
-        return os.getpid()
-
-    def serve(self, images: np.ndarray, image_ids: list[int], view_keys: list[str]) -> dict[str, Any]:
-        # Ray hands the array over read-only (zero copy from shared memory); one copy (cheap next to the forward)
-        # keeps torch from ever writing into it.
-        x = torch.from_numpy(np.array(images, dtype=np.float32, copy=True))
-        rows = teacher_outputs(self.detector, list(x), self.targets, self.levels)
-        return {"image_ids": list(image_ids), "view_keys": list(view_keys), "rows": rows, "pid": os.getpid()}
-
-
-def _batch_array(images: Sequence[torch.Tensor] | np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(images, np.ndarray):
-        return np.ascontiguousarray(images, dtype=np.float32)
-    if isinstance(images, torch.Tensor):
-        return images.detach().cpu().float().contiguous().numpy()
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) != 1:
-        raise DataError(f"serving needs one image size per batch, got {sorted(shapes)}")
-    return torch.stack([im.detach().cpu().float() for im in images]).numpy()
-
-
-class ServeRequest:
-    """An answer on its way: `result()` waits, resends to another actor if the one serving it died, and checks
-    that the answer is for the images asked."""
-
-    def __init__(self, server: TeacherServer, images_ref: Any, image_ids: list[int], view_keys: list[str]) -> None:
-        self.server, self.images_ref = server, images_ref
-        self.image_ids, self.view_keys = image_ids, view_keys
-        self.attempts = 0
-        self._send()
-
-    def _send(self) -> None:
-        self.slot, actor = self.server._pick()
-        self.actor = actor
-        self.ref = actor.serve.remote(self.images_ref, self.image_ids, self.view_keys)
-        self.attempts += 1
-
-    def result(self, timeout: float | None = None) -> Any:
-        import ray
-        from ray.exceptions import RayActorError
-
-        while True:
-            try:
-                out = ray.get(self.ref, timeout=timeout)
-                break
-            except RayActorError as e:
-                self.server.retries += 1
-                if self.attempts >= self.server.max_attempts:
-                    raise CurriculumError(f"teacher serving failed {self.attempts} times for image ids "
-                                          f"{self.image_ids[:8]} (last: {type(e).__name__}); is the cluster losing "
-                                          "nodes?") from None
-                self.server._replace(self.slot, self.actor)
-                self._send()
-        if [int(i) for i in out["image_ids"]] != self.image_ids or list(out["view_keys"]) != self.view_keys:
-            raise DataError(f"teacher server answered for image ids {out['image_ids'][:8]} / views "
-                            f"{out['view_keys'][:4]}, the request was {self.image_ids[:8]} / {self.view_keys[:4]}: "
-                            "targets of another batch are never used")
-        return collate_targets(out["rows"], self.image_ids)
-
-
-class TeacherServer:
-    """A set of Ray actors serving one teacher's targets to students (serving mode)."""
-
-    def __init__(self, checkpoint: str, targets: Sequence[str] = ("features", "head"), levels: Sequence[str] | None = None,
-                 actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, threads: int = 0,
-                 max_attempts: int = 3, wait_ready: bool = True) -> None:
-        import ray
-
-        ensure_ray()
-        self._cls = ray.remote(ServeActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                                                   max_restarts=0, max_task_retries=0)
-        self._args = (checkpoint, list(targets), list(levels) if levels else None,
-                      _threads(cpus_per_actor, threads), gpus_per_actor)
-        self.actors = [self._cls.remote(*self._args) for _ in range(actors)]
-        self.max_attempts = max_attempts
-        self.retries = 0
-        self.replaced = 0
-        self._next = 0
-        if wait_ready:
-            ray.get([a.ready.remote() for a in self.actors])
-
-    def _pick(self) -> tuple[int, Any]:
-        slot = self._next % len(self.actors)
-        self._next += 1
-        return slot, self.actors[slot]
-
-    def _replace(self, slot: int, dead: Any) -> None:
-        import ray
-
-        if self.actors[slot] is dead:  # another request may have replaced it already
-            try:
-                ray.kill(dead, no_restart=True)
-            except Exception:
-                pass
-            self.actors[slot] = self._cls.remote(*self._args)
-            self.replaced += 1
-
-    def submit(self, images: Sequence[torch.Tensor] | np.ndarray, image_ids: Sequence[int],
-               views: Sequence[View | str]) -> ServeRequest:
-        """Send one batch; returns at once. The images go into the object store once (owned by this process, so
-        they outlive a dead actor and a retry reuses them)."""
-        import ray
-
-        ids = [int(i) for i in image_ids]
-        keys = [v.key() if isinstance(v, View) else str(v) for v in views]
-        if len(ids) != len(keys):
-            raise DataError(f"{len(ids)} image ids but {len(keys)} views")
-        arr = _batch_array(images)
-        if arr.shape[0] != len(ids):
-            raise DataError(f"{arr.shape[0]} images but {len(ids)} image ids")
-        return ServeRequest(self, ray.put(arr), ids, keys)
-
-    def shutdown(self) -> None:
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
-        self.actors = []
-
-
-def prefetch(server: TeacherServer, batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict[str, Any]]]],
-             depth: int = 1) -> Iterator[tuple[Any, Any, Any]]:
-    """Yield ``(images, targets, teacher_targets)`` for each batch of a loader, keeping `depth` batches ahead
-    in flight: the student waits only when the teachers are slower than its step."""
-    queue: deque[tuple[Any, Any, ServeRequest]] = deque()
-    it = iter(batches)
-
-    def push() -> bool:
-        try:
-            images, targets = next(it)
-        except StopIteration:
-            return False
-        req = server.submit(images, [t["image_id"] for t in targets], [t["view"] for t in targets])
-        queue.append((images, targets, req))
-        return True
-
-    for _ in range(depth + 1):
-        if not push():
-            break
-    while queue:
-        images, targets, req = queue.popleft()
-        tt = req.result()
-        push()  # the next batch goes out before the caller computes this step
-        yield images, targets, tt
-
-
-class InlineTeacher:
-    """The teacher inside the training process (the reference): same rows as the cache and the server."""
-
-    def __init__(self, detector: Any, targets: Sequence[str] = ("features", "head"),
-                 levels: Sequence[str] | None = None) -> None:
-        self.detector = detector.eval().requires_grad_(False)
-        self.targets, self.levels = list(targets), levels
-
-    def __call__(self, images: Sequence[torch.Tensor], image_ids: Sequence[int], views: Sequence[View | str] = ()
-                 ) -> Any:
-        """`TeacherTargets` of a batch; for a two-stage teacher with its `roi_scorer` bound to this batch's
-        features (proposal sharing), which neither the cache nor the server can give."""
-        keep: dict[str, Any] = {}
-        rows = teacher_outputs(self.detector, list(images), self.targets, self.levels, keep=keep)
-        scorer = None
-        if self.detector.kind == "two_stage":
-            det, feats, sizes = self.detector, keep["features"], keep["image_sizes"]
-            scorer = lambda boxes: det.score_boxes(feats, list(boxes), sizes)  # noqa: E731
-        return collate_targets(rows, [int(i) for i in image_ids], roi_scorer=scorer)

@@ -1,0 +1,75 @@
+"""Files: one atomic writer for everything the project writes (checkpoints, reports, the cache's manifest and
+shards), on a local disk or on any file system pyarrow reaches (s3://, gs://, hdfs://).
+
+A reader sees the old file or the new one, never half of one: the bytes go to a unique temporary name beside
+the target, which is then renamed over it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from curriculum.errors import CacheError
+
+
+def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for a local folder or any URI pyarrow understands."""
+    if "://" in root:
+        try:
+            return pafs.FileSystem.from_uri(root)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise CacheError(f"cache root {root!r}: pyarrow cannot open this URI ({e})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, fs: pafs.FileSystem | None = None) -> None:
+    """Write `data` to `path` atomically: on `fs`, or on the local disk (parent folders created)."""
+    path = str(path)
+    if fs is None:
+        fs = pafs.LocalFileSystem()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, pa.ArrowException):  # never written, or already moved
+            pass
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` of `obj`, atomically."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int | None = 2, default: Any = str) -> None:
+    """`obj` as JSON, atomically (`default` turns what JSON does not know into something it does)."""
+    atomic_write(path, json.dumps(obj, indent=indent, default=default).encode())
+
+
+__all__ = ["atomic_save", "atomic_write", "atomic_write_json", "exists", "read_bytes", "resolve_fs"]

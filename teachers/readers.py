@@ -1,0 +1,484 @@
+"""Reading a teacher cache: decoded rows of (image, view) and the batch's `TeacherTargets`.
+
+Reading. `CacheReader`: each process reads the Parquet shards it needs into its own LRU (`memory_bytes`).
+`ObjectStoreShards` + `ObjectStoreReader`: one actor decodes each shard once and puts it into Ray's object store;
+training workers read it zero-copy, and the shards held stay within a byte budget (a bigger cache is
+streamed). Both readers have the same interface (`rows`, `targets`, `targets_for`, `manifest`, `image_ids`).
+
+Everything Parquet-side is zstd-compressed on top. Transformer features are never flipped after the fact:
+the ``flip`` view is the teacher's output on the flipped image.
+
+`collate_targets` turns decoded rows into one `TeacherTargets`; the column -> field mapping is the schema table's
+(`teachers.targets.TARGETS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from curriculum.data import View
+from curriculum.errors import CacheError, CorruptShardError, CurriculumError, DataError, StaleCacheError
+from teachers.cache import VIEW_FLIPS, TeacherCache
+from teachers.codec import decode_row
+from teachers.targets import FIELDS, PROPOSAL_BOXES, TeacherTargets, fields_of
+
+log = logging.getLogger(__name__)
+
+
+# ================================================================================================ collate
+
+def _stack(arrs: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrs)) if arrs else torch.empty(0)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """Owned, writable tensor (arrays from Ray's object store are read-only views of shared memory)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def collate_targets(
+    raws: Sequence[dict[str, np.ndarray]], image_ids: Sequence[int], roi_scorer: Any = None,
+) -> TeacherTargets:
+    """Per-image teacher outputs (decoded rows) -> one `TeacherTargets` for the batch, in batch order.
+
+    Columns map to fields by the schema table: ``features/<level>``; ``head/<field>/<i>`` (per-level head
+    fields, level index i); ``detections/*``; the RoI fields' own columns, rows concatenated over the batch."""
+    if not raws:
+        return TeacherTargets(image_ids=list(image_ids))
+    names = list(raws[0])
+    for i, r in enumerate(raws):
+        if list(r) != names:
+            raise DataError(f"teacher targets of image_id {image_ids[i]} have columns {sorted(r)}, the batch's first "
+                            f"image {sorted(names)}: mixed caches in one batch")
+    kw: dict[str, Any] = {"image_ids": [int(i) for i in image_ids]}
+    feats = {n.split("/", 1)[1]: _stack([r[n] for r in raws]) for n in names if n.startswith("features/")}
+    if feats:
+        kw["features"] = feats
+    per_level: dict[str, dict[int, torch.Tensor]] = {}
+    for n in names:
+        if n.startswith("head/"):
+            _, field_, lvl = n.split("/")
+            per_level.setdefault(field_, {})[int(lvl)] = _stack([r[n] for r in raws])
+    for field_, levels in per_level.items():
+        kw[field_] = [levels[l] for l in sorted(levels)]
+    if "detections/boxes" in names:
+        kw["detections"] = [{"boxes": _tensor(r["detections/boxes"]).reshape(-1, 4),
+                             "scores": _tensor(r["detections/scores"]),
+                             "labels": _tensor(r["detections/labels"])} for r in raws]
+    roi = [f for f in fields_of("proposals") if FIELDS[f].column in names]
+    for f in roi:
+        kw[f] = torch.from_numpy(np.concatenate([r[FIELDS[f].column] for r in raws]))
+    if roi:
+        kw["roi_counts"] = [len(r[PROPOSAL_BOXES]) for r in raws]
+    return TeacherTargets(**kw, roi_scorer=roi_scorer)
+
+
+def proposals_of(raws: Sequence[dict[str, np.ndarray]]) -> list[torch.Tensor] | None:
+    """The teacher's proposals per image (the boxes `roi_class_logits` rows belong to), or None."""
+    if not raws or PROPOSAL_BOXES not in raws[0]:
+        return None
+    return [_tensor(r[PROPOSAL_BOXES]).reshape(-1, 4) for r in raws]
+
+
+def _cells_of(table: pa.Table, row: int, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    return {n: table.column(n)[row].as_py() for n in names}
+
+
+class _RowTargets:
+    """What the two readers share: the (image, view) -> row lookup and its errors, `targets`, `targets_for`,
+    `proposals` and the RoI scorer, all over `rows`. A trainer may hold either reader."""
+
+    uri: str
+    roi_head: Any = None
+    _pos: dict[int, int]
+    _shard_size: int
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def image_ids(self) -> list[int]:
+        """The cache's image ids in data-set order (shard i holds positions [i*S, (i+1)*S))."""
+        raise NotImplementedError
+
+    def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    @property
+    def view_keys(self) -> list[str]:
+        v = self.manifest["key"]["views"]
+        return [View(1, 1, v["out_h"], v["out_w"], VIEW_FLIPS[n]).key() for n in v["views"]]
+
+    def _shard_of(self, iid: int) -> int:
+        if iid not in self._pos:
+            raise DataError(f"image_id {iid} is not in teacher cache {self.uri} (it holds "
+                            f"{len(self._pos)} images of another split or data set?)")
+        return self._pos[iid] // self._shard_size
+
+    def _row_of(self, index: dict[tuple[int, str], int], iid: int, view: View | str, stored_view: Any) -> int:
+        """The row of (image, view) in a shard's `index`; `stored_view(row)` gives the View dict cached there."""
+        key = view.key() if isinstance(view, View) else str(view)
+        row = index.get((iid, key))
+        if row is None:
+            raise CacheError(f"teacher cache {self.uri} has no view {key} of image_id {iid} (it holds "
+                             f"{self.view_keys}); cache that view (cache.views) or serve the teacher online")
+        if isinstance(view, View):
+            vd = stored_view(row)
+            if vd != view.to_dict():
+                raise StaleCacheError(f"teacher cache {self.uri}: image_id {iid} was cached for view {vd}, the "
+                                      f"sample has {view.to_dict()}; precompute again")
+        return row
+
+    def targets(self, image_ids: Sequence[int], views: Sequence[View | str]) -> Any:
+        """`TeacherTargets` of a batch, rows in batch order, `image_ids` set (checked by the losses' callers)."""
+        raws = self.rows(image_ids, views)
+        scorer = self._scorer(raws, views) if self.roi_head is not None else None
+        return collate_targets(raws, image_ids, roi_scorer=scorer)
+
+    def targets_for(self, batch_targets: Sequence[dict[str, Any]]) -> Any:
+        """`targets` for a collated batch's target dicts (`image_id`, `view`)."""
+        return self.targets([t["image_id"] for t in batch_targets], [t["view"] for t in batch_targets])
+
+    def proposals(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[torch.Tensor] | None:
+        return proposals_of(self.rows(image_ids, views))
+
+    def _scorer(self, raws, views):
+        det = self.roi_head
+        levels = list(getattr(det.model.roi_heads.box_roi_pool, "featmap_names", []))
+        have = [n.split("/", 1)[1] for n in raws[0] if n.startswith("features/")]
+        comp = self.manifest["key"]["spec"]["compression"]
+        if det.kind != "two_stage" or any(l not in have for l in levels) or comp["features_region"] == "pooled":
+            return None
+        feats = OrderedDict((l, torch.from_numpy(np.stack([r[f"features/{l}"] for r in raws]))) for l in have)
+        sizes = []
+        for v in views:
+            vv = v if isinstance(v, View) else None
+            sizes.append((vv.out_h, vv.out_w) if vv else (self.manifest["key"]["views"]["out_h"],
+                                                          self.manifest["key"]["views"]["out_w"]))
+        return lambda boxes: det.score_boxes(feats, list(boxes), sizes)
+
+
+class CacheReader(_RowTargets):
+    """Serves `TeacherTargets` for a student's batch from a complete cache.
+
+    Decoded shards are kept in an LRU bounded by `memory_bytes` (Arrow bytes of the shard tables), so a cache
+    bigger than memory is streamed shard by shard. The student's sample picks its row by ``(image_id,
+    View.key())``; a view the cache does not hold is an error (use serving mode for random augmentation).
+    `roi_head`: the teacher detector; with cached features of every RoI level it gives `roi_scorer`.
+    `ObjectStoreReader` has the same interface and serves the same rows from Ray's object store.
+    """
+
+    def __init__(self, cache: TeacherCache | str, memory_bytes: int = 1 << 30, check_sha: bool = True,
+                 roi_head: Any = None) -> None:
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
+        self.cache.require_complete()
+        self.uri = self.cache.uri
+        m = self.cache.manifest
+        self.memory_bytes = memory_bytes
+        self.check_sha = check_sha
+        self.roi_head = roi_head
+        self._ids = [int(i) for i in self.cache.image_ids()]
+        self._pos = {iid: p for p, iid in enumerate(self._ids)}
+        self._shard_size = m["shard_size"]
+        self._lru: OrderedDict[int, tuple[pa.Table, dict[tuple[int, str], int]]] = OrderedDict()
+        self._lru_bytes = 0
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.cache.manifest
+
+    def image_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def _shard(self, i: int) -> tuple[pa.Table, dict[tuple[int, str], int]]:
+        if i in self._lru:
+            self._lru.move_to_end(i)
+            return self._lru[i]
+        table = self.cache.read_shard(i, self.check_sha)
+        index = {(int(a), b): r for r, (a, b) in enumerate(zip(table.column("image_id").to_pylist(),
+                                                               table.column("view_key").to_pylist()))}
+        self._lru[i] = (table, index)
+        self._lru_bytes += table.nbytes
+        while self._lru_bytes > self.memory_bytes and len(self._lru) > 1:
+            _, (old, _) = self._lru.popitem(last=False)
+            self._lru_bytes -= old.nbytes
+        return table, index
+
+    def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
+        """Decoded rows (column -> numpy) of each (image, view), in the given order."""
+        out = []
+        for iid, view in zip(image_ids, views, strict=True):
+            iid = int(iid)
+            shard = self._shard_of(iid)
+            table, index = self._shard(shard)
+            row = self._row_of(index, iid, view, lambda r: table.column("view")[r].as_py())
+            names = [n for n in table.column_names if "/" in n]
+            where = f" of image_id {iid} in shard {shard} ({self.cache.shard_path(shard)})"
+            try:
+                out.append(decode_row(_cells_of(table, row, names), where))
+            except (DataError, ValueError) as e:
+                raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {self.cache.uri} --shard "
+                                        f"{shard}`", shard, self.cache.shard_path(shard)) from None
+        return out
+
+
+def decode_shard(cache: TeacherCache, i: int, check_sha: bool = True) -> dict[str, Any]:
+    """Every row of shard i decoded: ``{"index": {(image_id, view_key): row}, "views": [View dict per row],
+    "rows": [{column: float32/int64 numpy}], "nbytes": decoded array bytes}`` (what `ObjectStoreShards` puts
+    into the object store)."""
+    table = cache.read_shard(i, check_sha)
+    names = [n for n in table.column_names if "/" in n]
+    cols = {n: table.column(n).to_pylist() for n in names}  # one conversion per column, not per cell
+    ids = [int(a) for a in table.column("image_id").to_pylist()]
+    keys = table.column("view_key").to_pylist()
+    rows = []
+    for r in range(table.num_rows):
+        where = f" of image_id {ids[r]} in shard {i} ({cache.shard_path(i)})"
+        try:
+            rows.append(decode_row({n: cols[n][r] for n in names}, where))
+        except (DataError, ValueError) as e:
+            raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {cache.uri} --shard {i}`", i,
+                                    cache.shard_path(i)) from None
+    return {"index": {(a, b): r for r, (a, b) in enumerate(zip(ids, keys))},
+            "views": table.column("view").to_pylist(), "rows": rows,
+            "nbytes": sum(a.nbytes for row in rows for a in row.values())}
+
+
+STORE_NAMESPACE = "curriculum"
+
+
+class _ShardStoreActor:
+    """The owner of the decoded shards in Ray's object store (see `ObjectStoreShards`).
+
+    It decodes a shard when first asked, `ray.put`s it and hands out the reference; as the caller of `ray.put`
+    it owns the object, so the object lives as long as this actor (and no longer: RAY_NOTES). LRU by shard:
+    before a new shard goes in, the least recently asked ones are dropped until it fits the budget, so the
+    shards it holds never exceed ``max(budget, one shard)``. A dropped shard stays readable by a reader still
+    holding its reference (Ray frees it when the last one lets go) and is decoded again when asked again."""
+
+    def __init__(self, cache_uri: str, budget_bytes: int, check_sha: bool) -> None:
+        import threading
+
+        self.cache = TeacherCache.open(cache_uri)
+        self.cache.require_complete()
+        self.budget = int(budget_bytes)
+        self.check_sha = check_sha
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # shard -> (ObjectRef, decoded bytes)
+        self._loading: dict[int, Any] = {}  # shard -> threading.Event while one thread decodes it
+        self._resident = 0
+        self._stats = {"loads": 0, "hits": 0, "evictions": 0, "max_resident_bytes": 0, "max_shard_bytes": 0}
+
+    def info(self) -> dict[str, Any]:
+        return {"uri": self.cache.uri, "manifest": self.cache.manifest,
+                "image_ids": [int(i) for i in self.cache.image_ids()], "pid": os.getpid()}
+
+    def shard(self, i: int) -> list[Any]:
+        """[ObjectRef] of shard i's decoded rows (in a list, so that Ray hands over the reference itself)."""
+        import threading
+
+        import ray
+
+        while True:
+            with self._lock:
+                if i in self._lru:
+                    self._lru.move_to_end(i)
+                    self._stats["hits"] += 1
+                    return [self._lru[i][0]]
+                event = self._loading.get(i)
+                if event is None:  # this thread decodes it; others asking for it meanwhile wait
+                    event = self._loading[i] = threading.Event()
+                    break
+            event.wait()  # then look again (a failed decode leaves nothing: the next asker tries itself)
+        try:
+            if not 0 <= i < self.cache.manifest["num_shards"]:
+                raise CacheError(f"teacher cache {self.cache.uri}: no shard {i} (it has "
+                                 f"{self.cache.manifest['num_shards']})")
+            payload = decode_shard(self.cache, i, self.check_sha)  # outside the lock: decodes run in parallel
+            nbytes = payload["nbytes"]
+            with self._lock:
+                # Room first, then the put: what this actor holds never exceeds the budget (a single shard
+                # bigger than the whole budget is held alone).
+                while self._lru and self._resident + nbytes > self.budget:
+                    _, (_, old) = self._lru.popitem(last=False)
+                    self._resident -= old
+                    self._stats["evictions"] += 1
+                ref = ray.put(payload)
+                self._lru[i] = (ref, nbytes)
+                self._resident += nbytes
+                self._stats["loads"] += 1
+                self._stats["max_resident_bytes"] = max(self._stats["max_resident_bytes"], self._resident)
+                self._stats["max_shard_bytes"] = max(self._stats["max_shard_bytes"], nbytes)
+            return [ref]
+        finally:
+            with self._lock:
+                self._loading.pop(i, None)
+            event.set()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._stats, "budget_bytes": self.budget, "resident_bytes": self._resident,
+                    "resident_shards": list(self._lru)}
+
+
+class ObjectStoreShards:
+    """Hot teacher targets for the training workers through Ray's object store, within a memory budget.
+
+    A small named Ray actor (`_ShardStoreActor`) opens the cache, decodes each shard once when a worker first
+    asks for it and `ray.put`s the decoded numpy rows; workers (`ObjectStoreReader`) `ray.get` them zero-copy
+    from shared memory (on the actor's node; a worker on another node gets one copy per node). Nobody but the
+    actor reads Parquet.
+
+    Owner. The actor is the owner of the objects (the caller of `ray.put`), so it must outlive the readers:
+    create this in the driver before the workers start, keep it for the stage, `close()` after. It is not
+    detached: if the driver dies, the actor and its objects go with it (nothing leaks); a reader whose store
+    is gone gets a CacheError saying so.
+
+    Budget (`budget_bytes`: decoded array bytes, e.g. ``cache.memory_bytes``). The actor holds at most
+    ``max(budget_bytes, one shard)``: before a new shard goes in, the least recently used shards' references
+    are dropped. A cache bigger than the budget is therefore streamed: a dropped shard is decoded again
+    when asked again. On top of that each reader pins the `keep_shards` shard(s) it is reading (default one)
+    until it moves on, so the object store holds at most budget + one shard per reader (for budgets above
+    one shard). Ray's object store must be big enough for that (``ray.init(object_store_memory=...)``);
+    beyond it Ray spills to disk rather than fail.
+
+    `num_cpus`: the actor's CPU reservation (default 0: it only decodes when workers wait for it, and on a
+    small machine a reserved CPU would starve the training workers). `max_concurrency`: shards decoded in
+    parallel for different workers (a shard asked by two workers at once is decoded once).
+    """
+
+    def __init__(self, cache: TeacherCache | str, budget_bytes: int, *, name: str | None = None,
+                 namespace: str = STORE_NAMESPACE, num_cpus: float = 0.0, max_concurrency: int = 2,
+                 check_sha: bool = True) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise CacheError("ObjectStoreShards needs Ray: call ray.init (or curriculum.cluster.ensure_ray) first")
+        if int(budget_bytes) < 1:
+            raise CacheError(f"ObjectStoreShards: budget_bytes must be positive, got {budget_bytes}")
+        uri = cache.uri if isinstance(cache, TeacherCache) else str(cache)
+        TeacherCache.open(uri).require_complete()  # a missing or incomplete cache fails here, in the driver
+        self.uri, self.budget_bytes, self.namespace = uri, int(budget_bytes), namespace
+        self.name = name or f"teacher-shards-{uuid.uuid4().hex[:10]}"
+        cls = ray.remote(_ShardStoreActor).options(
+            name=self.name, namespace=namespace, num_cpus=num_cpus, max_concurrency=max(1, max_concurrency),
+            max_restarts=0,  # a restarted owner would not have the objects: readers are told instead
+        )
+        self.actor = cls.remote(uri, self.budget_bytes, check_sha)
+        ray.get(self.actor.info.remote())  # started, cache opened: workers find it by name from now on
+
+    def reader(self, roi_head: Any = None, keep_shards: int = 1) -> ObjectStoreReader:
+        """A reader on this store (in the driver; workers build theirs by name: `ObjectStoreReader(name)`)."""
+        return ObjectStoreReader(self.name, namespace=self.namespace, roi_head=roi_head, keep_shards=keep_shards)
+
+    def stats(self) -> dict[str, Any]:
+        """loads, hits, evictions, resident_bytes, max_resident_bytes, max_shard_bytes, resident_shards."""
+        import ray
+
+        return ray.get(self.actor.stats.remote())
+
+    def close(self) -> None:
+        """End the actor; its objects are freed (readers still running get a CacheError)."""
+        import ray
+
+        if self.actor is not None:
+            try:
+                ray.kill(self.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.actor = None
+
+    def __enter__(self) -> ObjectStoreShards:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ObjectStoreReader(_RowTargets):
+    """`CacheReader`'s interface (`rows`, `targets`, `targets_for`, `proposals`, `manifest`, `image_ids`) over
+    an `ObjectStoreShards` store, found by its name: what a training worker builds.
+
+    Rows come out as read-only numpy views of Ray's shared memory (zero copy); `collate_targets` copies what
+    it stacks, so nothing writes into them. The reader keeps the references of its `keep_shards` most recent
+    shards (pinning them in the object store even after the store dropped them) and lets go of older ones.
+    """
+
+    def __init__(self, store: str | Any, namespace: str = STORE_NAMESPACE, roi_head: Any = None,
+                 keep_shards: int = 1) -> None:
+        import ray
+
+        if isinstance(store, str):
+            try:
+                store = ray.get_actor(store, namespace=namespace)
+            except ValueError:
+                raise CacheError(f"no teacher shard store named {store!r} in Ray namespace {namespace!r}: the "
+                                 "driver must create ObjectStoreShards before the workers start and keep it for "
+                                 "the stage") from None
+        self.actor = store
+        info = self._call(lambda: ray.get(self.actor.info.remote()))
+        self.uri = info["uri"]
+        self._manifest = info["manifest"]
+        self._ids = info["image_ids"]
+        self._pos = {iid: p for p, iid in enumerate(self._ids)}
+        self._shard_size = self._manifest["shard_size"]
+        self.roi_head = roi_head
+        self.keep_shards = max(1, keep_shards)
+        self._local: OrderedDict[int, tuple[Any, dict[str, Any]]] = OrderedDict()  # shard -> (ref, payload)
+        self.fetches = 0
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def image_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def _call(self, fn: Any) -> Any:
+        """Run a Ray call; the store's own errors (a corrupt shard, ...) come out as themselves, a dead store
+        as a CacheError that says what to do."""
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
+        try:
+            return fn()
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, CurriculumError):
+                raise cause from None
+            raise
+        except (RayActorError, ObjectLostError) as e:
+            raise CacheError(f"the teacher shard store of {getattr(self, 'uri', 'the cache')} is gone "
+                             f"({type(e).__name__}): the driver that owns it ended or closed it before the "
+                             "workers finished; keep ObjectStoreShards open for the whole stage") from None
+
+    def _shard(self, i: int) -> dict[str, Any]:
+        import ray
+
+        if i in self._local:
+            self._local.move_to_end(i)
+            return self._local[i][1]
+        (ref,) = self._call(lambda: ray.get(self.actor.shard.remote(i)))
+        payload = self._call(lambda: ray.get(ref))
+        self.fetches += 1
+        self._local[i] = (ref, payload)
+        while len(self._local) > self.keep_shards:  # let go: Ray frees it once the store dropped it too
+            self._local.popitem(last=False)
+        return payload
+
+    def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
+        """Decoded rows (column -> read-only numpy) of each (image, view), in the given order."""
+        out = []
+        for iid, view in zip(image_ids, views, strict=True):
+            iid = int(iid)
+            payload = self._shard(self._shard_of(iid))
+            row = self._row_of(payload["index"], iid, view, lambda r: payload["views"][r])
+            out.append(dict(payload["rows"][row]))
+        return out
