@@ -60,7 +60,6 @@ whose ``result.json`` exists is not repeated (``--rerun`` repeats it).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -79,20 +78,19 @@ if str(ROOT) not in sys.path:
 
 from curriculum.config import EvalConfig, TrainJobConfig, load_config  # noqa: E402
 from curriculum.data import collate_fn  # noqa: E402
+from curriculum.seeds import derive_seed, seed_everything  # noqa: E402
+from curriculum.shapes import ensure_builtin_data  # noqa: E402
 from teachers.zoo import Detector, build_detector, load_detector  # noqa: E402
-from trainers.distill import TeacherTargets, build_distiller, decay_factor  # noqa: E402
-from trainers.distill.common import FeatureTerm  # noqa: E402
+from trainers.distill import build_distiller, decay_factor  # noqa: E402
 from trainers.distill.mgd import PRESETS as MGD_PRESETS  # noqa: E402
-from trainers.distill.outputs import student_outputs_from  # noqa: E402
+from trainers.distillation import DistillStep, InlineSource, feature_factors  # noqa: E402
 from trainers.distill.zhang2021 import PRESETS as ZHANG_PRESETS  # noqa: E402
 from trainers.train import (  # noqa: E402
     build_dataset,
-    ensure_builtin_data,
     evaluate_model,
     make_loader,
     make_optimizer,
     make_scheduler,
-    seed_everything,
     train_detector,
     train_one_epoch,
 )
@@ -183,86 +181,6 @@ def method_decay(method: str) -> str:
 # ------------------------------------------------------------------------------------------------ one run
 
 
-class BatchTap:
-    """Iterates a loader and keeps the current batch: ``extra_loss(output, targets)`` receives no images,
-    and the inline teacher needs them."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
-        self.loader = loader
-        self.images: list[torch.Tensor] | None = None
-        self.targets: list[dict] | None = None
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, targets in self.loader:
-            self.images, self.targets = images, targets
-            yield images, targets
-
-
-class InlineDistillation:
-    """``extra_loss`` for ``train_one_epoch``: the teacher on the same batch, then the distiller."""
-
-    def __init__(self, teacher: Detector, distiller: torch.nn.Module, tap: BatchTap, decay: str, epochs: int,
-                 seed: int) -> None:
-        self.teacher, self.distiller, self.tap = teacher, distiller, tap
-        self.decay_kind, self.epochs = decay, epochs
-        self.epoch = 0
-        self.keep = distiller.required_teacher_targets()
-        self.scales = distiller.detector_loss_scales()
-        self.generator = torch.Generator().manual_seed(seed)  # MGD's random masks
-
-    def __call__(self, out: Any, targets: list[dict], images: list[torch.Tensor] | None = None
-                 ) -> dict[str, torch.Tensor]:
-        if targets is not self.tap.targets:
-            raise RuntimeError("the batch the student saw is not the one the tap kept; the teacher would see "
-                               "other images")
-        ids = [int(t["image_id"]) for t in targets]
-        tt = TeacherTargets.inline(self.teacher, self.tap.images, ids, keep=self.keep)
-        gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
-        decay = decay_factor(self.decay_kind, self.epoch + 1, self.epochs)
-        terms = self.distiller(student_outputs_from(out), tt, gt, decay=decay, generator=self.generator)
-        # Detector terms the distiller rescales (Chen's mu) replace the unscaled ones in train_one_epoch.
-        for name, factor in self.scales.items():
-            if name in out.losses:
-                terms[name] = out.losses[name] * factor
-        return terms
-
-
-def calibrate(student: Detector, distiller: torch.nn.Module, teacher: Detector, batches: list, ratio: float,
-              seed: int) -> float | None:
-    """Multiply the distiller's feature terms by one factor so that, at the student's initialisation, they
-    add up to ``ratio`` x the detector's loss on ``batches``; return the factor (None: no feature term).
-
-    Nothing is trained: the student's and the distiller's states (BatchNorm statistics) and the RNG are
-    restored afterwards, so the run starts exactly as it would have.
-    """
-    keys = [k for k, term in distiller.terms.items() if isinstance(term, FeatureTerm)]
-    if not keys:
-        return None
-    saved = copy.deepcopy(student.state_dict()), copy.deepcopy(distiller.state_dict()), torch.get_rng_state()
-    student.train()
-    distiller.train()
-    det = feat = 0.0
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for images, targets in batches:
-            out = student(images, targets, want=("losses", "features", "head"))
-            tt = TeacherTargets.inline(teacher, images, [t["image_id"] for t in targets],
-                                       keep=distiller.required_teacher_targets())
-            terms = distiller(student_outputs_from(out), tt, targets, generator=gen)
-            det += float(sum(out.losses.values()))
-            feat += sum(float(terms[f"distill_{k}"]) for k in keys)
-    student.load_state_dict(saved[0])
-    distiller.load_state_dict(saved[1])
-    torch.set_rng_state(saved[2])
-    factor = ratio * det / max(feat, 1e-12)
-    for k in keys:
-        distiller.weights[k] *= factor
-    return factor
-
-
 def _row_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: round(100.0 * float(metrics[k]), 2) if float(metrics[k]) >= 0 else -1.0 for k in METRICS}
 
@@ -280,10 +198,14 @@ def run_one(method: str, kind: str, job: TrainJobConfig, student_name: str, teac
     entries = method_entries(method, kind, scale)
     distiller = build_distiller(entries, student.level_channels, teacher.level_channels) if entries else None
     factor = None
+    source = InlineSource(teacher, distiller.required_teacher_targets()) if distiller is not None else None
     if distiller is not None and args.weights == "calibrated":
         first = [datasets[0][i] for i in range(min(len(train_ds), args.calib_batches * t.batch_size))]
         batches = [collate_fn(first[i:i + t.batch_size]) for i in range(0, len(first), t.batch_size)]
-        factor = calibrate(student, distiller, teacher, batches, args.kd_ratio, t.seed)
+        factors = feature_factors(student, distiller, batches, source, args.kd_ratio, t.seed)
+        for key, f in factors.items():
+            distiller.weights[key] *= f
+        factor = next(iter(factors.values()), None)
         print(f"  [{kind}/{method}] feature terms x {factor:.4g} (calibrated to {args.kd_ratio} x the detector "
               f"loss at the start)" if factor is not None else f"  [{kind}/{method}] no feature term to calibrate",
               flush=True)
@@ -293,18 +215,18 @@ def run_one(method: str, kind: str, job: TrainJobConfig, student_name: str, teac
     loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, workers=job.data.workers)
     iters = min(len(loader), t.max_iters_per_epoch or len(loader))
     sched = make_scheduler(opt, t, iters * t.epochs)
-    tap = BatchTap(loader)
-    extra = (InlineDistillation(teacher, distiller, tap, method_decay(method), t.epochs, t.seed)
-             if distiller is not None else None)
+    generator = torch.Generator().manual_seed(t.seed)  # MGD's random masks, one stream over the epochs
     history = []
     start = time.perf_counter()
     for epoch in range(t.epochs):
         train_ds.set_epoch(epoch)
-        loader.generator.manual_seed(t.seed * 1000 + epoch)
-        if extra is not None:
-            extra.epoch = epoch
+        loader.generator.manual_seed(derive_seed(t.seed, "loader", epoch))
+        extra = None
+        if distiller is not None:
+            decay = decay_factor(method_decay(method), epoch + 1, t.epochs)
+            extra = DistillStep(source, distiller, decay, generator)
             distiller.train()
-        stats = train_one_epoch(student, tap, opt, sched, t, epoch, progress=args.progress, extra_loss=extra)
+        stats = train_one_epoch(student, loader, opt, sched, t, epoch, progress=args.progress, extra_loss=extra)
         history.append({"epoch": epoch + 1, **stats})
         terms = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k not in ("images_per_s", "lr", "seconds"))
         print(f"  [{kind}/{method}] epoch {epoch + 1}/{t.epochs}: {stats['images_per_s']:.1f} img/s; {terms}",

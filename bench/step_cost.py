@@ -6,10 +6,10 @@ per teacher:
 
 - (a) the plain student step: forward with losses, backward, gradient clipping, AdamW step (as
   `trainers.train.train_one_epoch` does it);
-- (b) the same step distilling from a real Parquet cache (`teachers.pool.precompute`, beforehand and not timed,
-  for exactly the benchmark's images and views), read with `teachers.cache.CacheReader` one batch ahead in a
+- (b) the same step distilling from a real Parquet cache (`teachers.precompute.precompute`, beforehand and not timed,
+  for exactly the benchmark's images and views), read with `teachers.readers.CacheReader` one batch ahead in a
   background thread (`trainers.ray_train.TargetReadAhead`, as the Ray Train loop does); the step waits for it;
-- (c) the same step distilling from `teachers.pool.TeacherServer` actors, `teachers.pool.prefetch` keeping the
+- (c) the same step distilling from `teachers.serving.TeacherServer` actors, `teachers.serving.prefetch` keeping the
   next batches' requests in flight while the student computes;
 - (d) the same step with the teacher inline in the step (`TeacherTargets.inline`, as `teacher_mode: inline` and
   other frameworks do).
@@ -76,7 +76,7 @@ from curriculum.config import (  # noqa: E402
 from curriculum.data import collate_fn  # noqa: E402
 from teachers.zoo import Detector, build_detector  # noqa: E402
 from trainers.distill import TeacherTargets, build_distiller  # noqa: E402
-from trainers.distill.outputs import student_outputs_from  # noqa: E402
+from trainers.distillation import DistillStep  # noqa: E402
 from trainers.train import build_dataset, make_optimizer, make_scheduler  # noqa: E402
 
 ARMS = ("a", "b", "c", "d")
@@ -142,7 +142,7 @@ def start_ray(args: argparse.Namespace, ray_gpus: int) -> bool:
     """Join or start Ray with explicit logical CPUs; True when this process started it (and must stop it)."""
     import ray
 
-    from teachers.pool import ensure_ray
+    from curriculum.cluster import ensure_ray
 
     if ray.is_initialized():
         return False
@@ -161,7 +161,7 @@ def prepare_batches(args: argparse.Namespace, out: Path) -> tuple[DataConfig, li
     """The data config of the benchmark's images (a subset annotation file) and its batches, collated once."""
     root = Path(args.data_root)
     if not (root / "train" / "instances.json").is_file():
-        from trainers.train import ensure_builtin_data
+        from curriculum.shapes import ensure_builtin_data
 
         ensure_builtin_data(DataConfig(root=str(root)))  # the default shapes data set at 128 px
     ann = json.loads((root / "train" / "instances.json").read_text())
@@ -220,7 +220,7 @@ def build_cache(ckpt: str, data: DataConfig, kinds: list[str], levels: list[str]
                 args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Precompute (or reuse) the teacher's cache of exactly the benchmark's images and views; not timed."""
     from teachers.cache import TeacherCache
-    from teachers.pool import precompute
+    from teachers.precompute import precompute
 
     views = {"none": ["noflip"], "always": ["flip"], "random": ["noflip", "flip"]}[args.flip]
     job = PrecomputeJobConfig(
@@ -306,7 +306,8 @@ def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device:
 
 def train_step(s: Learner, images: list[torch.Tensor], targets: list[dict[str, Any]], teacher: TargetsFn | None,
                clock: Clock) -> None:
-    """One step as `train_one_epoch` + `trainers.ray_train.Distillation` make it, with its parts timed."""
+    """One step as `train_one_epoch` with `trainers.distillation.DistillStep` makes it, with its parts timed: the
+    targets from the feed, their move to the device, then the step's own `terms` (detector-loss scales included)."""
     images, targets = to_device(images, targets, s.device)
     want = ("losses", "features", "head") if teacher is not None else ("losses",)
     with clock.part("forward"), autocast(s.device):
@@ -317,9 +318,8 @@ def train_step(s: Learner, images: list[torch.Tensor], targets: list[dict[str, A
             tt = teacher(images, targets)
         with clock.part("move"):
             tt = tt.to(s.device)
-        gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
-        with clock.part("losses"), autocast(s.device):
-            terms.update(s.distiller(student_outputs_from(out), tt, gt, decay=1.0, generator=s.generator))
+        with clock.part("losses"):
+            terms.update(DistillStep(teacher, s.distiller, 1.0, s.generator, device=s.device).terms(out, tt, targets))
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss in the benchmark: { {k: float(v) for k, v in terms.items()} }")
@@ -377,7 +377,7 @@ def cache_feed(batches: list[Batch], n: int, reader: Any) -> Feed:
 
 
 def serve_feed(batches: list[Batch], n: int, server: Any, depth: int) -> Feed:
-    from teachers.pool import prefetch
+    from teachers.serving import prefetch
 
     for images, targets, tt in prefetch(server, batch_stream(batches, n), depth=depth):
         yield images, targets, (lambda _i, _t, tt=tt: tt)
@@ -414,7 +414,7 @@ def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch],
     if arm == "a":
         feed = plain_feed(batches, n)
     elif arm == "b":
-        from teachers.cache import CacheReader
+        from teachers.readers import CacheReader
 
         feed = cache_feed(batches, n, CacheReader(t.reader_path, memory_bytes=1 << 30))  # cold LRU, as a new run
     elif arm == "c":
@@ -602,7 +602,8 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     started = start_ray(args, ray_gpus)
     import ray
 
-    from teachers.pool import TeacherServer, load_teacher
+    from teachers.outputs import load_teacher
+    from teachers.serving import TeacherServer
 
     serving = {"actors": args.serve_actors, "cpus_per_actor": args.serve_cpus, "gpus_per_actor": serve_gpus,
                "threads_per_actor": args.serve_threads, "prefetch_depth": args.prefetch_depth}

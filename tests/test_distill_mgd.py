@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import identity_generation
 from trainers.distill import TeacherTargets, build_distiller
 from trainers.distill.mgd import PRESETS, mgd_level_loss, random_spatial_mask
 
@@ -30,11 +31,11 @@ def test_mask_follows_authors_rule_and_generator():
 
 def _identity_mgd(lambda_mask, alpha=1.0):
     # generation convs set to identity: on non-negative inputs G(x) = x (ReLU is a no-op)
-    return build_distiller(
-        [{"name": "mgd", "alpha": alpha, "lambda_mask": lambda_mask, "adapter_init": "identity"}],
+    return identity_generation(build_distiller(
+        [{"name": "mgd", "alpha": alpha, "lambda_mask": lambda_mask}],
         {"p3": 2},
         {"p3": 2},
-    )
+    ))
 
 
 def test_hand_value_without_mask():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from curriculum.errors import ConfigError, DataError, ModelError
+from helpers import identity_generation
 from trainers.distill import LOSSES, TeacherTargets, build_distiller, decay_factor
 from trainers.distill.common import set_identity_
 
@@ -150,8 +151,8 @@ def test_zero_when_student_equals_teacher_with_identity_adapters():
     cfg = [
         {"name": n, "adapter_init": "identity"}
         for n in ("fitnet", "chen_hint", "zhang_feature", "zhang_attention", "zhang_nonlocal", "tar_feature")
-    ] + [{"name": "mgd", "lambda_mask": 0.0, "adapter_init": "identity"}]
-    d = build_distiller(cfg, CH, CH)
+    ] + [{"name": "mgd", "lambda_mask": 0.0}]
+    d = identity_generation(build_distiller(cfg, CH, CH))
     t = {k: v.abs() for k, v in _feats(0).items()}  # non-negative: MGD's identity G (with ReLU) is exact
     gt = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 12.0]]), "labels": torch.tensor([1])}] * 2
     out = d({"features": {k: v.clone() for k, v in t.items()}}, TeacherTargets(features=t), gt)
@@ -166,7 +167,8 @@ def test_state_dict_round_trip_and_required_fields():
     d2.load_state_dict(d1.state_dict())
     for (n1, p1), (n2, p2) in zip(d1.named_parameters(), d2.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
-    assert "features" in d1.required_student_outputs() and "roi_reg_targets" in d1.required_student_outputs()
+    student = set().union(*(t.required_student() for t in d1.terms.values()))
+    assert "features" in student and "roi_reg_targets" in student
     assert {"features", "roi_box_regression", "roi_scorer"} <= d1.required_teacher_targets()
 
 
@@ -174,7 +176,7 @@ def test_state_dict_round_trip_and_required_fields():
 
 
 def test_single_level():
-    d = build_distiller([{"name": "mgd", "adapter_init": "identity", "lambda_mask": 0.0, "alpha": 1.0}], {"p5": 2}, {"p5": 2})
+    d = identity_generation(build_distiller([{"name": "mgd", "lambda_mask": 0.0, "alpha": 1.0}], {"p5": 2}, {"p5": 2}))
     t = torch.ones(1, 2, 1, 1)
     s = torch.full((1, 2, 1, 1), 3.0, requires_grad=True)
     out = d({"features": {"p5": s}}, TeacherTargets(features={"p5": t}))["distill_mgd"]

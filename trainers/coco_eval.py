@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,26 +166,12 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_detections(path: str | os.PathLike[str], detections: Iterable[dict[str, Any]]) -> Path:
-    """Write a COCO detections JSON file atomically and return its path.
+    """Write a COCO detections JSON file atomically (`curriculum.files.atomic_write`) and return its path.
+    Parent directories are created."""
+    from curriculum.files import atomic_write_json
 
-    The file is written to a temporary file in the same directory and moved into place with
-    ``os.replace``, so a crash or a concurrent reader never sees a half-written file.
-    Parent directories are created.
-    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dets = list(detections)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dets, f, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    atomic_write_json(list(detections), path, indent=None, default=_json_default)
     return path
 
 

@@ -16,13 +16,13 @@ through `train_one_epoch(extra_loss=...)`, and the teacher's targets come from i
 `teacher_mode="inline"`, from the teacher run in the worker on the same batch: the reference, and the cost
 in-process frameworks pay).
 
-The loop itself is `run_training(loop_config, session)`: a Ray Train worker runs it with a `TrainSession` (DDP,
+The loop itself is `run_training(LoopConfig, session)`: a Ray Train worker runs it with a `TrainSession` (DDP,
 `ray.train.report`), a Tune trial (tune_spaces/sweep.py) with a `TuneSession` (one process, `ray.tune.report`),
 so a sweep's trials train exactly as `curriculum run`'s stages do.
 
 How the cached targets are read:
 
-- How hot targets reach the workers: every worker opens its own `teachers.cache.CacheReader` on the cache
+- How hot targets reach the workers: every worker opens its own `teachers.readers.CacheReader` on the cache
   (a local folder or any URI pyarrow reads: the cache, like the images, must be reachable from every node) and
   reads the Parquet shards that hold *its* images, decoding them into its own LRU (`memory_bytes`); nothing goes
   through the driver or Ray's object store. `CacheShardSampler` gives each worker, every epoch, a contiguous run
@@ -47,8 +47,8 @@ The driver evaluates afterwards: evaluation is a single pass that does not need 
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +59,7 @@ from typing import Any, Iterator
 import torch
 
 from curriculum.config import TrainJobConfig, config_from_dict, to_dict
+from curriculum.seeds import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,12 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "shard order", self.epoch))
         shards = sorted(self.members)
         order = [shards[int(j)] for j in torch.randperm(len(shards), generator=g)]
         flat = [i for s in order for i in self.members[s]]
         mine = flat[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        g.manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank + 1)
+        g.manual_seed(derive_seed(self.seed, "shard images", self.epoch, self.rank))
         return [mine[int(j)] for j in torch.randperm(len(mine), generator=g)]
 
     def __iter__(self) -> Iterator[int]:
@@ -190,63 +191,6 @@ class _Autocast(torch.nn.Module):
             return self.module(*args, **kwargs)
 
 
-class Distillation:
-    """`extra_loss` for `train_one_epoch`: the batch's teacher targets from `source`, then the distiller.
-
-    `source(images, targets)` gives the batch's `TeacherTargets`: a `CacheReader` lookup by (image id, view), or
-    the teacher run inline on the same images (the reference other frameworks use; costs a teacher forward).
-    """
-
-    def __init__(self, source: Any, distiller: torch.nn.Module, scales: dict[str, float], decay: float,
-                 generator: torch.Generator, autocast: bool = False) -> None:
-        self.source, self.distiller, self.scales = source, distiller, scales
-        self.decay, self.generator, self.autocast = decay, generator, autocast
-
-    def __call__(self, out: Any, targets: list[dict], images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        from trainers.distill.outputs import student_outputs_from
-
-        tt = self.source(images, targets)
-        if self.autocast:  # targets to the student's device (cache rows and inline targets come as they are)
-            tt = tt.to(images[0].device)
-        gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
-        # On GPU the student's features come out of its bf16 autocast forward: the adapters must run under the
-        # same autocast, or their fp32 convolutions refuse bf16 inputs.
-        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
-            terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
-        if self.autocast:
-            terms = {k: v.float() for k, v in terms.items()}
-        for name, factor in self.scales.items():  # detector terms a loss rescales (Chen's mu) replace the originals
-            if name in out.losses:
-                terms[name] = out.losses[name] * factor
-        return terms
-
-
-class _InlineSource:
-    """Teacher targets computed in the training process on the student's own batch (`teacher_mode: inline`)."""
-
-    def __init__(self, checkpoint: str, name: str, keep: Any, device: torch.device) -> None:
-        from teachers.pool import load_teacher
-
-        self.teacher = load_teacher(checkpoint, name, device=str(device))
-        self.keep = keep
-
-    def __call__(self, images: list[torch.Tensor], targets: list[dict]) -> Any:
-        from trainers.distill.targets import TeacherTargets
-
-        return TeacherTargets.inline(self.teacher, images, [int(t["image_id"]) for t in targets], keep=self.keep)
-
-
-def _load_plain(model: torch.nn.Module, init: str | dict[str, Any]) -> None:
-    """Weights of a plain detector checkpoint (`Detector.checkpoint()`, a path or the dict) into `model`."""
-    from teachers.zoo import read_checkpoint
-
-    ckpt = init if isinstance(init, dict) else read_checkpoint(init)
-    if ckpt["config"]["name"] != model.config.name:
-        raise RuntimeError(f"{init if isinstance(init, str) else 'the start checkpoint'} holds "
-                           f"{ckpt['config']['name']}, the stage trains {model.config.name}")
-    model.load_state_dict(ckpt["model"])
-
-
 def _mean_across_workers(stats: dict[str, float], world: int) -> dict[str, float]:
     """The loss terms averaged over the workers (each worker's are means over its own batches)."""
     if world == 1 or not torch.distributed.is_initialized():
@@ -331,6 +275,41 @@ class TuneSession:
                         if checkpoint_dir else None)
 
 
+@dataclasses.dataclass
+class LoopConfig:
+    """What `run_training` takes: the training job and, for a distillation stage, the stage and how its targets
+    arrive. Built by `fit_on_ray` (a stage on Ray Train) and by a Tune trial (tune_spaces/sweep.py); it travels
+    to the workers as a dict (`to_dict`) and is checked back into this type there.
+
+    job: a `TrainJobConfig` as a dict. stage: `curriculum.plan.Stage.to_dict()` (None: plain training).
+    init: plain detector checkpoint the student starts from. loss_factors: multipliers of the distiller's entries
+    (the calibrated feature weights), calibrated for `kd_ratio` (saved in every checkpoint, so a PBT clone with
+    another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_store: the name of the
+    `ObjectStoreShards` actor holding the decoded cache (None: each worker reads the Parquet shards itself,
+    `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). fault: the tests'
+    worker fault (`{"epoch": e, "marker": path, "mode": "exit"|"raise", "stage": i, "batch": b}`).
+    framework_logs: Ray Train's own INFO lines (else dropped in the worker).
+    """
+
+    job: dict[str, Any]
+    stage: dict[str, Any] | None = None
+    init: str | None = None
+    threads_per_worker: int = 1
+    memory_bytes: int = 1 << 30
+    loss_factors: dict[str, float] = dataclasses.field(default_factory=dict)
+    kd_ratio: float | None = None
+    eval_every: int = 0
+    use_gpu: bool = False
+    progress: bool = True
+    teacher_mode: str = "cache"
+    shard_store: str | None = None
+    fault: dict[str, Any] | None = None
+    framework_logs: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class _FrameworkChatter(logging.Filter):
     """Drops records below WARNING emitted from Ray's and pycocotools' packages: worker-group start, DDP wrapping,
     checkpoint and "Reporting training result" lines, and pycocotools' "creating index..." (Ray Train reroutes a
@@ -350,15 +329,16 @@ class _FrameworkChatter(logging.Filter):
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker."""
-    if not loop_config.get("framework_logs"):
+    cfg = LoopConfig(**loop_config)
+    if not cfg.framework_logs:
         chatter = _FrameworkChatter()
         for logger in (logging.getLogger(), logging.getLogger("ray.train")):
             for handler in logger.handlers:
                 handler.addFilter(chatter)
-    run_training(loop_config, TrainSession(bool(loop_config.get("use_gpu"))))
+    run_training(cfg, TrainSession(cfg.use_gpu))
 
 
-def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
+def run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     """Plain training, or one distillation stage when `stage` is given; returns the final training state.
 
     The same loop serves Ray Train workers (`TrainSession`) and Tune trials (`TuneSession`). A stage's teacher
@@ -368,56 +348,54 @@ def run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
     """
     from trainers.train import torch_threads
 
-    with torch_threads(loop_config.get("threads_per_worker")):
-        return _run_training(loop_config, session)
+    with torch_threads(cfg.threads_per_worker):
+        return _run_training(cfg, session)
 
 
-def _run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
+def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from curriculum.data import collate_fn
-    from teachers.zoo import build_detector, teacher_forward_counts
+    from teachers.outputs import load_teacher, teacher_forward_counts
+    from trainers.distillation import DistillStep, InlineSource, build_student
     from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model,
-                                load_train_state, make_optimizer, make_scheduler, seed_everything, train_one_epoch)
+                                load_train_state, make_optimizer, make_scheduler, train_one_epoch)
 
-    job: TrainJobConfig = config_from_dict(TrainJobConfig, loop_config["job"])
-    stage: dict[str, Any] | None = loop_config.get("stage")
+    job: TrainJobConfig = config_from_dict(TrainJobConfig, cfg.job)
+    stage: dict[str, Any] | None = cfg.stage
     distil = bool(stage and stage.get("teacher"))
     stage_index = stage["index"] if stage else 0
     t = job.train
     rank, world, device = session.rank, session.world, session.device
-    seed_everything(t.seed)
     ds = build_dataset(job.data, "train", seed=t.seed)
-    model = build_detector(job.model.name, ds.num_classes, image_size=job.data.image_size, **job.model.overrides())
-    if loop_config.get("init"):
-        _load_plain(model, loop_config["init"])
-    distiller = source = None
-    if distil:
-        from trainers.distill import build_distiller
+    source = teacher = reader = None
+    teacher_channels = None
+    if distil and cfg.teacher_mode == "inline":
+        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the RNG the student is built from
+            teacher = load_teacher(stage["teacher_checkpoint"], stage["teacher"], device=str(device))
+        teacher_channels = teacher.level_channels
+    elif distil:
+        from teachers.readers import CacheReader, ObjectStoreReader
 
-        if loop_config.get("teacher_mode", "cache") == "inline":
-            inline = _InlineSource(stage["teacher_checkpoint"], stage["teacher"], None, device)
-            distiller = build_distiller(stage["losses"], model.level_channels, inline.teacher.level_channels)
-            inline.keep = distiller.required_teacher_targets()
-            source = inline
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
-        else:
-            from teachers.cache import CacheReader, ObjectStoreReader
-
-            if loop_config.get("shard_store"):  # decoded shards in Ray's object store, shared by all workers
-                reader = ObjectStoreReader(loop_config["shard_store"])
-            else:  # this worker reads and decodes the Parquet shards itself
-                reader = CacheReader(stage["cache"], memory_bytes=loop_config.get("memory_bytes", 1 << 30))
-            manifest = reader.manifest
-            distiller = build_distiller(stage["losses"], model.level_channels, manifest["teacher"]["level_channels"])
-            source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
-            pos = {int(i): p for p, i in enumerate(reader.image_ids())}
-            shard_of = [pos[int(i)] // manifest["shard_size"] for i in ds.image_ids]
-            sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
-        for key, factor in (loop_config.get("loss_factors") or {}).items():
-            distiller.weights[key] *= factor
+        if cfg.shard_store:  # decoded shards in Ray's object store, shared by all workers
+            reader = ObjectStoreReader(cfg.shard_store)
+        else:  # this worker reads and decodes the Parquet shards itself
+            reader = CacheReader(stage["cache"], memory_bytes=cfg.memory_bytes)
+        teacher_channels = reader.manifest["teacher"]["level_channels"]
+    model, distiller = build_student(job.model.name, ds.num_classes, t.seed, image_size=job.data.image_size,
+                                     overrides=job.model.overrides(), init=cfg.init,
+                                     losses=stage["losses"] if distil else None, teacher_channels=teacher_channels)
+    if teacher is not None:
+        source = InlineSource(teacher, distiller.required_teacher_targets())
+    if reader is not None:
+        source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
+        pos = {int(i): p for p, i in enumerate(reader.image_ids())}
+        shard_of = [pos[int(i)] // reader.manifest["shard_size"] for i in ds.image_ids]
+        sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
     else:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
+    for key, factor in cfg.loss_factors.items() if distiller is not None else ():
+        distiller.weights[key] *= factor
     per_worker = max(1, t.batch_size // world)  # batch_size is the global batch
     loader = DataLoader(ds, batch_size=per_worker, sampler=sampler, collate_fn=collate_fn, drop_last=True,
                         num_workers=job.data.workers)
@@ -456,27 +434,27 @@ def _run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
     train_model = _Autocast(ddp_model) if device.type == "cuda" else ddp_model
     val_ds = None
     for epoch in range(start, t.epochs):
-        _maybe_fault(loop_config.get("fault"), stage_index, epoch, rank)
+        _maybe_fault(cfg.fault, stage_index, epoch, rank)
         ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         # Random state from (seed, stage, epoch, rank) alone: a resumed run repeats the uninterrupted one.
-        seed_everything(t.seed * 1_000_003 + stage_index * 10_007 + epoch * 101 + rank)
+        seed_everything(derive_seed(t.seed, "epoch", stage_index, epoch, rank))
         extra = None
         decay = None
         if distiller is not None:
-            from curriculum.plan import Stage
+            from trainers.distill.schedules import stage_decay
 
-            decay = Stage.from_dict(stage).decay(epoch)
-            gen = torch.Generator(device=device).manual_seed(t.seed * 7_919 + stage_index * 101 + epoch * 13 + rank)
-            extra = Distillation(source, ddp_distiller, distiller.detector_loss_scales(), decay, gen,
-                                 autocast=device.type == "cuda")
+            decay = stage_decay(stage, epoch)
+            gen = torch.Generator(device=device).manual_seed(derive_seed(t.seed, "distill", stage_index, epoch, rank))
+            extra = DistillStep(source, ddp_distiller, decay, gen, device=device,
+                                scales=distiller.detector_loss_scales())
             ddp_distiller.train()
-        hook = (lambda b, e=epoch: _maybe_fault(loop_config.get("fault"), stage_index, e, rank, b)
-                if loop_config.get("fault", {}) and loop_config["fault"].get("batch") else None)
+        hook = (lambda b, e=epoch: _maybe_fault(cfg.fault, stage_index, e, rank, b)
+                if cfg.fault and cfg.fault.get("batch") else None)
         try:
             batches = _DeviceLoader(loader, device, hook, source if isinstance(source, TargetReadAhead) else None)
             stats = train_one_epoch(train_model, batches, opt, sched, t, epoch,
-                                    progress=rank == 0 and loop_config.get("progress", True), extra_loss=extra)
+                                    progress=rank == 0 and cfg.progress, extra_loss=extra)
         except NonFiniteLossError as e:  # name the stage too; the last good checkpoint is the previous epoch's
             raise NonFiniteLossError(f"stage {stage['name'] if stage else 'training'}: {e}") from None
         stats = _mean_across_workers(stats, world)
@@ -485,7 +463,7 @@ def _run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
             record["stage"] = stage_index
         if decay is not None:
             record["decay"] = decay
-        every = loop_config.get("eval_every") or 0
+        every = cfg.eval_every
         metrics = {"epoch": epoch + 1, "loss": stats["loss"], "images_per_s": stats["images_per_s"],
                    "teacher_forwards": teacher_forward_counts()["teacher"]}
         if rank == 0 and every and (epoch + 1) % every == 0:
@@ -502,8 +480,8 @@ def _run_training(loop_config: dict[str, Any], session: Any) -> dict[str, Any]:
                 state = {
                     "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "model": model.checkpoint(),
                     "distiller": distiller.state_dict() if distiller is not None else None,
-                    "loss_factors": loop_config.get("loss_factors") or {},
-                    "kd_ratio": loop_config.get("kd_ratio"),  # what the factors were calibrated for (PBT rescales)
+                    "loss_factors": cfg.loss_factors,
+                    "kd_ratio": cfg.kd_ratio,  # what the factors were calibrated for (PBT rescales)
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
                 }
@@ -529,6 +507,7 @@ def fit_on_ray(
     init: str | None = None,
     memory_bytes: int = 1 << 30,
     loss_factors: dict[str, float] | None = None,
+    kd_ratio: float | None = None,
     eval_every: int = 0,
     progress: bool = True,
     fault: dict[str, Any] | None = None,
@@ -560,17 +539,17 @@ def fit_on_ray(
     framework_logs = logging.getLogger().isEnabledFor(logging.DEBUG)
     store = None
     if stage and stage.get("teacher") and stage.get("cache") and teacher_mode == "cache" and object_store:
-        from teachers.cache import ObjectStoreShards
+        from teachers.readers import ObjectStoreShards
 
         # Owned by this driver for the whole stage: restarted worker groups find it again.
         store = ObjectStoreShards(stage["cache"], budget_bytes=memory_bytes)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": to_dict(job), "threads_per_worker": threads_per_worker, "stage": stage,
-                           "init": init, "memory_bytes": memory_bytes, "loss_factors": loss_factors,
-                           "eval_every": eval_every, "use_gpu": use_gpu, "progress": progress, "fault": fault,
-                           "teacher_mode": teacher_mode, "shard_store": store.name if store else None,
-                           "framework_logs": framework_logs},
+        train_loop_config=LoopConfig(
+            job=to_dict(job), stage=stage, init=init, threads_per_worker=threads_per_worker, memory_bytes=memory_bytes,
+            loss_factors=dict(loss_factors or {}), kd_ratio=kd_ratio, eval_every=eval_every, use_gpu=use_gpu,
+            progress=progress, teacher_mode=teacher_mode, shard_store=store.name if store else None, fault=fault,
+            framework_logs=framework_logs).to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import sys
 import time
 from contextlib import contextmanager
@@ -27,9 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from curriculum.config import DataConfig, EvalConfig, TrainConfig, TrainJobConfig, dump_config, to_dict
+from curriculum.config import DataConfig, EvalConfig, TrainConfig, TrainJobConfig, dump_config
 from curriculum.data import CocoDetection, collate_fn
 from curriculum.errors import CurriculumError
+from curriculum.files import atomic_save
+from curriculum.seeds import derive_seed, seed_everything
+from curriculum.shapes import ensure_builtin_data
 from teachers.zoo import Detector, build_detector
 from trainers.coco_eval import detections_to_coco, evaluate_detections, write_detections
 
@@ -43,26 +44,6 @@ class NonFiniteLossError(CurriculumError):
 
 
 # ------------------------------------------------------------------------------------------------ data
-
-
-def ensure_builtin_data(data: DataConfig) -> None:
-    """Generate the built-in data set under `data.root` when the config asks for it and it is missing."""
-    if data.builtin != "shapes":
-        return
-    from curriculum.shapes import SHAPES_VERSION, make_shapes
-
-    root = Path(data.root)
-    want = {"train_images": data.shapes.train, "val_images": data.shapes.val, "image_size": data.image_size,
-            "seed": data.shapes.seed}
-    meta = root / "shapes.json"
-    if meta.is_file() and (root / "train" / "instances.json").is_file() and (root / "val" / "instances.json").is_file():
-        have = json.loads(meta.read_text())
-        if have.get("version") == SHAPES_VERSION and all(have["params"].get(k) == v for k, v in want.items()):
-            return
-        log.warning("%s holds the shapes data set of other parameters or generator version; regenerating it", root)
-    else:
-        log.info("generating the built-in shapes data set in %s", root)
-    make_shapes(root, **want)
 
 
 def build_dataset(data: DataConfig, split: str, seed: int = 0) -> CocoDetection:
@@ -210,14 +191,8 @@ def evaluate_model(
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_train_state(path: Path, model: Detector, opt, sched, epoch: int, history: list[dict]) -> None:
-    _atomic_save({
+    atomic_save({
         "format": TRAIN_STATE_FORMAT, "epoch": epoch, "model": model.checkpoint(),
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
@@ -252,12 +227,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train_detector(job: TrainJobConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -307,7 +276,7 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
     for epoch in range(start_epoch, t.epochs):
         train_ds.set_epoch(epoch)
         # The loader's shuffle order must not depend on whether the run was resumed.
-        loader.generator.manual_seed(t.seed * 1000 + epoch)
+        loader.generator.manual_seed(derive_seed(t.seed, "loader", epoch))
         stats = train_one_epoch(model, loader, opt, sched, t, epoch, progress)
         record: dict[str, Any] = {"epoch": epoch + 1, **stats}
         last = epoch + 1 == t.epochs
@@ -320,7 +289,7 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
         save_train_state(ckpt_path, model, opt, sched, epoch, history)
         metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
-    _atomic_save(model.checkpoint(), out / "model.pt")
+    atomic_save(model.checkpoint(), out / "model.pt")
     plot_history(history, out)
     final = history[-1].get("val", {}) if history else {}
     return {"name": job.model.name, "output_dir": str(out), "val": final,

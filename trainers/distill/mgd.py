@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .common import FeatureTerm, check_choice, check_number, set_identity_
+from .common import FeatureTerm, check_choice, check_number
 from .context import DistillContext
 
 PRESETS = {
@@ -83,11 +83,9 @@ class MGDLoss(FeatureTerm):
         alpha: float | None = None,
         lambda_mask: float | None = None,
         on_size_mismatch: str = "resize",
-        adapter_init: str = "default",
     ) -> None:
         super().__init__(entry, student_channels, teacher_channels, levels, on_size_mismatch, "default")
         check_choice(entry, "preset", preset, tuple(PRESETS))
-        check_choice(entry, "adapter_init", adapter_init, ("default", "identity"))
         d = PRESETS[preset]
         self.preset = preset
         self.alpha = check_number(entry, "alpha", d["alpha"] if alpha is None else alpha, low=0)
@@ -102,10 +100,6 @@ class MGDLoss(FeatureTerm):
             }
         )
         self.generation = nn.ModuleDict({lvl: MGDGenerator(self.teacher_channels[lvl]) for lvl in self.levels})
-        if adapter_init == "identity":  # tests: generation block = identity on non-negative inputs
-            for g in self.generation.values():
-                set_identity_(g[0])
-                set_identity_(g[2])
 
     def stochastic(self) -> bool:
         return self.lambda_mask > 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Mapping
 
 from curriculum.errors import ConfigError
 
@@ -103,3 +103,13 @@ class DistillationDecay:
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
         return f"DistillationDecay({self.kind!r}, t_max={self.t_max:g}{extra})"
+
+
+def stage_decay(stage: Mapping[str, Any], epoch: int) -> float:
+    """r(t) for 0-based `epoch` of a curriculum stage given as its dict (`curriculum.plan.Stage.to_dict()`): the
+    stage's schedule on the curriculum's clock (`decay_offset` epochs done before it; t is 1-based, TAR's
+    convention); 0 for a stage without a teacher."""
+    if stage.get("teacher") is None:
+        return 0.0
+    return decay_factor(stage["decay_kind"], stage["decay_offset"] + epoch + 1, stage["decay_t_max"],
+                        **stage["decay_params"])

@@ -1,0 +1,143 @@
+"""The distillation step and its calibration, in one place.
+
+- `build_student`: the student and its distiller (adapters, MGD's generation blocks) from the training seed, in
+  the order a training worker builds them, so whoever builds them again (the calibration) gets the same weights.
+- `DistillStep`: the `extra_loss` of `trainers.train.train_one_epoch`: the batch's teacher targets from a source
+  (a cache reader, serving actors, or the teacher run inline on the same batch), then the distiller's terms;
+  detector terms a loss rescales (Chen's mu) replace the originals.
+- `feature_factors`: `kd_ratio` calibration: one factor for the feature terms so that they add up to kd_ratio x
+  the detector loss on the first batches, with student and adapters as the stage starts.
+
+The Ray Train loop and Tune trials (`trainers.ray_train.run_training`), the pipeline's calibration before a stage
+(`curriculum.pipeline.calibrate_factors`), and the benches (bench/step_cost.py, bench/distill_methods.py) all use
+these, so the step that is measured is the step that is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+
+from teachers.targets import TeacherTargets
+
+Source = Callable[[list[torch.Tensor], list[dict]], TeacherTargets]
+
+
+def build_student(name: str, num_classes: int, seed: int, *, image_size: int, overrides: dict[str, Any],
+                  init: str | dict[str, Any] | None = None, losses: Sequence[dict] | None = None,
+                  teacher_channels: dict[str, int] | None = None) -> tuple[Any, Any]:
+    """(student, distiller or None), built from `seed`: the global RNG is seeded, the student built and loaded
+    from `init` (a plain checkpoint, path or dict), then the distiller built for `losses` against the teacher's
+    FPN channels. A teacher loaded before must not draw from the global RNG in between (`load_teacher` inside
+    `torch.random.fork_rng`)."""
+    from teachers.zoo import build_detector
+    from trainers.distill import build_distiller
+    from curriculum.seeds import seed_everything
+
+    seed_everything(seed)
+    model = build_detector(name, num_classes, image_size=image_size, **overrides)
+    if init:
+        load_plain(model, init)
+    distiller = None
+    if losses:
+        distiller = build_distiller(list(losses), model.level_channels, dict(teacher_channels or {}))
+    return model, distiller
+
+
+def load_plain(model: torch.nn.Module, init: str | dict[str, Any]) -> None:
+    """Weights of a plain detector checkpoint (`Detector.checkpoint()`, a path or the dict) into `model`."""
+    from teachers.zoo import read_checkpoint
+
+    ckpt = init if isinstance(init, dict) else read_checkpoint(init)
+    if ckpt["config"]["name"] != model.config.name:
+        raise RuntimeError(f"{init if isinstance(init, str) else 'the start checkpoint'} holds "
+                           f"{ckpt['config']['name']}, the stage trains {model.config.name}")
+    model.load_state_dict(ckpt["model"])
+
+
+class InlineSource:
+    """Teacher targets computed in this process on the student's own batch (the reference other frameworks use;
+    costs a teacher forward per step). `keep`: only these `TeacherTargets` fields."""
+
+    def __init__(self, teacher: Any, keep: Any = None) -> None:
+        self.teacher, self.keep = teacher, keep
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict]) -> TeacherTargets:
+        return TeacherTargets.inline(self.teacher, images, [int(t["image_id"]) for t in targets], keep=self.keep)
+
+
+class DistillStep:
+    """`extra_loss` for `train_one_epoch`: teacher targets for the batch from `source(images, targets)`, then
+    the distiller's terms at decay factor `decay` (MGD's masks drawn from `generator`).
+
+    On a CUDA `device` the targets are moved there and the distiller runs under the student's bf16 autocast
+    (the student's features come out of it, and fp32 adapters refuse bf16 inputs); its terms come back float32.
+    """
+
+    def __init__(self, source: Source, distiller: torch.nn.Module, decay: float = 1.0,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 scales: dict[str, float] | None = None) -> None:
+        self.source, self.distiller, self.decay, self.generator = source, distiller, decay, generator
+        self.device = torch.device(device) if device is not None else None
+        self.autocast = self.device is not None and self.device.type == "cuda"
+        plain = getattr(distiller, "module", distiller)  # DDP-wrapped or not
+        self.scales = plain.detector_loss_scales() if scales is None else scales
+
+    def targets(self, images: list[torch.Tensor], targets: list[dict]) -> TeacherTargets:
+        tt = self.source(images, targets)
+        return tt.to(self.device) if self.autocast else tt
+
+    def terms(self, out: Any, tt: TeacherTargets, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """The distillation terms of one forward `out` (`teachers.zoo.DetectorOutput`) against `tt`."""
+        from trainers.distill.outputs import student_outputs_from
+
+        gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+            terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
+        if self.autocast:
+            terms = {k: v.float() for k, v in terms.items()}
+        for name, factor in self.scales.items():  # detector terms a loss rescales replace the originals
+            if name in out.losses:
+                terms[name] = out.losses[name] * factor
+        return terms
+
+    def __call__(self, out: Any, targets: list[dict], images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.terms(out, self.targets(images, targets), targets)
+
+
+def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batches: Sequence[tuple[list, list]],
+                    source: Source, kd_ratio: float, seed: int) -> dict[str, float]:
+    """One factor for the distiller's feature terms (by entry key; {} when it has none) so that, on `batches`,
+    they add up to `kd_ratio` x the detector's loss, with the student and the distiller as they are now.
+
+    Nothing is trained: no gradients, and the student's and the distiller's states (BatchNorm statistics) and
+    the global torch RNG are restored, so training starts exactly as it would have.
+    """
+    from trainers.distill.common import FeatureTerm
+
+    keys = [k for k, term in distiller.terms.items() if isinstance(term, FeatureTerm)]
+    if not keys:
+        return {}
+    saved = copy.deepcopy(student.state_dict()), copy.deepcopy(distiller.state_dict()), torch.get_rng_state()
+    modes = student.training, distiller.training
+    student.train(), distiller.train()
+    step = DistillStep(source, distiller, generator=torch.Generator().manual_seed(seed))
+    det = feat = 0.0
+    try:
+        with torch.no_grad():
+            for images, targets in batches:
+                out = student(images, targets, want=("losses", "features", "head"))
+                terms = step(out, targets, images)
+                det += float(sum(out.losses.values()))
+                feat += sum(float(terms[f"distill_{k}"]) for k in keys)
+    finally:
+        student.load_state_dict(saved[0]), distiller.load_state_dict(saved[1]), torch.set_rng_state(saved[2])
+        student.train(modes[0]), distiller.train(modes[1])
+    factor = kd_ratio * det / max(feat, 1e-12)
+    return {k: factor for k in keys}
+
+
+__all__ = ["DistillStep", "InlineSource", "build_student", "feature_factors", "load_plain"]
