@@ -20,8 +20,9 @@ import torch
 
 from curriculum.config import DataConfig
 from curriculum.data import collate_fn
+from curriculum.shapes import ensure_builtin_data
 from teachers.zoo import build_detector, count_gflops, count_parameters, list_detectors
-from trainers.train import build_dataset, ensure_builtin_data
+from trainers.train import build_dataset
 
 
 def train_speed(name: str, batches: list, num_classes: int, steps: int, warmup: int = 2) -> float:

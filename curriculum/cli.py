@@ -90,8 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from curriculum.config import EvalConfig, TrainJobConfig, load_config
+    from curriculum.shapes import ensure_builtin_data
     from teachers.zoo import load_detector
-    from trainers.train import build_dataset, ensure_builtin_data, evaluate_model
+    from trainers.train import build_dataset, evaluate_model
 
     job = load_config(args.config, TrainJobConfig, args.set) if args.config else TrainJobConfig()
     ensure_builtin_data(job.data)
@@ -115,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_precompute(args: argparse.Namespace) -> int:
     from curriculum.config import PrecomputeJobConfig, load_config
     from teachers.cache import format_inspect, inspect_cache
-    from teachers.pool import precompute
+    from teachers.precompute import precompute
 
     job = load_config(args.config, PrecomputeJobConfig, args.set)
     reports = precompute(job, progress=not args.quiet)
@@ -141,7 +142,7 @@ def cmd_cache_inspect(args: argparse.Namespace) -> int:
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
     from teachers.cache import find_caches
-    from teachers.pool import verify_cache
+    from teachers.verify import verify_cache
 
     paths = find_caches(args.path) or [args.path]
     ok = True
@@ -157,7 +158,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_rebuild(args: argparse.Namespace) -> int:
-    from teachers.pool import rebuild
+    from teachers.precompute import rebuild
 
     r = rebuild(args.path, args.shard, progress=not args.quiet)
     print(f"{args.path}: rebuilt shard(s) {r.computed}")

@@ -285,15 +285,9 @@ def dump_config(cfg: Any, path: str | Path) -> None:
 
 
 @dataclass
-class TeacherSpec:
-    """One teacher of the pool: a zoo detector checkpoint and the Ray resources of its actors.
+class TeacherActors:
+    """The precompute actors of one teacher and their Ray resources (fractions allowed)."""
 
-    `name` is optional: the checkpoint records its zoo name; when given it must match (a guard against a
-    config pointing at the wrong file).
-    """
-
-    checkpoint: str = ""
-    name: str | None = None
     actors: int = 1  # actors of this teacher (each loads the teacher once)
     cpus_per_actor: float = 1.0  # fractions allowed
     gpus_per_actor: float = 0.0  # fractions allowed; autocast is used on GPU
@@ -310,14 +304,33 @@ class TeacherSpec:
             raise ConfigError(f"teachers[].shards_in_flight: must be at least 1, got {self.shards_in_flight}")
         if self.io_workers < 1:
             raise ConfigError(f"teachers[].io_workers: must be at least 1, got {self.io_workers}")
-        if not self.checkpoint:
-            raise ConfigError("teachers[]: checkpoint is required (a model.pt written by `curriculum train`)")
         if self.actors < 1:
             raise ConfigError(f"teachers[].actors: must be at least 1, got {self.actors}")
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise ConfigError("teachers[]: an actor needs some CPU or GPU (cpus_per_actor or gpus_per_actor > 0)")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.threads < 0:
             raise ConfigError("teachers[]: cpus_per_actor, gpus_per_actor and threads must be zero or more")
+
+    def actor_settings(self) -> dict[str, Any]:
+        """The fields of `TeacherActors` alone (to hand a run's teacher to the precompute as a `TeacherSpec`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TeacherActors)}
+
+
+@dataclass
+class TeacherSpec(TeacherActors):
+    """One teacher of the pool: a zoo detector checkpoint and the Ray resources of its actors.
+
+    `name` is optional: the checkpoint records its zoo name; when given it must match (a guard against a
+    config pointing at the wrong file).
+    """
+
+    checkpoint: str = ""
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("teachers[]: checkpoint is required (a model.pt written by `curriculum train`)")
+        super().__post_init__()
 
 
 @dataclass
@@ -356,25 +369,41 @@ class CompressionConfig:
 
 
 @dataclass
-class CacheConfig:
-    """Where and what to cache.
+class CacheStorage:
+    """Where a teacher cache lives and how it is stored and read.
 
     root: a local folder or a URI pyarrow understands (file://, s3://, gs://, hdfs://).
-    targets: any of features, head, detections, proposals (two-stage: proposals and RoI-head outputs).
-    levels: FPN levels whose features are kept (null: all); head outputs always cover every level.
-    views: noflip and/or flip; a flipped view is computed from the flipped image, never by flipping outputs.
     memory_bytes: bound on decoded shards a reader keeps in memory (a bigger cache is streamed shard by shard).
     """
 
     root: str = "runs/teacher_cache"
-    split: Literal["train", "val"] = "train"
-    targets: list[str] = field(default_factory=lambda: ["features", "head", "detections"])
-    levels: list[str] | None = None
-    views: list[str] = field(default_factory=lambda: ["noflip"])
     shard_size: int = 64  # images per shard (every view of an image lives in the same shard)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     memory_bytes: int = 1 << 30
     max_attempts: int = 3  # tries per shard before precompute gives up on it (actor deaths, I/O errors)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.memory_bytes < 1 or self.max_attempts < 1:
+            raise ConfigError("cache.shard_size, cache.memory_bytes and cache.max_attempts must be positive")
+
+    def storage_settings(self) -> dict[str, Any]:
+        """The fields of `CacheStorage` alone (to build a `CacheConfig` from a run's cache section)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(CacheStorage)}
+
+
+@dataclass
+class CacheConfig(CacheStorage):
+    """Where and what to cache.
+
+    targets: any of features, head, detections, proposals (two-stage: proposals and RoI-head outputs).
+    levels: FPN levels whose features are kept (null: all); head outputs always cover every level.
+    views: noflip and/or flip; a flipped view is computed from the flipped image, never by flipping outputs.
+    """
+
+    split: Literal["train", "val"] = "train"
+    targets: list[str] = field(default_factory=lambda: ["features", "head", "detections"])
+    levels: list[str] | None = None
+    views: list[str] = field(default_factory=lambda: ["noflip"])
 
     def __post_init__(self) -> None:
         kinds = ("features", "head", "detections", "proposals")
@@ -384,8 +413,7 @@ class CacheConfig:
         badv = [v for v in self.views if v not in ("noflip", "flip")]
         if badv or not self.views or len(set(self.views)) != len(self.views):
             raise ConfigError(f"cache.views: {self.views}; a non-empty list of distinct 'noflip' / 'flip'")
-        if self.shard_size < 1 or self.memory_bytes < 1 or self.max_attempts < 1:
-            raise ConfigError("cache.shard_size, cache.memory_bytes and cache.max_attempts must be positive")
+        super().__post_init__()
 
 
 @dataclass
@@ -414,21 +442,17 @@ class PrecomputeJobConfig:
 
 
 @dataclass
-class RunTeacherConfig:
-    """One teacher of the curriculum: a zoo detector, loaded from `checkpoint` or trained when it has none.
+class RunTeacherConfig(TeacherActors):
+    """One teacher of the curriculum: a zoo detector, loaded from `checkpoint` or trained when it has none, and
+    its precompute actors (`TeacherActors`).
 
     checkpoint: a `model.pt` written by `curriculum train`. null: `<teachers_dir>/<name>-<hash>/model.pt`, where
       the hash covers the data and `teacher_train` settings, so an identical earlier run is reused and a changed
       schedule never picks up a stale teacher. A given path that does not exist yet is trained into its folder.
-    actors, cpus_per_actor, gpus_per_actor, batch_size: the precompute actors of this teacher (TeacherSpec).
     """
 
     name: str = "fcos_resnet_mini"
     checkpoint: str | None = None
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    batch_size: int = 8
 
 
 @dataclass
@@ -473,18 +497,14 @@ class AutoOrderConfig:
 
 
 @dataclass
-class RunCacheConfig:
-    """The teacher cache of the run. Targets, levels and views follow from the losses and `data.flip`."""
+class RunCacheConfig(CacheStorage):
+    """The teacher cache of the run (`CacheStorage`). Targets, levels and views follow from the losses and
+    `data.flip`."""
 
-    root: str = "runs/teacher_cache"
-    shard_size: int = 64
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
     # Hot targets for training: decoded shards in Ray's object store (one copy per node, zero-copy reads, at most
     # memory_bytes resident; a bigger cache is streamed), or false: each worker decodes its own (an LRU of
     # memory_bytes per worker).
     object_store: bool = True
-    memory_bytes: int = 1 << 30
-    max_attempts: int = 3
 
 
 @dataclass

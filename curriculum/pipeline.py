@@ -10,7 +10,7 @@ Phases, in order (each timed; the report lists the wall time of every phase and 
    (`<output_dir>/evals/`).
 3. order: `given`, or `auto`: the adaptation cost of every teacher on a calibration sample (curriculum/plan.py);
    the costs and the order are saved (`order.json`) and a resumed run keeps them.
-4. cache: `teachers.pool.precompute` writes (or finishes, or reuses: complete shards are never recomputed) each
+4. cache: `teachers.precompute.precompute` writes (or finishes, or reuses: complete shards are never recomputed) each
    teacher's cache with the targets, FPN levels and views the stages read (views follow `data.flip`: `random`
    caches both the plain and the flipped view of every image, so every epoch's flips have their targets).
 5. stages: one Ray Train run per stage (`trainers.ray_train.fit_on_ray`, storage `<output_dir>/ray`, run name
@@ -55,10 +55,12 @@ from curriculum.config import (
     CacheConfig, PrecomputeJobConfig, RunJobConfig, TeacherSpec, TrainJobConfig, dump_config, load_config,
 )
 from curriculum.errors import ConfigError, CurriculumError
+from curriculum.files import atomic_save, atomic_write_json
 from curriculum.plan import (
     Stage, baseline_stage, build_plan, cache_needs, direct_stage, fingerprint, inherit_weights,
-    measure_adaptation_costs, order_by_cost, stage_borders, total_epochs,
+    measure_adaptation_costs, order_by_cost, total_epochs,
 )
+from curriculum.report import metrics_row, write_report
 
 log = logging.getLogger("curriculum.run")
 
@@ -70,7 +72,6 @@ PRESETS: dict[str, list[str]] = {
         "eval.max_images=100", "auto_order.images=16",
     ],
 }
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FAULT_ENV = "CURRICULUM_TEST_FAULT"  # tests: JSON passed to fit_on_ray's `fault` hook
 
 
@@ -118,27 +119,9 @@ class Phases:
                 row["computed_s"] = row["seconds"]
                 self.done[name] = row["seconds"]
                 if self.path is not None:
-                    _write_json(self.done, self.path)
+                    atomic_write_json(self.done, self.path)
                 log.info("[%s] done in %.1f s", name, row["seconds"])
             self.rows.append(row)
-
-
-def _save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(metrics.get(k, -1.0)) for k in METRICS}
 
 
 def teacher_train_job(job: RunJobConfig, name: str, out_dir: str) -> TrainJobConfig:
@@ -197,17 +180,40 @@ def _student(job: RunJobConfig, num_classes: int) -> Any:
 
 def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int = 4) -> dict[str, float]:
     """`kd_ratio`: one factor for the stage's feature terms so they add up to kd_ratio x the detector loss on the
-    first `batches` training batches (data-set order, epoch 0 views), with the student as the stage starts.
+    first `batches` training batches (data-set order, epoch 0 views), with the student as the stage starts
+    (`trainers.distillation.feature_factors`).
 
-    Nothing is trained (a throw-away copy of the student, no gradients). The student and its adapters are built
-    from the training seed, as a training worker builds them (`trainers.ray_train.run_training`: seed, detector,
-    distiller), so the factors do not depend on what this process ran before; the caller's random state is
-    restored.
+    Student and distiller are built as the stage's training worker builds them (`trainers.distillation.
+    build_student`, same seed), so the adapters measured are the adapters trained; the caller's random state is
+    restored. Nothing is trained.
     """
     if stage.kd_ratio is None or stage.teacher is None:
         return {}
+    from curriculum.data import collate_fn
+    from teachers.outputs import load_teacher
+    from teachers.readers import CacheReader
+    from trainers.distillation import InlineSource, build_student, feature_factors
+    from trainers.train import build_dataset
+
+    ds = build_dataset(job.data, "train", seed=job.train.seed)
+    ds.set_epoch(0)
+    if stage.cache:
+        reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
+        teacher_channels = reader.cache.manifest["teacher"]["level_channels"]
+        source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
+    else:  # no cache (a sweep arm whose trials run the teacher inline): the teacher on the same batches
+        teacher = load_teacher(stage.teacher_checkpoint, stage.teacher)
+        teacher_channels = teacher.level_channels
+    bs = job.train.batch_size
+    data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
+            for b in range(min(batches, max(1, len(ds) // bs)))]
     with _own_random_state():
-        return _calibrate(job, stage, init, batches)
+        student, distiller = build_student(job.student.name, ds.num_classes, job.train.seed,
+                                           image_size=job.data.image_size, overrides=job.student.overrides(),
+                                           init=init, losses=stage.losses, teacher_channels=teacher_channels)
+        if not stage.cache:
+            source = InlineSource(teacher, distiller.required_teacher_targets())
+        return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed)
 
 
 @contextmanager
@@ -222,50 +228,6 @@ def _own_random_state() -> Iterator[None]:
         yield
     finally:
         random.setstate(py), np.random.set_state(npy), torch.set_rng_state(th)
-
-
-def _calibrate(job: RunJobConfig, stage: Stage, init: str, batches: int) -> dict[str, float]:
-    from curriculum.data import collate_fn
-    from teachers.cache import CacheReader
-    from teachers.zoo import load_detector
-    from trainers.distill import build_distiller
-    from trainers.distill.common import FeatureTerm
-    from trainers.distill.outputs import student_outputs_from
-    from trainers.train import build_dataset, seed_everything
-
-    seed_everything(job.train.seed)
-    student = load_detector(init)
-    if stage.cache:
-        reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
-        teacher_channels = reader.cache.manifest["teacher"]["level_channels"]
-        source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
-    else:  # no cache (a sweep arm whose trials run the teacher inline): the teacher on the same batches
-        from teachers.pool import load_teacher
-        from trainers.distill.targets import TeacherTargets
-
-        teacher = load_teacher(stage.teacher_checkpoint, stage.teacher)
-        teacher_channels = teacher.level_channels
-        source = lambda images, targets: TeacherTargets.inline(  # noqa: E731
-            teacher, images, [int(t["image_id"]) for t in targets])
-    distiller = build_distiller(stage.losses, student.level_channels, teacher_channels)
-    keys = [k for k, term in distiller.terms.items() if isinstance(term, FeatureTerm)]
-    if not keys:
-        return {}
-    ds = build_dataset(job.data, "train", seed=job.train.seed)
-    ds.set_epoch(0)
-    bs = job.train.batch_size
-    gen = torch.Generator().manual_seed(job.train.seed)
-    det = feat = 0.0
-    student.train()
-    with torch.no_grad():
-        for b in range(min(batches, max(1, len(ds) // bs))):
-            images, targets = collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
-            out = student(images, targets, want=("losses", "features", "head"))
-            terms = distiller(student_outputs_from(out), source(images, targets), targets, generator=gen)
-            det += float(sum(out.losses.values()))
-            feat += sum(float(terms[f"distill_{k}"]) for k in keys)
-    factor = stage.kd_ratio * det / max(feat, 1e-12)
-    return {k: factor for k in keys}
 
 
 def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:
@@ -297,7 +259,7 @@ def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, p
     model = load_detector(path)
     metrics = evaluate_model(model, val_ds, job.eval, progress=progress)
     metrics = {k: v for k, v in metrics.items() if k != "stats"}
-    _write_json(metrics, out)
+    atomic_write_json(metrics, out)
     return metrics
 
 
@@ -323,7 +285,7 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
     elif stage.kd_ratio is not None and stage.teacher is not None:
         with phases(f"stage {stage.name}: calibrate"):
             factors = calibrate_factors(job, stage, str(init))
-        _write_json(factors, factors_file)
+        atomic_write_json(factors, factors_file)
     else:
         factors = {}
     train = dataclasses.replace(job.train, epochs=stage.epochs, lr=stage.lr or job.train.lr)
@@ -339,16 +301,17 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
                            threads_per_worker=tr.threads_per_worker, max_failures=tr.max_failures,
                            storage_path=str((out / "ray").resolve()), name=stage.name, stage=stage.to_dict(),
                            init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
-                           object_store=job.cache.object_store, loss_factors=factors, eval_every=tr.eval_every,
+                           object_store=job.cache.object_store, loss_factors=factors, kd_ratio=stage.kd_ratio,
+                           eval_every=tr.eval_every,
                            progress=progress, fault=fault)
     history = json.loads(state["history"])
     ckpt = dict(state["model"])
     ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}
-    _save(ckpt, sdir / "model.pt")
+    atomic_save(ckpt, sdir / "model.pt")
     if state.get("distiller") is not None:
-        _save({"losses": stage.losses, "loss_factors": factors, "state": state["distiller"]}, sdir / "distiller.pt")
+        atomic_save({"losses": stage.losses, "loss_factors": factors, "state": state["distiller"]}, sdir / "distiller.pt")
     summary = {"stage": stage.to_dict(), "history": history, "loss_factors": factors, "seconds": row["seconds"]}
-    _write_json(summary, done)
+    atomic_write_json(summary, done)
     return summary
 
 
@@ -406,7 +369,7 @@ class Prepared:
         s.load_state_dict(torch.load(self.random_init, weights_only=True)["model"])
         copied = inherit_weights(s, self.teachers[teacher_name])
         if not path.is_file():
-            _save(s.checkpoint(extra={"inherited_from": teacher_name, "inherited": copied}), path)
+            atomic_save(s.checkpoint(extra={"inherited_from": teacher_name, "inherited": copied}), path)
         return path, len(copied)
 
 
@@ -417,8 +380,12 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     `out` receives the teachers' evals, the order and the student's random init. `precompute_caches` False
     leaves the stages without a cache (a sweep whose trials run their teachers inline).
     """
-    from teachers.pool import ensure_ray, load_teacher, precompute
-    from trainers.train import build_dataset, ensure_builtin_data, seed_everything
+    from curriculum.cluster import ensure_ray
+    from teachers.outputs import load_teacher
+    from teachers.precompute import precompute
+    from curriculum.shapes import ensure_builtin_data
+    from curriculum.seeds import seed_everything
+    from trainers.train import build_dataset
 
     with phases("data", reused=job.data.builtin != "shapes" or (Path(job.data.root) / "val" / "instances.json").is_file()):
         ensure_builtin_data(job.data)
@@ -434,7 +401,7 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     for name, path in checkpoints.items():
         f = out / "evals" / f"teacher-{name}.json"
         if not f.is_file() and _own_eval_matches(job, Path(path)):  # train_detector's final eval, same settings
-            _write_json(json.loads((Path(path).parent / "eval.json").read_text()), f)
+            atomic_write_json(json.loads((Path(path).parent / "eval.json").read_text()), f)
         with phases(f"teacher {name}: eval", reused=f.is_file()):
             teacher_evals[name] = evaluate_checkpoint(job, Path(path), f, val_ds, progress)
 
@@ -443,7 +410,7 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     student = _student(job, train_ds.num_classes)
     random_init = out / "student_random.pt"
     if not random_init.is_file():
-        _save(student.checkpoint(), random_init)
+        atomic_save(student.checkpoint(), random_init)
     else:
         student.load_state_dict(torch.load(random_init, weights_only=True)["model"])
     order_file = out / "order.json"
@@ -464,7 +431,7 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
         log.info("auto order %s (adaptation costs %s)", order, {k: round(v["cost"], 4) for k, v in costs.items()})
     else:
         order = [t.name for t in job.teachers]
-    _write_json({"order": order, "mode": job.order, "costs": costs}, order_file)
+    atomic_write_json({"order": order, "mode": job.order, "costs": costs}, order_file)
 
     stages = build_plan(job, checkpoints, order)
     extra_stages = [direct_stage(job, stages)] if job.direct else []
@@ -477,13 +444,10 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     caches: dict[str, str] = {}
     for name, (kinds, levels) in (needs.items() if precompute_caches else ()):
         spec = specs[name]
-        cache_cfg = CacheConfig(root=job.cache.root, split="train", targets=kinds, levels=levels,
-                                views=_cache_views(job.data.flip), shard_size=job.cache.shard_size,
-                                compression=job.cache.compression, memory_bytes=job.cache.memory_bytes,
-                                max_attempts=job.cache.max_attempts)
+        cache_cfg = CacheConfig(**job.cache.storage_settings(), split="train", targets=kinds, levels=levels,
+                                views=_cache_views(job.data.flip))
         pjob = PrecomputeJobConfig(data=job.data, cache=cache_cfg, ray=job.ray, teachers=[TeacherSpec(
-            checkpoint=checkpoints[name], name=name, actors=spec.actors, cpus_per_actor=spec.cpus_per_actor,
-            gpus_per_actor=spec.gpus_per_actor, batch_size=spec.batch_size)])
+            checkpoint=checkpoints[name], name=name, **spec.actor_settings())])
         with phases(f"teacher {name}: precompute cache") as row:
             (report,) = precompute(pjob, progress=progress)
             row["reused"] = not report.computed
@@ -541,7 +505,7 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
         with phases(f"stage {st.name}: eval", reused=f.is_file()):
             metrics = evaluate_checkpoint(job, init, f, val_ds, progress)
         results.append({"name": f"student after stage {st.index + 1} ({st.teacher})", "role": "stage",
-                        "stage": st.name, "epochs": st.epochs, "val": _metrics_row(metrics)})
+                        "stage": st.name, "epochs": st.epochs, "val": metrics_row(metrics)})
         log.info("after stage %s: val AP %.2f AP50 %.2f", st.name, 100 * metrics["AP"], 100 * metrics["AP50"])
     final = init
 
@@ -553,145 +517,20 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
         f = out / "stages" / b.name / "eval.json"
         with phases("baseline: eval", reused=f.is_file()):
             m = evaluate_checkpoint(job, out / "stages" / b.name / "model.pt", f, val_ds, progress)
-        others["baseline"] = {"summary": bsum, "val": _metrics_row(m)}
+        others["baseline"] = {"summary": bsum, "val": metrics_row(m)}
     for d in extra_stages:
         dinit, _ = start_from(d.teacher, "direct")
         dsum = run_stage(job, d, dinit, out, phases, progress)
         f = out / "stages" / d.name / "eval.json"
         with phases(f"{d.name}: eval", reused=f.is_file()):
             m = evaluate_checkpoint(job, out / "stages" / d.name / "model.pt", f, val_ds, progress)
-        others["direct"] = {"summary": dsum, "val": _metrics_row(m), "teacher": d.teacher}
+        others["direct"] = {"summary": dsum, "val": metrics_row(m), "teacher": d.teacher}
 
     with phases("report"):
         report = write_report(job, out, stages, summaries, results, teacher_evals, order, costs, others, final,
                               inherited, phases, time.perf_counter() - t_start)
     print("\n" + report["markdown"], flush=True)
     return report
-
-
-# ------------------------------------------------------------------------------------------------ report
-
-
-def _fmt(v: float) -> str:
-    return "-" if v is None or v < 0 else f"{100 * v:.2f}"
-
-
-def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: list[dict], results: list[dict],
-                 teacher_evals: dict[str, dict], order: list[str], costs: dict | None, others: dict,
-                 final: Path, inherited: int, phases: Phases, wall: float) -> dict[str, Any]:
-    rep = out / "report"
-    rep.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    if "baseline" in others:
-        rows.append({"name": f"baseline {job.student.name} (no distillation)", "role": "baseline",
-                     "epochs": total_epochs(stages), "val": others["baseline"]["val"]})
-    for name in order:
-        rows.append({"name": f"teacher {name}", "role": "teacher", "val": _metrics_row(teacher_evals[name])})
-    rows += results
-    if "direct" in others:
-        rows.append({"name": f"direct from {others['direct']['teacher']} only", "role": "direct",
-                     "epochs": total_epochs(stages), "val": others["direct"]["val"]})
-    # Curriculum history on one epoch axis, stage-end val from the driver's evaluation.
-    history, offset = [], 0
-    for st, summ, res in zip(stages, summaries, results):
-        for h in summ["history"]:
-            rec = {k: v for k, v in h.items() if k not in ("stage",)}
-            rec["epoch"] = offset + h["epoch"]
-            history.append(rec)
-        if history:
-            history[-1]["val"] = res["val"]
-        offset += st.epochs
-    student_ckpt = torch.load(final, map_location="cpu", weights_only=True)
-    student_ckpt["curriculum"] = {"teachers": order, "stages": [s.name for s in stages],
-                                  "config": str(out / "config.yaml")}
-    _save(student_ckpt, rep / "student.pt")
-    _plot(rep, history, others, stages, {name: teacher_evals[name]["AP"] for name in order})
-    lines = [
-        f"# Curriculum run: {job.student.name} <- {' -> '.join(order)}",
-        "",
-        f"Order: {job.order}" + (" (adaptation cost: held-out 1 - R^2 of a fitted 1x1 map from student to teacher "
-                                 "FPN features; closest first)" if costs else "") + f". Decay: {job.decay.kind}, "
-        f"{'restarting every stage' if job.decay.restart else 'over the whole curriculum'}. Losses: "
-        f"{', '.join(sorted({e['name'] for s in stages for e in s.losses}))}"
-        + (f", feature terms calibrated to {job.kd_ratio} x the detector loss at each stage start" if job.kd_ratio else "")
-        + f". Inherited neck/head tensors from the first teacher: {inherited}.",
-        "",
-        "Val COCO box metrics x100" + (f" on the first {job.eval.max_images} val images" if job.eval.max_images else "")
-        + ":",
-        "",
-        "| model | epochs | " + " | ".join(METRICS) + " |",
-        "|---|---:|" + "---:|" * len(METRICS),
-    ]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | " + " | ".join(_fmt(r["val"][k]) for k in METRICS) + " |")
-    if costs:
-        lines += ["", "Adaptation costs (lower = closer; per level in brackets):", ""]
-        for n in order:
-            c = costs[n]
-            lines.append(f"- {n}: {c['cost']:.4f} (" + ", ".join(f"{l} {v:.3f}" for l, v in c["levels"].items()) + ")")
-    lines += ["", "Wall time per phase (this invocation; and when it was computed, possibly by an earlier one):", "",
-              "| phase | seconds now | computed in (s) |", "|---|---:|---:|"]
-    for p in phases.rows:
-        c = p.get("computed_s")
-        lines.append(f"| {p['phase']} | {p['seconds']:.1f}{' (reused)' if p['reused'] else ''} | "
-                     f"{'-' if c is None else f'{c:.1f}'} |")
-    lines += ["", f"Total wall time of this invocation: {wall:.1f} s. Final student: `{rep / 'student.pt'}` "
-              "(plain zoo checkpoint: `teachers.zoo.load_detector`)."]
-    md = "\n".join(lines)
-    (rep / "results.md").write_text(md + "\n")
-    report = {"student": job.student.name, "order": order, "order_mode": job.order, "adaptation_costs": costs,
-              "rows": rows, "phases": phases.rows, "wall_s": round(wall, 1), "inherited_tensors": inherited,
-              "student_checkpoint": str(rep / "student.pt"), "history": history,
-              "baseline_history": others.get("baseline", {}).get("summary", {}).get("history"),
-              "direct_history": others.get("direct", {}).get("summary", {}).get("history")}
-    _write_json(report, rep / "results.json")
-    report["markdown"] = md
-    return report
-
-
-def _plot(rep: Path, history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> None:
-    """loss.png and ap.png (`ap_figure`)."""
-    import matplotlib.pyplot as plt
-
-    from trainers.train import plot_history
-
-    plot_history([{k: v for k, v in h.items() if k != "decay"} for h in history], rep, stage_borders(stages))
-    fig = ap_figure(history, others, stages, teacher_ap)
-    fig.savefig(rep / "ap.png", dpi=100)
-    plt.close(fig)
-
-
-def ap_figure(history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> Any:
-    """The student's val AP per epoch through the stages (each named over its span, borders dashed), the
-    baseline and direct arms, and each teacher's AP as a reference line: did the student reach its teachers?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ev = [h for h in history if "val" in h]
-    ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP"] for h in ev], marker="o", label="curriculum AP")
-    ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP50"] for h in ev], marker="o", ls=":", label="curriculum AP50")
-    for key in ("baseline", "direct"):
-        if key in others:
-            hist = others[key]["summary"]["history"]
-            pts = [(h["epoch"], 100 * h["val"]["AP"]) for h in hist if "val" in h][:-1]
-            pts.append((hist[-1]["epoch"] if hist else 0, 100 * others[key]["val"]["AP"]))
-            ax.plot(*zip(*pts), marker="s", label=f"{key} AP")
-    for i, (name, ap) in enumerate(teacher_ap.items()):
-        ax.axhline(100 * ap, color=f"C{4 + i}", ls="-.", lw=1, label=f"teacher {name} ({100 * ap:.1f} AP)")
-    for b in stage_borders(stages):
-        ax.axvline(b + 0.5, color="grey", ls="--")
-    start = 0
-    for st in stages:
-        ax.text(start + 0.5 + st.epochs / 2, 1.01, f"stage {st.index + 1}\n{st.teacher or 'no teacher'}",
-                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
-        start += st.epochs
-    ax.set_xlim(0.5, max(start, 1) + 0.5)
-    ax.set_xlabel("epoch"), ax.set_ylabel("val AP (%)"), ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
 
 
 def main_run(config: str, resume: bool = False, preset: str | None = None, overrides: list[str] | None = None,

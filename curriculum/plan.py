@@ -45,13 +45,7 @@ import torch.nn.functional as F
 
 from curriculum.config import RunJobConfig, to_dict
 from curriculum.errors import ConfigError
-
-# TeacherTargets fields -> teacher cache target kinds (teachers/cache.py).
-_CACHE_KIND = {
-    "features": "features", "cls_logits": "head", "bbox_regression": "head", "bbox_ctrness": "head",
-    "objectness": "head", "rpn_deltas": "head", "detections": "detections",
-    "roi_class_logits": "proposals", "roi_box_regression": "proposals", "roi_scorer": "features",
-}
+from teachers.targets import cache_kind
 
 
 @dataclass
@@ -75,11 +69,9 @@ class Stage:
 
     def decay(self, epoch: int) -> float:
         """r(t) for 0-based `epoch` of this stage (t is 1-based, TAR's convention)."""
-        from trainers.distill.schedules import decay_factor
+        from trainers.distill.schedules import stage_decay
 
-        if self.teacher is None:
-            return 0.0
-        return decay_factor(self.decay_kind, self.decay_offset + epoch + 1, self.decay_t_max, **self.decay_params)
+        return stage_decay(self.to_dict(), epoch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,7 +255,7 @@ def cache_needs(stages: Sequence[Stage], student_channels: Mapping[str, int],
         if st.teacher is None:
             continue
         d = build_distiller(st.losses, student_channels, teacher_channels[st.teacher])
-        kinds = sorted({_CACHE_KIND[f] for f in d.required_teacher_targets() if f in _CACHE_KIND})
+        kinds = sorted({cache_kind(f) for f in d.required_teacher_targets()})
         lvls: set[str] | None = set()
         for term in d.terms.values():
             term_levels = getattr(term, "levels", None)

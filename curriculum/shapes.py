@@ -50,18 +50,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from curriculum.errors import ConfigError
+
+if TYPE_CHECKING:
+    from curriculum.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 SHAPES_VERSION = 2  # 2: defaults eased (sizes from 12 px, less clutter) so detectors learn within CPU minutes
 """Bump whenever the generated pixels or annotations change for the same arguments."""
@@ -710,3 +716,21 @@ def _empty_stats() -> dict[str, Any]:
 def _write_json(path: Path, payload: dict[str, Any], indent: int | None) -> None:
     text = json.dumps(payload, indent=indent, separators=None if indent else (",", ":"))
     path.write_text(text + "\n", encoding="utf-8")
+
+
+def ensure_builtin_data(data: DataConfig) -> None:
+    """Generate the built-in data set under `data.root` when the config asks for it and it is missing."""
+    if data.builtin != "shapes":
+        return
+    root = Path(data.root)
+    want = {"train_images": data.shapes.train, "val_images": data.shapes.val, "image_size": data.image_size,
+            "seed": data.shapes.seed}
+    meta = root / "shapes.json"
+    if meta.is_file() and (root / "train" / "instances.json").is_file() and (root / "val" / "instances.json").is_file():
+        have = json.loads(meta.read_text())
+        if have.get("version") == SHAPES_VERSION and all(have["params"].get(k) == v for k, v in want.items()):
+            return
+        log.warning("%s holds the shapes data set of other parameters or generator version; regenerating it", root)
+    else:
+        log.info("generating the built-in shapes data set in %s", root)
+    make_shapes(root, **want)

@@ -55,7 +55,7 @@ def tiny(root: Path, shared: Path, out: Path, **kw) -> dict:
 
 
 def test_ap_figure_draws_each_teacher_and_names_each_stage():
-    from curriculum.pipeline import ap_figure
+    from curriculum.report import ap_figure
     from curriculum.plan import Stage
 
     def stage(i, teacher, epochs):

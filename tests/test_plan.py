@@ -12,6 +12,7 @@ import torch
 from curriculum.config import RunJobConfig, config_from_dict
 from curriculum.plan import (adaptation_cost, build_plan, inherit_weights, measure_adaptation_costs, order_by_cost,
                              stage_borders)
+from curriculum.report import METRICS
 from teachers.zoo import build_detector
 
 K = 7
@@ -124,7 +125,8 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
     """The pipeline's wiring without Ray: each stage starts from the previous stage's final model, stage 1 from
     the student with the first teacher's neck and head; each stage gets its teacher's cache and its decay."""
     import curriculum.pipeline as pipeline
-    import teachers.pool
+    import curriculum.cluster
+    import teachers.precompute
     import trainers.ray_train
     from teachers.zoo import read_checkpoint
 
@@ -155,10 +157,10 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
             self.cache, self.computed = f"cache-of-{name}", [0]
 
     monkeypatch.setattr(trainers.ray_train, "fit_on_ray", fake_fit)
-    monkeypatch.setattr(teachers.pool, "precompute", lambda job, progress: [FakeReport(job.teachers[0].name)])
-    monkeypatch.setattr(teachers.pool, "ensure_ray", lambda cfg=None: None)
+    monkeypatch.setattr(teachers.precompute, "precompute", lambda job, progress: [FakeReport(job.teachers[0].name)])
+    monkeypatch.setattr(curriculum.cluster, "ensure_ray", lambda cfg=None: None)
     # Evaluation is not what this test is about (and these untrained, shifted detectors may predict label 0).
-    monkeypatch.setattr(pipeline, "evaluate_checkpoint", lambda *a, **k: {m: 0.0 for m in pipeline.METRICS})
+    monkeypatch.setattr(pipeline, "evaluate_checkpoint", lambda *a, **k: {m: 0.0 for m in METRICS})
     from curriculum.plan import Stage
 
     job = config_from_dict(RunJobConfig, {

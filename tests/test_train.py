@@ -25,7 +25,8 @@ def _job(root, out, **train):
 
 def _untrained_ap50(job) -> float:
     from teachers.zoo import build_detector
-    from trainers.train import evaluate_model, seed_everything
+    from curriculum.seeds import seed_everything
+    from trainers.train import evaluate_model
 
     seed_everything(job.train.seed)  # the initial weights train_detector starts from
     val = build_dataset(job.data, "val")

@@ -10,7 +10,7 @@ A trial is a Tune function trainable running the same training loop as a Ray Tra
 metrics and a checkpoint (stage, epoch, student, adapters, optimizer, scheduler). Why not a TorchTrainer per trial
 (shared/RAY_NOTES.md's Train-in-Tune pattern): in Ray 2.60 that pattern forwards only metrics to Tune, not
 checkpoints, so Population Based Training could not clone a trial; and a 2-worker TorchTrainer per stage costs
-about 18 s of fixed start-up, a large share of a small student's stage. A sweep gets its parallelism from
+a fixed start-up (shared/RAY_NOTES.md), a large share of a small student's stage. A sweep gets its parallelism from
 concurrent trials instead of DDP inside one.
 
 Schedulers: ASHA stops trials early on the metric (time = epochs over all stages); PBT clones the best trials'
@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -163,10 +162,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One trial (a Tune function trainable): the curriculum's stages with the trial's values."""
     import ray.tune
 
-    from curriculum.pipeline import _save, calibrate_factors
+    from curriculum.files import atomic_save
+    from curriculum.pipeline import calibrate_factors
     from curriculum.plan import build_plan
-    from teachers.zoo import teacher_forward_counts
-    from trainers.ray_train import STATE_FILE, TuneSession, run_training
+    from teachers.outputs import teacher_forward_counts
+    from trainers.ray_train import STATE_FILE, LoopConfig, TuneSession, run_training
     from trainers.train import load_train_state
 
     space = ctx["space"]
@@ -202,13 +202,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         train = dataclasses.replace(job.train, epochs=st.epochs, lr=st.lr or job.train.lr)
         tjob = TrainJobConfig(output_dir=str(workdir), data=job.data, model=job.student, train=train,
                               eval=EvalConfig(batch_size=job.eval.batch_size, max_images=ctx["eval_images"]))
-        loop_config = {
-            "job": to_dict(tjob), "threads_per_worker": max(1, ctx["threads"]), "stage": st.to_dict(),
-            "init": None if own is not None else str(init), "memory_bytes": job.cache.memory_bytes,
-            "loss_factors": factors, "kd_ratio": st.kd_ratio, "eval_every": 1, "progress": False,
-            "teacher_mode": ctx["teacher_mode"], "use_gpu": device == "cuda",
-            "shard_store": ctx["stores"].get(st.teacher),
-        }
+        loop_config = LoopConfig(
+            job=to_dict(tjob), threads_per_worker=max(1, ctx["threads"]), stage=st.to_dict(),
+            init=None if own is not None else str(init), memory_bytes=job.cache.memory_bytes, loss_factors=factors,
+            kd_ratio=st.kd_ratio, eval_every=1, progress=False, teacher_mode=ctx["teacher_mode"],
+            use_gpu=device == "cuda", shard_store=ctx["stores"].get(st.teacher))
         session = TuneSession(
             resume=resume if own is not None else None, device=device,
             extra=lambda m, base=done, si=st.index, kd=st.kd_ratio, f=factors: {
@@ -219,7 +217,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         state = run_training(loop_config, session)
         done += st.epochs
         init = workdir / f"student_after_stage{st.index + 1}.pt"
-        _save(state["model"], init)
+        atomic_save(state["model"], init)
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
@@ -257,7 +255,7 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
 
     from curriculum.pipeline import Phases, absolute_paths, check_run_config, prepare_run
     from curriculum.plan import total_epochs
-    from teachers.pool import ensure_ray
+    from curriculum.cluster import ensure_ray
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
@@ -291,7 +289,7 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
     caches = {s.teacher: s.cache for s in prep.stages if s.cache}
     stores = {}
     if job.cache.object_store and cfg.teacher_mode == "cache":
-        from teachers.cache import ObjectStoreShards
+        from teachers.readers import ObjectStoreShards
 
         # One store per teacher cache for the whole sweep, owned by this driver: every trial reads the same
         # decoded shards from Ray's object store.

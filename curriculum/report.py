@@ -1,0 +1,147 @@
+"""The report of a curriculum run (`<output_dir>/report/`): `results.md` / `results.json` (val metrics of the
+baseline, each teacher, the student after each stage, direct; adaptation costs; wall time of each phase),
+`loss.png` and `ap.png`, and `student.pt`, the final student as a plain zoo checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curriculum.config import RunJobConfig
+from curriculum.files import atomic_save, atomic_write_json
+from curriculum.plan import Stage, stage_borders, total_epochs
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
+    """The report's metrics of one evaluation (-1: undefined)."""
+    return {k: float(metrics.get(k, -1.0)) for k in METRICS}
+
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or v < 0 else f"{100 * v:.2f}"
+
+
+def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: list[dict], results: list[dict],
+                 teacher_evals: dict[str, dict], order: list[str], costs: dict | None, others: dict,
+                 final: Path, inherited: int, phases: Any, wall: float) -> dict[str, Any]:
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    if "baseline" in others:
+        rows.append({"name": f"baseline {job.student.name} (no distillation)", "role": "baseline",
+                     "epochs": total_epochs(stages), "val": others["baseline"]["val"]})
+    for name in order:
+        rows.append({"name": f"teacher {name}", "role": "teacher", "val": metrics_row(teacher_evals[name])})
+    rows += results
+    if "direct" in others:
+        rows.append({"name": f"direct from {others['direct']['teacher']} only", "role": "direct",
+                     "epochs": total_epochs(stages), "val": others["direct"]["val"]})
+    # Curriculum history on one epoch axis, stage-end val from the driver's evaluation.
+    history, offset = [], 0
+    for st, summ, res in zip(stages, summaries, results):
+        for h in summ["history"]:
+            rec = {k: v for k, v in h.items() if k not in ("stage",)}
+            rec["epoch"] = offset + h["epoch"]
+            history.append(rec)
+        if history:
+            history[-1]["val"] = res["val"]
+        offset += st.epochs
+    student_ckpt = torch.load(final, map_location="cpu", weights_only=True)
+    student_ckpt["curriculum"] = {"teachers": order, "stages": [s.name for s in stages],
+                                  "config": str(out / "config.yaml")}
+    atomic_save(student_ckpt, rep / "student.pt")
+    _plot(rep, history, others, stages, {name: teacher_evals[name]["AP"] for name in order})
+    lines = [
+        f"# Curriculum run: {job.student.name} <- {' -> '.join(order)}",
+        "",
+        f"Order: {job.order}" + (" (adaptation cost: held-out 1 - R^2 of a fitted 1x1 map from student to teacher "
+                                 "FPN features; closest first)" if costs else "") + f". Decay: {job.decay.kind}, "
+        f"{'restarting every stage' if job.decay.restart else 'over the whole curriculum'}. Losses: "
+        f"{', '.join(sorted({e['name'] for s in stages for e in s.losses}))}"
+        + (f", feature terms calibrated to {job.kd_ratio} x the detector loss at each stage start" if job.kd_ratio else "")
+        + f". Inherited neck/head tensors from the first teacher: {inherited}.",
+        "",
+        "Val COCO box metrics x100" + (f" on the first {job.eval.max_images} val images" if job.eval.max_images else "")
+        + ":",
+        "",
+        "| model | epochs | " + " | ".join(METRICS) + " |",
+        "|---|---:|" + "---:|" * len(METRICS),
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | " + " | ".join(_fmt(r["val"][k]) for k in METRICS) + " |")
+    if costs:
+        lines += ["", "Adaptation costs (lower = closer; per level in brackets):", ""]
+        for n in order:
+            c = costs[n]
+            lines.append(f"- {n}: {c['cost']:.4f} (" + ", ".join(f"{l} {v:.3f}" for l, v in c["levels"].items()) + ")")
+    lines += ["", "Wall time per phase (this invocation; and when it was computed, possibly by an earlier one):", "",
+              "| phase | seconds now | computed in (s) |", "|---|---:|---:|"]
+    for p in phases.rows:
+        c = p.get("computed_s")
+        lines.append(f"| {p['phase']} | {p['seconds']:.1f}{' (reused)' if p['reused'] else ''} | "
+                     f"{'-' if c is None else f'{c:.1f}'} |")
+    lines += ["", f"Total wall time of this invocation: {wall:.1f} s. Final student: `{rep / 'student.pt'}` "
+              "(plain zoo checkpoint: `teachers.zoo.load_detector`)."]
+    md = "\n".join(lines)
+    (rep / "results.md").write_text(md + "\n")
+    report = {"student": job.student.name, "order": order, "order_mode": job.order, "adaptation_costs": costs,
+              "rows": rows, "phases": phases.rows, "wall_s": round(wall, 1), "inherited_tensors": inherited,
+              "student_checkpoint": str(rep / "student.pt"), "history": history,
+              "baseline_history": others.get("baseline", {}).get("summary", {}).get("history"),
+              "direct_history": others.get("direct", {}).get("summary", {}).get("history")}
+    atomic_write_json(report, rep / "results.json")
+    report["markdown"] = md
+    return report
+
+
+def _plot(rep: Path, history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> None:
+    """loss.png and ap.png (`ap_figure`)."""
+    import matplotlib.pyplot as plt
+
+    from trainers.train import plot_history
+
+    plot_history([{k: v for k, v in h.items() if k != "decay"} for h in history], rep, stage_borders(stages))
+    fig = ap_figure(history, others, stages, teacher_ap)
+    fig.savefig(rep / "ap.png", dpi=100)
+    plt.close(fig)
+
+
+def ap_figure(history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> Any:
+    """The student's val AP per epoch through the stages (each named over its span, borders dashed), the
+    baseline and direct arms, and each teacher's AP as a reference line: did the student reach its teachers?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ev = [h for h in history if "val" in h]
+    ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP"] for h in ev], marker="o", label="curriculum AP")
+    ax.plot([h["epoch"] for h in ev], [100 * h["val"]["AP50"] for h in ev], marker="o", ls=":", label="curriculum AP50")
+    for key in ("baseline", "direct"):
+        if key in others:
+            hist = others[key]["summary"]["history"]
+            pts = [(h["epoch"], 100 * h["val"]["AP"]) for h in hist if "val" in h][:-1]
+            pts.append((hist[-1]["epoch"] if hist else 0, 100 * others[key]["val"]["AP"]))
+            ax.plot(*zip(*pts), marker="s", label=f"{key} AP")
+    for i, (name, ap) in enumerate(teacher_ap.items()):
+        ax.axhline(100 * ap, color=f"C{4 + i}", ls="-.", lw=1, label=f"teacher {name} ({100 * ap:.1f} AP)")
+    for b in stage_borders(stages):
+        ax.axvline(b + 0.5, color="grey", ls="--")
+    start = 0
+    for st in stages:
+        ax.text(start + 0.5 + st.epochs / 2, 1.01, f"stage {st.index + 1}\n{st.teacher or 'no teacher'}",
+                transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+        start += st.epochs
+    ax.set_xlim(0.5, max(start, 1) + 0.5)
+    ax.set_xlabel("epoch"), ax.set_ylabel("val AP (%)"), ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["METRICS", "ap_figure", "metrics_row", "write_report"]
