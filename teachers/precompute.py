@@ -164,7 +164,7 @@ class PrecomputeActor:
         import threading
         from concurrent.futures import ProcessPoolExecutor
 
-        torch.set_numactor_threads(threads)
+        torch.set_num_threads(threads)
         self.lock = threading.Lock()
         self.work = work
         d = work["data"]
@@ -211,7 +211,7 @@ _IO: dict[str, Any] = {}
 def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str, warmed: Any) -> None:
     import threading
 
-    torch.set_numactor_threads(1)
+    torch.set_num_threads(1)
     _IO["warmed"] = warmed
     _IO["ds"] = open_dataset(*ds_args)
     _IO["cache"] = TeacherCache.open(cache_uri)

@@ -35,7 +35,7 @@ class ServeActor:
 
     def __init__(self, checkpoint: str, targets: Sequence[str], levels: Sequence[str] | None, threads: int,
                  gpus: float) -> None:
-        torch.set_numactor_threads(threads)
+        torch.set_num_threads(threads)
         self.detector = load_teacher(checkpoint, device=actor_device(gpus))
         self.targets, self.levels = list(targets), levels
 
