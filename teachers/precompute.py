@@ -226,8 +226,6 @@ def _io_init(parent_pid: int, ds_args: tuple, cache_uri: str, warmed: Any) -> No
 
 
 def _io_warm() -> int:
-    from teachers.cache import rows_to_table
-
     # Arrow's first nested-array build pays a one-time set-up: pay it before the clock starts.
     rows_to_table([{"image_id": 0, "view_key": "", "view": {"orig_h": 1, "orig_w": 1, "out_h": 1, "out_w": 1,
                                                              "flip": False}}])
@@ -236,15 +234,11 @@ def _io_warm() -> int:
 
 
 def _io_load(indexes: list[int], view_name: str) -> list:
-    from teachers.cache import load_samples
-
     return load_samples(_IO["ds"], indexes, view_name)
 
 
 def _io_encode_and_write(i: int, raw_rows: list[dict[str, Any]], spec: dict[str, Any], span: tuple[int, int]
                          ) -> tuple[str, dict[str, Any]]:
-    from teachers.cache import encode_shard
-
     cache = _IO["cache"]
     table = encode_shard(raw_rows, spec)
     data = table_to_bytes(table, cache.shard_meta(i))
