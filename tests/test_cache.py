@@ -497,8 +497,8 @@ def test_writer_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path
     lock_file = folder / LOCK_NAME
 
     # Another live process holds it: refused, naming the folder and the holder; readers never look at it.
-    code = ("import sys, time; from teachers.lock import CacheWriterLock; "
-            "from curriculum.files import resolve_fs; CacheWriterLock(*resolve_fs(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)")
+    code = ("import sys, time; from teachers.lock import CacheWriterLock; from curriculum.files import resolve_fs; "
+            "CacheWriterLock(*resolve_fs(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
                               cwd=str(Path(__file__).resolve().parents[1]))
     try:
