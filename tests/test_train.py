@@ -36,9 +36,10 @@ def _untrained_ap50(job) -> float:
 
 @pytest.mark.slow
 def test_short_training_learns(easy_shapes_root, tmp_path):
-    """Loss and AP50 move well clear of where they start. Measured AP50 at epochs 3 and 6: 0.068 and 0.104 with
-    2 torch threads, 0.081 and 0.100 with 1; the untrained detector 0.0. Floors: half the end
-    value, and the end above the middle minus a margin (training on 200 images wobbles)."""
+    """Loss and AP50 move well clear of where they start. Measured AP50 at epochs 3 and 6: 0.084 and 0.141 with
+    2 torch threads, 0.100 and 0.145 with 1 (the last epoch's loss 0.56 of the first); the untrained detector 0.0.
+    Floors: about a third of the end value, and the end above the middle minus a margin (training on 200 images
+    wobbles)."""
     job = _job(easy_shapes_root, tmp_path / "run", epochs=6, eval_every=3)
     untrained = _untrained_ap50(job)
     summary = train_detector(job, progress=False)
