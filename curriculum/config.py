@@ -284,6 +284,12 @@ def dump_config(cfg: Any, path: str | Path) -> None:
 # outputs are written to a Parquet cache (teachers/cache.py, teachers/pool.py).
 
 
+def section_values(obj: Any, section: type) -> dict[str, Any]:
+    """`obj`'s values of the fields `section` declares (`obj` an instance of `section` or of a subclass): a run's
+    teacher as the precompute's `TeacherSpec` fields, a run's cache section as `CacheConfig` fields."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(section)}
+
+
 @dataclass
 class TeacherActors:
     """The precompute actors of one teacher and their Ray resources (fractions allowed)."""
@@ -310,10 +316,6 @@ class TeacherActors:
             raise ConfigError("teachers[]: an actor needs some CPU or GPU (cpus_per_actor or gpus_per_actor > 0)")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.threads < 0:
             raise ConfigError("teachers[]: cpus_per_actor, gpus_per_actor and threads must be zero or more")
-
-    def actor_settings(self) -> dict[str, Any]:
-        """The fields of `TeacherActors` alone (to hand a run's teacher to the precompute as a `TeacherSpec`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TeacherActors)}
 
 
 @dataclass
@@ -385,10 +387,6 @@ class CacheStorage:
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.memory_bytes < 1 or self.max_attempts < 1:
             raise ConfigError("cache.shard_size, cache.memory_bytes and cache.max_attempts must be positive")
-
-    def storage_settings(self) -> dict[str, Any]:
-        """The fields of `CacheStorage` alone (to build a `CacheConfig` from a run's cache section)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(CacheStorage)}
 
 
 @dataclass

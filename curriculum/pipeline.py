@@ -52,7 +52,8 @@ from typing import Any, Iterator
 import torch
 
 from curriculum.config import (
-    CacheConfig, PrecomputeJobConfig, RunJobConfig, TeacherSpec, TrainJobConfig, dump_config, load_config,
+    CacheConfig, CacheStorage, PrecomputeJobConfig, RunJobConfig, TeacherActors, TeacherSpec, TrainJobConfig,
+    dump_config, load_config, section_values,
 )
 from curriculum.errors import ConfigError, CurriculumError
 from curriculum.files import atomic_save, atomic_write_json
@@ -444,10 +445,10 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     caches: dict[str, str] = {}
     for name, (kinds, levels) in (needs.items() if precompute_caches else ()):
         spec = specs[name]
-        cache_cfg = CacheConfig(**job.cache.storage_settings(), split="train", targets=kinds, levels=levels,
+        cache_cfg = CacheConfig(**section_values(job.cache, CacheStorage), split="train", targets=kinds, levels=levels,
                                 views=_cache_views(job.data.flip))
         pjob = PrecomputeJobConfig(data=job.data, cache=cache_cfg, ray=job.ray, teachers=[TeacherSpec(
-            checkpoint=checkpoints[name], name=name, **spec.actor_settings())])
+            checkpoint=checkpoints[name], name=name, **section_values(spec, TeacherActors))])
         with phases(f"teacher {name}: precompute cache") as row:
             (report,) = precompute(pjob, progress=progress)
             row["reused"] = not report.computed

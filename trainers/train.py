@@ -142,7 +142,9 @@ def train_one_epoch(
         n_images += len(images)
         n_batches += 1
         if progress:
-            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            # Shown at the bar's own pace: refreshing here printed a line per batch into logs (a Ray worker's).
+            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
     stats = {k: v / max(1, n_batches) for k, v in sums.items()}
