@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", help="a cache root or one cache folder")
     ver.add_argument("--sample", type=int, default=8, help="images to recompute per cache (default 8)")
     ver.add_argument("--seed", type=int, default=0)
-    ver.add_argument("--atol", type=float, default=1e-4, help="tolerance, relative to max(1, max|live|)")
+    ver.add_argument("--atol", type=float, default=1e-4,
+                     help="float noise allowed, relative to max(1, max|live|), on top of one step of the codec")
     ver.set_defaults(func=cmd_cache_verify)
     reb = cache.add_parser("rebuild", help="recompute some shards of a cache alone (e.g. one reported corrupt)")
     reb.add_argument("path", help="one cache folder")
