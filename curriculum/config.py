@@ -515,6 +515,18 @@ class RayTrainConfig:
     threads_per_worker: int = 1  # torch intra-op threads per worker
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a stage fails
     eval_every: int = 0  # rank 0 evaluates on val every N epochs (for the AP curve); 0: at stage ends only
+    # Callables run in every training worker at each epoch's and batch's start (a profiler, a fault injector for
+    # chaos tests): [{call: "package.module:function", args: {...}}]; the module must be importable on every node.
+    worker_hooks: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for i, hook in enumerate(self.worker_hooks):
+            call = hook.get("call") if isinstance(hook, dict) else None
+            module, _, name = (call or "").partition(":")
+            extra = set(hook) - {"call", "args"} if isinstance(hook, dict) else set()
+            if not module or not name or extra or not isinstance(hook.get("args", {}), dict):
+                raise ConfigError(f"trainer.worker_hooks[{i}]: {hook!r}; expected {{call: 'package.module:function', "
+                                  "args: {...}}")
 
 
 @dataclass

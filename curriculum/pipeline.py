@@ -73,7 +73,6 @@ PRESETS: dict[str, list[str]] = {
         "eval.max_images=100", "auto_order.images=16",
     ],
 }
-FAULT_ENV = "CURRICULUM_TEST_FAULT"  # tests: JSON passed to fit_on_ray's `fault` hook
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> RunJobConfig:
@@ -291,7 +290,6 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
         factors = {}
     train = dataclasses.replace(job.train, epochs=stage.epochs, lr=stage.lr or job.train.lr)
     tjob = TrainJobConfig(output_dir=str(sdir), data=job.data, model=job.student, train=train, eval=job.eval)
-    fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
     tr = job.trainer
     with phases(f"stage {stage.name}: train") as row:
         log.info("stage %s: %s, %d epochs, losses %s, decay %s%s", stage.name,
@@ -304,7 +302,7 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
                            init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
                            object_store=job.cache.object_store, loss_factors=factors, kd_ratio=stage.kd_ratio,
                            eval_every=tr.eval_every,
-                           progress=progress, fault=fault)
+                           progress=progress, worker_hooks=tr.worker_hooks)
     history = json.loads(state["history"])
     ckpt = dict(state["model"])
     ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}

@@ -66,3 +66,18 @@ def test_optional_fields():
     assert cfg.model.fpn_channels is None and cfg.model.head_convs == 3
     with pytest.raises(ConfigError, match="model.fpn_channels: 'wide' is not an integer or null"):
         config_from_dict(TrainJobConfig, {"model": {"fpn_channels": "wide"}})
+
+
+def test_run_config_sections_compose_and_worker_hooks_are_checked():
+    from curriculum.config import CacheStorage, RunJobConfig, TeacherActors, section_values
+
+    job = config_from_dict(RunJobConfig, {"teachers": [{"name": "fcos_resnet_mini", "io_workers": 3}],
+                                          "cache": {"shard_size": 16, "object_store": False},
+                                          "trainer": {"worker_hooks": [{"call": "tests.faults:die_once",
+                                                                        "args": {"at_epoch": 1}}]}})
+    assert section_values(job.teachers[0], TeacherActors)["io_workers"] == 3
+    assert section_values(job.cache, CacheStorage)["shard_size"] == 16 and "object_store" not in section_values(
+        job.cache, CacheStorage)
+    for bad in ({"call": "no_colon"}, {"call": "m:f", "extra": 1}, {"call": "m:f", "args": [1]}, "m:f"):
+        with pytest.raises(ConfigError, match=r"trainer.worker_hooks\[0\]"):
+            config_from_dict(RunJobConfig, {"trainer": {"worker_hooks": [bad]}})

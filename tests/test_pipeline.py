@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from curriculum.config import RunJobConfig, config_from_dict
-from curriculum.pipeline import FAULT_ENV, run_pipeline
+from curriculum.pipeline import run_pipeline
+from faults import die_once_hook
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -134,13 +135,13 @@ def test_resume_mid_stage_equals_uninterrupted(ray_session, shapes_root, shared,
 
     # Killed mid-stage: rank 0 dies at the start of epoch 2, after epoch 1's checkpoint; no retries: the job fails.
     b = tmp_path / "b"
-    job_b = config_from_dict(RunJobConfig, tiny(shapes_root, shared, b))
-    monkeypatch.setenv(FAULT_ENV, json.dumps({"epoch": 1, "marker": str(tmp_path / "fault_b"), "mode": "exit"}))
+    trainer = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0,
+               "worker_hooks": [die_once_hook(tmp_path / "fault_b", at_epoch=1)]}
+    job_b = config_from_dict(RunJobConfig, tiny(shapes_root, shared, b, trainer=trainer))
     with pytest.raises(Exception):
         run_pipeline(job_b, progress=False)
     assert (tmp_path / "fault_b").exists() and not (b / "stages" / stage / "done.json").exists()
     assert list((b / "ray" / stage).glob("checkpoint_*")), "epoch 1's checkpoint should be there to resume from"
-    monkeypatch.delenv(FAULT_ENV)
     with pytest.raises(Exception, match="--resume"):
         run_pipeline(job_b, progress=False)  # never overwritten silently
     run_pipeline(job_b, resume=True, progress=False)
@@ -176,23 +177,19 @@ def ray_head(kill_matching, tmp_path):
     """A local `ray start --head --block` of our own (ports and temp dir of its own, token auth disabled as
     shared/RAY_NOTES.md advises for local tests), started as the README says: with the virtual environment's
     `bin` first on PATH. Stopped at the end by its process id (never `ray stop`, which would stop every Ray of this
-    user on the machine). Its processes, and so the job, get the test's fault hook in their environment: rank 0
-    of stage 2 dies in the middle of its epoch 2 (after its first batch), once (`marker`)."""
+    user on the machine)."""
     bin_dir = Path(sys.executable).parent
     ray_bin = bin_dir / "ray"
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
-    marker = tmp_path / "fault"
-    fault = json.dumps({"stage": 1, "epoch": 1, "batch": 1, "marker": str(marker), "mode": "exit"})
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     env.pop("VIRTUAL_ENV", None)
-    head_env = dict(env, **{FAULT_ENV: fault})
     dash = _free_port()
     cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=4", "--disable-usage-stats",
            f"--port={_free_port()}", f"--dashboard-port={dash}", "--include-dashboard=true",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            f"--temp-dir={temp}"]
-    proc = subprocess.Popen(cmd, env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -204,7 +201,7 @@ def ray_head(kill_matching, tmp_path):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"ray head did not come up: {r.stderr.decode()[-2000:]}")
             time.sleep(2)
-        yield {"address": address, "env": env, "ray": str(ray_bin), "marker": marker}
+        yield {"address": address, "env": env, "ray": str(ray_bin)}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head's session: ray start and the services it launched
         try:
@@ -233,7 +230,9 @@ def test_run_through_ray_job_submit(ray_head, shapes_root, shared, tmp_path):
     # streamed through Ray's object store, shard by shard, and the run still trains to the end.
     cfg = tiny(shapes_root, shared, out, teachers=[{"name": "fcos_resnet_mini"}, {"name": "fcos_resnet18_half"}],
                order="auto", auto_order={"images": 8}, stages=[{"epochs": 1}, {"epochs": 2}], baseline=True,
-               trainer={"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1})
+               trainer={"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1,
+                        # rank 0 of stage 2 dies in the middle of its epoch 2 (before its second batch), once
+                        "worker_hooks": [die_once_hook(tmp_path / "fault", at_stage=1, at_epoch=1, at_batch=1)]})
     cfg["cache"]["memory_bytes"] = 64 * 1024
     path = tmp_path / "run.yaml"
     import yaml
@@ -255,9 +254,9 @@ def test_run_through_ray_job_submit(ray_head, shapes_root, shared, tmp_path):
     assert "succeeded" in status.lower(), (status[-2000:], r.stdout[-4000:], r.stderr[-4000:])
     assert "| student after stage 2" in r.stdout  # the table is printed at the end of the job's log
     assert "Reporting training result" not in r.stdout + r.stderr  # --quiet: no Ray Train internals
-    # Rank 0 of stage 2 died in the middle of its epoch 2 (the head's fault hook): Ray Train replaced the worker
+    # Rank 0 of stage 2 died in the middle of its epoch 2 (the config's worker hook): Ray Train replaced the worker
     # group (max_failures 1), it went on from epoch 1's checkpoint, and the job still succeeded.
-    assert ray_head["marker"].exists()
+    assert (tmp_path / "fault").exists()
     second = [r for r in report_rows(out) if r["role"] == "stage"][1]
     assert second["epochs"] == 2
     report = json.loads((out / "report" / "results.json").read_text())

@@ -106,7 +106,7 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
 
 class _DeviceLoader:
     """Moves each batch (images, target dicts) to the worker's device; a no-op wrapper on the CPU.
-    `before_batch(b)` runs before batch b is handed out (the tests' fault hook). `read_ahead`: a `TargetReadAhead`
+    `before_batch(b)` runs before batch b is handed out (the worker hooks' `batch_start`). `read_ahead`: a `TargetReadAhead`
     that starts reading the next batch's teacher targets before the current batch is handed out."""
 
     def __init__(self, loader: Any, device: torch.device, before_batch: Any = None,
@@ -205,20 +205,23 @@ def _mean_across_workers(stats: dict[str, float], world: int) -> dict[str, float
     return out
 
 
-def _maybe_fault(fault: dict[str, Any] | None, stage_index: int, epoch: int, rank: int, batch: int = 0) -> None:
-    """Test hook: once (a marker file records it), rank 0 dies or raises before batch `batch` (default 0: the
-    start) of `epoch` of a stage."""
-    if not fault or rank != 0 or fault.get("stage", 0) != stage_index or fault.get("epoch") != epoch:
-        return
-    if fault.get("batch", 0) != batch:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text("fired\n")
-    if fault.get("mode", "exit") == "exit":
-        os._exit(1)
-    raise RuntimeError(f"injected failure at stage {stage_index}, epoch {epoch + 1}")
+def load_worker_hooks(specs: list[dict[str, Any]]) -> list[Any]:
+    """`trainer.worker_hooks` as callables: each ``{"call": "package.module:function", "args": {...}}`` is imported
+    in the worker and called as ``function(event, stage=, epoch=, rank=, batch=, **args)`` with event
+    ``epoch_start`` (batch None) or ``batch_start`` (before batch `batch` of the epoch is handed out)."""
+    import functools
+    import importlib
+
+    hooks = []
+    for spec in specs:
+        module, _, name = spec["call"].partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"trainer.worker_hooks: cannot load {spec['call']!r} in the training worker ({e}); "
+                               "the module must be importable on every node") from None
+        hooks.append(functools.partial(fn, **spec.get("args", {})))
+    return hooks
 
 
 class TrainSession:
@@ -286,9 +289,8 @@ class LoopConfig:
     (the calibrated feature weights), calibrated for `kd_ratio` (saved in every checkpoint, so a PBT clone with
     another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_store: the name of the
     `ObjectStoreShards` actor holding the decoded cache (None: each worker reads the Parquet shards itself,
-    `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). fault: the tests'
-    worker fault (`{"epoch": e, "marker": path, "mode": "exit"|"raise", "stage": i, "batch": b}`).
-    framework_logs: Ray Train's own INFO lines (else dropped in the worker).
+    `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
+    `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in the worker).
     """
 
     job: dict[str, Any]
@@ -303,7 +305,7 @@ class LoopConfig:
     progress: bool = True
     teacher_mode: str = "cache"
     shard_store: str | None = None
-    fault: dict[str, Any] | None = None
+    worker_hooks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     framework_logs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -433,8 +435,10 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         start = state["epoch"] + 1
     train_model = _Autocast(ddp_model) if device.type == "cuda" else ddp_model
     val_ds = None
+    hooks = load_worker_hooks(cfg.worker_hooks)
     for epoch in range(start, t.epochs):
-        _maybe_fault(cfg.fault, stage_index, epoch, rank)
+        for h in hooks:
+            h("epoch_start", stage=stage_index, epoch=epoch, rank=rank, batch=None)
         ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
         # Random state from (seed, stage, epoch, rank) alone: a resumed run repeats the uninterrupted one.
@@ -449,8 +453,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             extra = DistillStep(source, ddp_distiller, decay, gen, device=device,
                                 scales=distiller.detector_loss_scales())
             ddp_distiller.train()
-        hook = (lambda b, e=epoch: _maybe_fault(cfg.fault, stage_index, e, rank, b)
-                if cfg.fault and cfg.fault.get("batch") else None)
+        hook = (lambda b, e=epoch: [h("batch_start", stage=stage_index, epoch=e, rank=rank, batch=b) for h in hooks]
+                ) if hooks else None
         try:
             batches = _DeviceLoader(loader, device, hook, source if isinstance(source, TargetReadAhead) else None)
             stats = train_one_epoch(train_model, batches, opt, sched, t, epoch,
@@ -510,7 +514,7 @@ def fit_on_ray(
     kd_ratio: float | None = None,
     eval_every: int = 0,
     progress: bool = True,
-    fault: dict[str, Any] | None = None,
+    worker_hooks: list[dict[str, Any]] | None = None,
     teacher_mode: str = "cache",
     object_store: bool = True,
 ) -> dict[str, Any]:
@@ -519,7 +523,7 @@ def fit_on_ray(
     stage: a `curriculum.plan.Stage` as a dict (`Stage.to_dict()`): with a teacher, a distillation stage reading
     the cache `stage["cache"]`; `job.train.epochs` is the stage's length. init: plain detector checkpoint the
     student starts from. loss_factors: multipliers of the distiller's entries (the calibrated weights).
-    fault: test hook (`{"epoch": e, "marker": path, "mode": "exit"|"raise", "stage": i}`).
+    worker_hooks: callables run in every worker at epoch and batch starts (`load_worker_hooks`).
     teacher_mode: `cache` (targets from `stage["cache"]`) or `inline` (every worker runs the teacher on its batch:
     the reference and the cost other frameworks pay).
     object_store: the cached targets reach the workers through Ray's object store (`teachers.cache.
@@ -548,7 +552,8 @@ def fit_on_ray(
         train_loop_config=LoopConfig(
             job=to_dict(job), stage=stage, init=init, threads_per_worker=threads_per_worker, memory_bytes=memory_bytes,
             loss_factors=dict(loss_factors or {}), kd_ratio=kd_ratio, eval_every=eval_every, use_gpu=use_gpu,
-            progress=progress, teacher_mode=teacher_mode, shard_store=store.name if store else None, fault=fault,
+            progress=progress, teacher_mode=teacher_mode, shard_store=store.name if store else None,
+            worker_hooks=list(worker_hooks or []),
             framework_logs=framework_logs).to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
