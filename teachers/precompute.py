@@ -38,7 +38,9 @@ import pyarrow as pa
 import torch
 
 from curriculum.cluster import ensure_ray
-from curriculum.config import CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, RayInitConfig, TeacherSpec
+from curriculum.config import (
+    CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, RayInitConfig, TeacherSpec,
+)
 from curriculum.data import CocoDetection, View
 from curriculum.errors import CacheError, CurriculumError, ModelError
 from teachers.cache import (

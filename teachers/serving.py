@@ -1,5 +1,5 @@
-"""Serving teachers online (`TeacherServer`, `prefetch`). For views no cache holds (random augmentation) the student sends its
-batch (numpy, one object in Ray's object store) and gets an ObjectRef back; `prefetch` submits batch i+1
+"""Serving teachers online (`TeacherServer`, `prefetch`). For views no cache holds (random augmentation) the
+student sends its batch (numpy, one object in Ray's object store) and gets an ObjectRef back; `prefetch` submits batch i+1
 before the student computes step i. A request whose actor died is resent to a replacement actor; every
 answer carries the image ids and view keys it was computed for, checked against the request, so a step can
 never get another image's targets.

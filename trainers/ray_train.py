@@ -106,8 +106,9 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
 
 class _DeviceLoader:
     """Moves each batch (images, target dicts) to the worker's device; a no-op wrapper on the CPU.
-    `before_batch(b)` runs before batch b is handed out (the worker hooks' `batch_start`). `read_ahead`: a `TargetReadAhead`
-    that starts reading the next batch's teacher targets before the current batch is handed out."""
+    `before_batch(b)` runs before batch b is handed out (the worker hooks' `batch_start`). `read_ahead`: a
+    `TargetReadAhead` that starts reading the next batch's teacher targets before the current batch is handed
+    out."""
 
     def __init__(self, loader: Any, device: torch.device, before_batch: Any = None,
                  read_ahead: "TargetReadAhead | None" = None) -> None:
@@ -290,7 +291,8 @@ class LoopConfig:
     another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_store: the name of the
     `ObjectStoreShards` actor holding the decoded cache (None: each worker reads the Parquet shards itself,
     `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
-    `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in the worker).
+    `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in
+    the worker).
     """
 
     job: dict[str, Any]
