@@ -253,9 +253,9 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
     """The sweep of the module docstring; returns its report (also written under `<sweep>/report/`)."""
     from ray import tune
 
+    from curriculum.cluster import ensure_ray
     from curriculum.pipeline import Phases, absolute_paths, check_run_config, prepare_run
     from curriculum.plan import total_epochs
-    from curriculum.cluster import ensure_ray
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
