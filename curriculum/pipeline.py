@@ -57,6 +57,7 @@ from curriculum.config import (
 )
 from curriculum.errors import ConfigError, CurriculumError
 from curriculum.files import atomic_save, atomic_write_json
+from curriculum.seeds import preserved_random_state
 from curriculum.plan import (
     Stage, baseline_stage, build_plan, cache_needs, direct_stage, fingerprint, inherit_weights,
     measure_adaptation_costs, order_by_cost, total_epochs,
@@ -207,27 +208,13 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     bs = job.train.batch_size
     data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
             for b in range(min(batches, max(1, len(ds) // bs)))]
-    with _own_random_state():
+    with preserved_random_state():
         student, distiller = build_student(job.student.name, ds.num_classes, job.train.seed,
                                            image_size=job.data.image_size, overrides=job.student.overrides(),
                                            init=init, losses=stage.losses, teacher_channels=teacher_channels)
         if not stage.cache:
             source = InlineSource(teacher, distiller.required_teacher_targets())
         return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed)
-
-
-@contextmanager
-def _own_random_state() -> Iterator[None]:
-    """The block may seed and draw from the global generators (python, numpy, torch); the caller's are restored."""
-    import random
-
-    import numpy as np
-
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py), np.random.set_state(npy), torch.set_rng_state(th)
 
 
 def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:

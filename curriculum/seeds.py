@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import zlib
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,4 +30,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["derive_seed", "seed_everything"]
+@contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """The block may seed and draw from the global generators (python, numpy, torch); the caller's states are
+    restored after it."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py), np.random.set_state(npy), torch.set_rng_state(th)
+
+
+__all__ = ["derive_seed", "preserved_random_state", "seed_everything"]
