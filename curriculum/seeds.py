@@ -18,7 +18,7 @@ import torch
 
 def derive_seed(seed: int, stream: str, *parts: int) -> int:
     """A 63-bit seed for the random stream named `stream` of the run seeded `seed`, at `parts` (stage, epoch,
-    rank, ...)."""
+    rank, ...). A stream always takes the same number of parts (trailing zero parts are not told apart)."""
     words = [int(seed) % 2**64, zlib.crc32(stream.encode()), *(int(p) % 2**64 for p in parts)]
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
