@@ -157,7 +157,8 @@ class DetectorOutput:
       With losses, per level: ``rpn_labels [N, A, H, W]`` (the RPN loss's sampled mini-batch: 1 positive,
       0 negative, -1 not sampled) and ``rpn_reg_targets [N, 4A, H, W]`` (channel ``4a + j``, like
       ``rpn_deltas``; 0 where not a sampled positive).
-      ``trainers.distill.outputs.student_outputs_from`` maps these names to the distillation losses' names.
+      ``trainers.distill.outputs.student_outputs_from`` maps these names to the distillation losses' names; the
+      head keys that are also teacher targets are the schema's (``teachers.targets.TARGETS``).
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-# DetectorOutput.head keys the losses read under the same name.
-_SAME_NAME = (
-    "cls_logits", "bbox_regression", "bbox_ctrness", "dense_labels", "dense_reg_targets",
-    "objectness", "rpn_deltas", "rpn_labels", "rpn_reg_targets",
-)
+from teachers.targets import fields_of
+
+# DetectorOutput.head keys the losses read under the same name: the per-level head outputs of the target schema
+# (what a teacher also provides), and the matching the student's own loss used (the student's alone).
+_SAME_NAME = fields_of("head") + ("dense_labels", "dense_reg_targets", "rpn_labels", "rpn_reg_targets")
 
 
 def student_outputs_from(out: Any) -> dict[str, Any]:
