@@ -270,7 +270,7 @@ class Learner:
     distiller: torch.nn.Module | None
     opt: torch.optim.Optimizer
     sched: Any
-    generator: torch.Generator | None
+    step: DistillStep | None  # its `terms`: the training step's distillation part (the feed gives the targets)
     device: torch.device
     grad_clip: float
     stats: dict[str, float] = field(default_factory=dict)
@@ -279,16 +279,17 @@ class Learner:
 def new_learner(template: Detector, teacher_channels: dict[str, int] | None, device: torch.device,
                 args: argparse.Namespace) -> Learner:
     model = copy.deepcopy(template).to(device).train()
-    distiller = gen = None
+    distiller = step = None
     params = list(model.parameters())
     if teacher_channels is not None:
         torch.manual_seed(args.seed)
         distiller = build_distiller(loss_entries(args.loss), model.level_channels, teacher_channels).to(device).train()
         params += list(distiller.parameters())
         gen = torch.Generator(device=device).manual_seed(args.seed)
+        step = DistillStep(None, distiller, 1.0, gen, device=device)
     t = TrainConfig(batch_size=args.batch_size, warmup_iters=0)  # AdamW, lr 2e-3, weight decay 1e-4, clip 10
     opt = make_optimizer(params, t)
-    return Learner(model, distiller, opt, make_scheduler(opt, t, 10**6), gen, device, t.grad_clip)
+    return Learner(model, distiller, opt, make_scheduler(opt, t, 10**6), step, device, t.grad_clip)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -319,7 +320,7 @@ def train_step(s: Learner, images: list[torch.Tensor], targets: list[dict[str, A
         with clock.part("move"):
             tt = tt.to(s.device)
         with clock.part("losses"):
-            terms.update(DistillStep(teacher, s.distiller, 1.0, s.generator, device=s.device).terms(out, tt, targets))
+            terms.update(s.step.terms(out, tt, targets))
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss in the benchmark: { {k: float(v) for k, v in terms.items()} }")
