@@ -246,19 +246,12 @@ class TeacherTargets:
         ``image_ids`` overrides ``self.image_ids`` for the message. RoI rows are mapped to images
         through ``roi_counts``; without it the error says which rows are bad.
         """
-        if self.features is not None:
-            for lvl, t in self.features.items():
-                bad = _bad_images(t)
-                if bad:
-                    self._raise(f"'features[{lvl}]'", bad[0], image_ids)
-        for name in _PER_LEVEL_FIELDS:
-            levels = getattr(self, name)
-            if levels is None:
-                continue
-            for i, t in enumerate(levels):
-                bad = _bad_images(t)
-                if bad:
-                    self._raise(f"'{name}[{i}]'", bad[0], image_ids)
+        maps = [(f"features[{lvl}]", t) for lvl, t in (self.features or {}).items()]
+        maps += [(f"{name}[{i}]", t) for name in _PER_LEVEL_FIELDS for i, t in enumerate(getattr(self, name) or [])]
+        for label, t in maps:
+            bad = _bad_images(t)
+            if bad:
+                self._raise(f"'{label}'", bad[0], image_ids)
         for name in _ROI_FIELDS:
             t = getattr(self, name)
             if t is None:
