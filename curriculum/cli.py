@@ -1,9 +1,10 @@
 """The `curriculum` command line.
 
-    curriculum data shapes --out DIR [--train N --val N --size S --seed S]
+    curriculum data shapes --out DIR [--train N --val N --size S --seed S --varied-sizes]
     curriculum zoo [--all] [--figures]
     curriculum train CONFIG [CONFIG ...] [--set section.key=value ...] [--resume]
     curriculum eval CHECKPOINT [--config CONFIG] [--out DIR]
+    curriculum predict CHECKPOINT_OR_CONFIG IMAGE_OR_FOLDER... --out DIR [--score-thresh S] [--set key=value]
 
 Errors a user can fix (bad config, bad data, unknown model) are printed as one message, without a traceback.
 """
@@ -41,7 +42,7 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     from curriculum.shapes import make_shapes
 
     summary = make_shapes(args.out, train_images=args.train, val_images=args.val, image_size=args.size,
-                          seed=args.seed)
+                          seed=args.seed, varied_sizes=args.varied_sizes)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -53,7 +54,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     print(f"{'detector':34s} {'family':12s} {'params (M)':>10s} {'GFLOPs@128':>11s}" if args.figures
           else f"{'detector':34s} family")
     for name in names:
-        family = BACKBONES[name.split("_", 1)[1]].family
+        family = "torchvision" if name.startswith("torchvision:") else BACKBONES[name.split("_", 1)[1]].family
         if args.figures:
             d = build_detector(name, 7)
             print(f"{name:34s} {family:12s} {count_parameters(d) / 1e6:10.2f} {count_gflops(d, 128):11.2f}")
@@ -110,6 +111,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     (out / f"eval_{args.split}.json").write_text(json.dumps(metrics, indent=2))
     print(format_table([{"name": model.config.name, "val": metrics}]))
     print(f"detections: {out / f'detections_{args.split}.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from curriculum.predict import predict
+
+    entries = predict(args.source, args.images, args.out, args.score_thresh, args.set, args.trust_checkpoint,
+                      progress=not args.quiet)
+    boxes = sum(len(e["boxes"]) for e in entries)
+    print(f"{len(entries)} image(s), {boxes} box(es): {Path(args.out) / 'predictions.json'} and one PNG per image")
     return 0
 
 
@@ -202,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, default=300, help="validation images (default 300)")
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--varied-sizes", action="store_true",
+                        help="each image its own height and width: shorter side 0.75..1.25 x --size, "
+                             "aspect ratio up to 2, landscape or portrait")
     shapes.set_defaults(func=cmd_data_shapes)
 
     zoo = sub.add_parser("zoo", help="list the detectors of the zoo")
@@ -229,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load with weights_only=False (only for files you trust)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="boxes of a detector on images: predictions.json and drawn PNGs")
+    pr.add_argument("source", help="a checkpoint (model.pt, student.pt) or a YAML whose model section names the "
+                                   "detector and weights and whose data section gives the resize")
+    pr.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    pr.add_argument("--out", required=True, help="folder for predictions.json and <image stem>.png")
+    pr.add_argument("--score-thresh", type=float, default=None, help="keep boxes scoring at least this")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="e.g. data.min_size=640 or model.nms_thresh=0.6")
+    pr.add_argument("--trust-checkpoint", action="store_true",
+                    help="load with weights_only=False (only for files you trust)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_predict)
 
     pre = sub.add_parser("precompute", help="run the teacher pool (Ray actors) over the data and write the cache")
     pre.add_argument("config", help="YAML: data, teachers (checkpoint, actors, cpus/gpus per actor), cache")

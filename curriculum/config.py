@@ -27,6 +27,7 @@ class ShapesConfig:
     train: int = 1200
     val: int = 300
     seed: int = 0
+    varied_sizes: bool = False  # each image its own height and width (shorter side 0.75..1.25 x image_size)
 
 
 @dataclass
@@ -43,10 +44,26 @@ class DataConfig:
     train_annotations: str | None = None  # default: <root>/train/instances.json
     val_images: str | None = None
     val_annotations: str | None = None
-    image_size: int = 128
+    resize: Literal["fixed", "keep_ratio"] = "fixed"
+    image_size: int = 128  # resize: fixed (square)
+    min_size: int | list[int] = 800  # resize: keep_ratio, the shorter side; a list: one per image and epoch
+    max_size: int = 1333  # resize: keep_ratio, cap on the longer side
     flip: Literal["none", "random", "always"] = "random"
     on_bad_box: Literal["clip", "drop", "error"] = "clip"
     workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        self.resize_spec()
+
+    def resize_spec(self, split: Literal["train", "val"] = "train") -> Any:
+        """The `curriculum.data.Resize` of a split (val: the largest min_size)."""
+        from curriculum.data import Resize
+
+        try:
+            r = Resize(self.resize, (self.image_size, self.image_size), self.min_size, self.max_size)
+        except ConfigError as e:
+            raise ConfigError(f"data: {e}") from None
+        return r if split == "train" else r.for_eval()
 
     def split_paths(self, split: Literal["train", "val"]) -> tuple[Path, Path]:
         images = getattr(self, f"{split}_images") or str(Path(self.root) / split / "images")
@@ -56,10 +73,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A zoo detector: `name` is <head>_<backbone> (`curriculum zoo` lists them)."""
+    """A zoo detector: `name` is <head>_<backbone> or torchvision:<builder> (`curriculum zoo --all` lists them).
+
+    weights: random | timm | torchvision (timm bodies: ImageNet weights of the full ResNets; torchvision:<builder>:
+      its COCO weights) | the path of a project checkpoint or of a torchvision state-dict file.
+    num_classes: label slots, background included; null: the data's (`curriculum predict`: 91 for a torchvision
+      detector with its COCO weights).
+    """
 
     name: str = "retinanet_mobilenetv3_micro"
-    weights: str = "random"  # random | timm | torchvision | path of a curriculum checkpoint
+    weights: str = "random"
+    num_classes: int | None = None
     fpn_channels: int | None = None
     head_convs: int | None = None
     anchor_scale: float = 2.0
@@ -68,7 +92,7 @@ class ModelConfig:
     detections_per_img: int = 100
 
     def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "num_classes")}
 
 
 @dataclass
@@ -120,6 +144,12 @@ def _type_name(tp: Any) -> str:
         return "null"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if origin is dict:
+        args = typing.get_args(tp)
+        if not args or Any in args:
+            return "a mapping"
+        short = {int: "integer", float: "number", str: "string", bool: "boolean"}
+        return "a mapping {" + ": ".join(short.get(a, _type_name(a)) for a in args) + "}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -155,7 +185,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, f"{where} (key {k!r})"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -447,10 +478,32 @@ class RunTeacherConfig(TeacherActors):
     checkpoint: a `model.pt` written by `curriculum train`. null: `<teachers_dir>/<name>-<hash>/model.pt`, where
       the hash covers the data and `teacher_train` settings, so an identical earlier run is reused and a changed
       schedule never picks up a stale teacher. A given path that does not exist yet is trained into its folder.
+    weights: a teacher that is not trained here: ``torchvision`` (a ``torchvision:<builder>``'s COCO weights, from
+      torch's hub cache or downloaded), the path of a state-dict file as torchvision publishes it, or a checkpoint
+      of this project. It is written once as ``<teachers_dir>/<name>-<hash of the weights>/model.pt``.
+      ``num_classes``: of such a teacher (default: 91, torchvision's COCO label slots, for ``torchvision:`` names;
+      else the data's).
+    class_map: a teacher trained on other classes than the student's data (`teachers.class_map`): `auto` pairs
+      classes by name, a mapping {student class: teacher class} pairs them by hand (unnamed ones by name); teacher
+      classes the student lacks count as background. null: the teacher's classes must be the student's.
     """
 
     name: str = "fcos_resnet_mini"
     checkpoint: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    class_map: str | dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.checkpoint is not None:
+            raise ConfigError(f"teachers[] {self.name}: give checkpoint (a teacher trained by `curriculum train`) or "
+                              "weights (a teacher loaded as it is), not both")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"teachers[] {self.name}: num_classes {self.num_classes} counts the background: >= 2")
+        if isinstance(self.class_map, str) and self.class_map != "auto":
+            raise ConfigError(f"teachers[].class_map: {self.class_map!r}; use 'auto' (classes matched by name), a "
+                              "mapping {student class: teacher class}, or null (the teacher has the student's classes)")
+        super().__post_init__()
 
 
 @dataclass

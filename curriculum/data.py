@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,19 @@ BOX_FIX_KINDS = (
 # --------------------------------------------------------------------------------------------
 
 
+SIZE_DIVISIBLE = 32  # a batch is padded to a multiple of this (torchvision's GeneralizedRCNNTransform default)
+INTERPOLATIONS = ("antialias", "torchvision")
+
+
 @dataclass(frozen=True)
 class View:
-    """Transform parameters of one model input: resize to ``(out_h, out_w)``, then maybe flip.
+    """Transform parameters of one model input: resize to ``(out_h, out_w)``, then maybe flip; the batch pads it
+    at the bottom and right to a common size divisible by 32 (``padded_size`` for the view alone).
 
-    Resizing is to a fixed size and does not keep the aspect ratio: every input of a batch has
-    the same shape (no padding, no per-image size bookkeeping in the detector), at the cost of
-    distorting the aspect ratio; boxes are scaled per axis accordingly.
+    ``interpolation`` records how the pixels were resampled: ``"antialias"`` (bilinear with antialiasing: the
+    fixed-size resize, which may distort the aspect ratio) or ``"torchvision"`` (bilinear without antialiasing,
+    exactly ``GeneralizedRCNNTransform``'s resize: the keep-ratio resize). Boxes are scaled per axis by
+    ``out / orig`` either way, as torchvision's ``resize_boxes`` does.
     """
 
     orig_h: int
@@ -68,6 +75,7 @@ class View:
     out_h: int
     out_w: int
     flip: bool
+    interpolation: str = "antialias"
 
     def __post_init__(self) -> None:
         for name in ("orig_h", "orig_w", "out_h", "out_w"):
@@ -78,6 +86,8 @@ class View:
         if not isinstance(self.flip, (bool, np.bool_)):
             raise ValueError(f"View.flip must be a bool, got {self.flip!r}")
         object.__setattr__(self, "flip", bool(self.flip))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"View.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
 
     @property
     def scale_x(self) -> float:
@@ -87,29 +97,36 @@ class View:
     def scale_y(self) -> float:
         return self.out_h / self.orig_h
 
+    def padded_size(self, divisor: int = SIZE_DIVISIBLE) -> tuple[int, int]:
+        """``(h, w)`` of this view alone in a batch: the output size rounded up to a multiple of `divisor`."""
+        return -(-self.out_h // divisor) * divisor, -(-self.out_w // divisor) * divisor
+
     def key(self) -> str:
         """Short stable id of the output config (e.g. ``h128w128f1``), for cache keys.
 
         The original size is left out: it is fixed per image, and the key identifies which view
-        of that image was produced.
+        of that image was produced. A torchvision-interpolated view ends in ``t``.
         """
-        return f"h{self.out_h}w{self.out_w}f{int(self.flip)}"
+        return f"h{self.out_h}w{self.out_w}f{int(self.flip)}" + ("t" if self.interpolation == "torchvision" else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "orig_h": self.orig_h,
-            "orig_w": self.orig_w,
-            "out_h": self.out_h,
-            "out_w": self.out_w,
-            "flip": self.flip,
-        }
+        """The fields; ``interpolation`` only when not the default (so fixed-size caches keep their format)."""
+        d: dict[str, Any] = {"orig_h": self.orig_h, "orig_w": self.orig_w, "out_h": self.out_h,
+                             "out_w": self.out_w, "flip": self.flip}
+        if self.interpolation != "antialias":
+            d["interpolation"] = self.interpolation
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> View:
         keys = {"orig_h", "orig_w", "out_h", "out_w", "flip"}
-        if not isinstance(d, dict) or set(d) != keys:
+        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"interpolation"}:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"View.from_dict needs exactly the keys {sorted(keys)}, got {got}")
+            raise ValueError(f"View.from_dict needs the keys {sorted(keys)} (and optionally 'interpolation'), "
+                             f"got {got}")
+        d = dict(d)
+        if d.get("interpolation") is None:
+            d.pop("interpolation", None)
         return cls(**d)
 
     def map_boxes(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
@@ -139,8 +156,9 @@ class View:
     def apply(self, image: torch.Tensor) -> torch.Tensor:
         """Transform a float image ``[C, orig_h, orig_w]`` (or ``[B, C, H, W]``) into this view.
 
-        Bilinear with antialiasing so downscaling does not alias; ``align_corners=False`` is
-        what makes the box mapping ``x * scale`` exact.
+        ``align_corners=False`` is what makes the box mapping ``x * scale`` exact. ``antialias``: downscaling
+        does not alias; ``torchvision``: the very call of torchvision's detection transform, so a torchvision
+        model sees exactly the tensor it would see on its own.
         """
         if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4):
             raise ValueError("View.apply expects a tensor [C, H, W] or [B, C, H, W]")
@@ -155,13 +173,100 @@ class View:
         if (self.out_h, self.out_w) != (self.orig_h, self.orig_w):
             batched = x.dim() == 4
             x4 = x if batched else x.unsqueeze(0)
-            x4 = F.interpolate(
-                x4, size=(self.out_h, self.out_w), mode="bilinear", align_corners=False, antialias=True
-            )
+            x4 = F.interpolate(x4, size=(self.out_h, self.out_w), mode="bilinear", align_corners=False,
+                               antialias=self.interpolation == "antialias")
             x = x4 if batched else x4.squeeze(0)
         if self.flip:
             x = torch.flip(x, dims=(-1,))
         return x
+
+
+RESIZE_MODES = ("fixed", "keep_ratio")
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How an image becomes a model input: ``fixed`` to ``size`` (h, w), or ``keep_ratio`` as torchvision's
+    detection transform does it: scale ``min(min_size / shorter side, max_size / longer side)``, output
+    ``floor(side * scale)``. ``min_size`` with several values is multi-scale training: one size per image and
+    epoch, chosen from (seed, epoch, image id) like the flip (:func:`decide_scale`); evaluation uses the largest.
+    """
+
+    mode: str = "fixed"
+    size: tuple[int, int] = (128, 128)
+    min_size: tuple[int, ...] = (800,)
+    max_size: int = 1333
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {RESIZE_MODES}, got {self.mode!r}")
+        object.__setattr__(self, "size", _resolve_size(self.size))
+        mins = (self.min_size,) if _is_int(self.min_size) else tuple(self.min_size)
+        if not mins or not all(_is_int(v) and v > 0 for v in mins):
+            raise ConfigError(f"min_size must be a positive int or a list of them, got {self.min_size!r}")
+        object.__setattr__(self, "min_size", mins)
+        if not _is_int(self.max_size) or self.max_size <= 0:
+            raise ConfigError(f"max_size must be a positive int, got {self.max_size!r}")
+        if self.mode == "keep_ratio" and max(mins) > self.max_size:
+            raise ConfigError(f"min_size {max(mins)} is larger than max_size {self.max_size}: the shorter side "
+                              "could never reach it; raise max_size or lower min_size")
+
+    @property
+    def multi_scale(self) -> bool:
+        return self.mode == "keep_ratio" and len(self.min_size) > 1
+
+    def for_eval(self) -> Resize:
+        """The evaluation resize: the largest ``min_size``."""
+        if self.mode == "fixed":
+            return self
+        return Resize("keep_ratio", self.size, (max(self.min_size),), self.max_size)
+
+    def scales(self) -> list[Resize]:
+        """One single-scale resize per ``min_size`` (what a cache precomputes for multi-scale training)."""
+        if self.mode == "fixed":
+            return [self]
+        return [Resize("keep_ratio", self.size, (m,), self.max_size) for m in self.min_size]
+
+    def out_size(self, orig_h: int, orig_w: int, min_size: int | None = None) -> tuple[int, int]:
+        """Output ``(h, w)`` of an ``orig_h x orig_w`` image (keep_ratio: at ``min_size``, default the largest)."""
+        if self.mode == "fixed":
+            return self.size
+        m = max(self.min_size) if min_size is None else min_size
+        scale = min(m / min(orig_h, orig_w), self.max_size / max(orig_h, orig_w))
+        # torch.nn.functional.interpolate's output size for scale_factor with recompute_scale_factor=True
+        return math.floor(float(orig_h) * scale), math.floor(float(orig_w) * scale)
+
+    def view(self, orig_h: int, orig_w: int, flip: bool, min_size: int | None = None) -> View:
+        h, w = self.out_size(orig_h, orig_w, min_size)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"an image of {orig_w}x{orig_h} (w x h) resized with min_size {min_size or max(self.min_size)}"
+                             f" and max_size {self.max_size} would be {w}x{h} pixels")
+        return View(orig_h, orig_w, h, w, flip, "antialias" if self.mode == "fixed" else "torchvision")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cache's view config form: fixed ``{"out_h", "out_w"}`` (as before keep-ratio existed), keep-ratio
+        ``{"resize", "min_size", "max_size"}``."""
+        if self.mode == "fixed":
+            return {"out_h": self.size[0], "out_w": self.size[1]}
+        return {"resize": "keep_ratio", "min_size": list(self.min_size), "max_size": self.max_size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Resize:
+        if d.get("resize", "fixed") == "fixed":
+            return cls("fixed", (int(d["out_h"]), int(d["out_w"])))
+        return cls("keep_ratio", min_size=tuple(d["min_size"]), max_size=int(d["max_size"]))
+
+    def describe(self) -> str:
+        if self.mode == "fixed":
+            return f"{self.size[0]}x{self.size[1]}"
+        return f"keep ratio, shorter side {'/'.join(map(str, self.min_size))}, longer side <= {self.max_size}"
+
+
+def decide_scale(seed: int, epoch: int, image_id: int, count: int) -> int:
+    """The multi-scale choice (index into ``min_size``): a pure function of (seed, epoch, image id), drawn from
+    a stream apart from the flip's so that adding scales does not change the flips."""
+    rng = np.random.default_rng([int(seed) % 2**64, int(epoch) % 2**64, int(image_id) % 2**64, 1])
+    return int(rng.integers(count))
 
 
 def _as_box_tensor(boxes: torch.Tensor) -> torch.Tensor:
@@ -256,8 +361,9 @@ def _resolve_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection data set whose samples record their transform (:class:`View`).
 
-    - ``image_size``: output size, an int (square) or ``(height, width)``; the aspect ratio is
-      not kept (see :class:`View`).
+    - ``resize``: a :class:`Resize`, or an int (square) / ``(height, width)`` for a fixed size (the aspect
+      ratio is then not kept). With several ``min_size`` values (multi-scale), each image's scale at an epoch
+      comes from :func:`decide_scale`, like the flip.
     - ``flip``: ``"none"``, ``"always"`` or ``"random"``; random is decided by
       :func:`decide_flip` from ``(seed, epoch, image_id)``. Call :meth:`set_epoch` before
       creating the DataLoader iterator of each epoch (non-persistent workers copy the data set
@@ -277,12 +383,12 @@ class CocoDetection(torch.utils.data.Dataset):
         self,
         image_dir: str | os.PathLike,
         ann_file: str | os.PathLike,
-        image_size: int | tuple[int, int],
+        resize: Resize | int | tuple[int, int],
         flip: str = "none",
         seed: int = 0,
         on_bad_box: str = "clip",
     ) -> None:
-        self.out_h, self.out_w = _resolve_size(image_size)
+        self.resize = resize if isinstance(resize, Resize) else Resize("fixed", _resolve_size(resize))
         if flip not in FLIP_MODES:
             raise ConfigError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
         if on_bad_box not in BAD_BOX_MODES:
@@ -302,6 +408,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._parse_images(data["images"])
         self._parse_annotations(data["annotations"])
         self._check_image_files()
+        self._check_resizable()
         self.coco = self._make_coco(data)
 
     # ---- construction helpers --------------------------------------------------------------
@@ -546,6 +653,16 @@ class CocoDetection(torch.utils.data.Dataset):
                 self.ann_file.name, "; ".join(parts), self.on_bad_box,
             )
 
+    def _check_resizable(self) -> None:
+        """Every image gets a positive size under the resize (a very long thin image may not)."""
+        for i in range(len(self.image_ids)):
+            for m in self.resize.min_size if self.resize.mode == "keep_ratio" else (None,):
+                try:
+                    self.resize.view(int(self._heights[i]), int(self._widths[i]), False, m)
+                except ValueError as e:
+                    raise DataError(f"{self.ann_file}: image id {self.image_ids[i]} ({self._files[i]}): {e}; raise "
+                                    "max_size, or crop or remove this image") from None
+
     def _check_image_files(self) -> None:
         """Existence of every image, via one directory listing per folder (cheap at COCO scale)."""
         if not self.image_dir.is_dir():
@@ -611,7 +728,10 @@ class CocoDetection(torch.utils.data.Dataset):
             flip = True
         else:
             flip = decide_flip(self.seed, e, self.image_ids[i])
-        return View(int(self._heights[i]), int(self._widths[i]), self.out_h, self.out_w, flip)
+        min_size = None
+        if self.resize.multi_scale:
+            min_size = self.resize.min_size[decide_scale(self.seed, e, self.image_ids[i], len(self.resize.min_size))]
+        return self.resize.view(int(self._heights[i]), int(self._widths[i]), flip, min_size)
 
     def _check_index(self, index: int) -> int:
         n = len(self.image_ids)
@@ -695,6 +815,18 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.ann_file}: images in {self.image_dir}: " + "; ".join(problems)
                 + ". Replace those files or fix/remove their entries."
             )
+
+
+def annotation_class_names(ann_file: str | os.PathLike) -> list[str]:
+    """Label names of a COCO file as `CocoDetection` numbers them (background, then by category id), read from its
+    categories alone (no image is checked)."""
+    data = _load_json(Path(ann_file))
+    try:
+        by_id = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{ann_file}: cannot read the categories ({type(e).__name__}: {e}); each needs an id and a "
+                        "name") from None
+    return ["__background__"] + [by_id[k] for k in sorted(by_id)]
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:

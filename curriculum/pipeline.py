@@ -7,7 +7,9 @@ Phases, in order (each timed; the report lists the wall time of every phase and 
    `trainers.train.train_detector` (in this process, `teacher_train` schedule) into
    `<teachers_dir>/<name>-<hash of data + schedule>/`, so identical settings reuse an earlier run and an
    interrupted teacher run is resumed from its `checkpoints/last.pt`. Each teacher is evaluated once on val
-   (`<output_dir>/evals/`).
+   (`<output_dir>/evals/`). A teacher on other classes than the data's needs `class_map` (`teachers.class_map`:
+   its targets, and its val detections, are mapped into the data's classes); `check_run_config` builds the map of a
+   teacher whose checkpoint is already there before anything starts, so a bad one fails in seconds.
 3. order: `given`, or `auto`: the adaptation cost of every teacher on a calibration sample (curriculum/plan.py);
    the costs and the order are saved (`order.json`) and a resumed run keeps them.
 4. cache: `teachers.precompute.precompute` writes (or finishes, or reuses: complete shards are never recomputed) each
@@ -47,7 +49,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -144,19 +146,47 @@ def teacher_checkpoint(job: RunJobConfig, name: str, given: str | None, data_fp:
     """
     if given:
         return Path(given)
+    spec = next((t for t in job.teachers if t.name == name), None)
+    if spec is not None and spec.weights is not None:
+        return loaded_teacher_checkpoint(job, spec)
     data = {k: v for k, v in dataclasses.asdict(job.data).items() if k not in _PATH_KEYS}
     key = fingerprint({"name": name, "data": data, "data_fp": data_fp, "train": dataclasses.asdict(job.teacher_train)})
     return Path(job.teachers_dir) / f"{name}-{key}" / "model.pt"
 
 
-def ensure_teacher(job: RunJobConfig, spec: Any, phases: Phases, progress: bool, data_fp: str = "") -> Path:
-    """The teacher's checkpoint, trained with train_detector when it does not exist yet."""
+def loaded_teacher_checkpoint(job: RunJobConfig, spec: Any) -> Path:
+    """Where a teacher given by `weights` is written as a project checkpoint: the hash covers the name, the weights
+    (a file's content) and num_classes."""
+    from teachers.zoo import fingerprint as file_fingerprint
+
+    weights = spec.weights
+    if weights not in ("torchvision", "random"):
+        if not Path(weights).is_file():
+            raise ConfigError(f"teacher {spec.name}: weights file {weights} does not exist; give a torchvision "
+                              "state-dict file, a checkpoint of this project, or 'torchvision'")
+        weights = file_fingerprint(weights)
+    key = fingerprint({"name": spec.name, "weights": weights, "num_classes": spec.num_classes})
+    return Path(job.teachers_dir) / f"{spec.name}-{key}" / "model.pt"
+
+
+def ensure_teacher(job: RunJobConfig, spec: Any, phases: Phases, progress: bool, data_fp: str = "",
+                   num_classes: int | None = None) -> Path:
+    """The teacher's checkpoint: given, loaded from `weights` (written once), or trained with train_detector when it
+    does not exist yet. `num_classes`: the data's (the default of a loaded zoo teacher)."""
     from trainers.train import train_detector
 
     path = teacher_checkpoint(job, spec.name, spec.checkpoint, data_fp)
     if path.is_file():
-        with phases(f"teacher {spec.name}: train", reused=True):
+        with phases(f"teacher {spec.name}: {'load' if spec.weights else 'train'}", reused=True):
             pass
+        return path
+    if spec.weights is not None:
+        from teachers.zoo import TORCHVISION_PREFIX, build_detector
+
+        k = spec.num_classes or (91 if spec.name.startswith(TORCHVISION_PREFIX) else num_classes)
+        with phases(f"teacher {spec.name}: load"):
+            det = build_detector(spec.name, k, weights=spec.weights)
+            atomic_save(det.checkpoint({"weights": spec.weights}), path)
         return path
     if path.name != "model.pt":
         raise ConfigError(f"teacher {spec.name}: checkpoint {path} does not exist (a missing teacher is trained into "
@@ -173,10 +203,11 @@ def _cache_views(flip: str) -> list[str]:
     return {"none": ["noflip"], "always": ["flip"], "random": ["noflip", "flip"]}[flip]
 
 
-def _student(job: RunJobConfig, num_classes: int) -> Any:
+def _student(job: RunJobConfig, class_names: Sequence[str]) -> Any:
     from teachers.zoo import build_detector
 
-    return build_detector(job.student.name, num_classes, image_size=job.data.image_size, **job.student.overrides())
+    return build_detector(job.student.name, len(class_names), image_size=job.data.image_size,
+                          class_names=tuple(class_names), **job.student.overrides())
 
 
 def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int = 4) -> dict[str, float]:
@@ -191,6 +222,7 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     if stage.kd_ratio is None or stage.teacher is None:
         return {}
     from curriculum.data import collate_fn
+    from teachers.class_map import ClassMap
     from teachers.outputs import load_teacher
     from teachers.readers import CacheReader
     from trainers.distillation import InlineSource, build_student, feature_factors
@@ -209,12 +241,13 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
             for b in range(min(batches, max(1, len(ds) // bs)))]
     with preserved_random_state():
-        student, distiller = build_student(job.student.name, ds.num_classes, job.train.seed,
+        student, distiller = build_student(job.student.name, ds.class_names, job.train.seed,
                                            image_size=job.data.image_size, overrides=job.student.overrides(),
                                            init=init, losses=stage.losses, teacher_channels=teacher_channels)
         if not stage.cache:
             source = InlineSource(teacher, distiller.required_teacher_targets())
-        return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed)
+        return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed,
+                               class_map=ClassMap.from_dict(stage.class_map) if stage.class_map else None)
 
 
 def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:
@@ -236,14 +269,21 @@ def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:
         return False
 
 
-def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, progress: bool) -> dict[str, Any]:
-    """Val metrics of a plain checkpoint, cached in `out` (a resumed run does not evaluate twice)."""
+def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, progress: bool,
+                        class_map: Any = None) -> dict[str, Any]:
+    """Val metrics of a plain checkpoint, cached in `out` (a resumed run does not evaluate twice).
+
+    `class_map` (`teachers.class_map.ClassMap`): a teacher on other classes than the data's is scored on the data's
+    classes: its detections of mapped classes, relabelled (the others are dropped)."""
     from teachers.zoo import load_detector
     from trainers.train import evaluate_model
 
     if out.is_file():
         return json.loads(out.read_text())
     model = load_detector(path)
+    if class_map is not None:
+        predict = model.predict
+        model.predict = lambda *a, **kw: class_map.map_detections(predict(*a, **kw))
     metrics = evaluate_model(model, val_ds, job.eval, progress=progress)
     metrics = {k: v for k, v in metrics.items() if k != "stats"}
     atomic_write_json(metrics, out)
@@ -293,6 +333,7 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
     history = json.loads(state["history"])
     ckpt = dict(state["model"])
     ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}
+    ckpt["resize"] = job.data.resize_spec("val").to_dict()  # how `curriculum predict` makes its inputs
     atomic_save(ckpt, sdir / "model.pt")
     if state.get("distiller") is not None:
         atomic_save({"losses": stage.losses, "loss_factors": factors, "state": state["distiller"]}, sdir / "distiller.pt")
@@ -351,7 +392,7 @@ class Prepared:
         path = self.out / f"student_init_{tag}.pt"
         if not self.job.inherit:
             return self.random_init, 0
-        s = _student(self.job, self.train_ds.num_classes)
+        s = _student(self.job, self.train_ds.class_names)
         s.load_state_dict(torch.load(self.random_init, weights_only=True)["model"])
         copied = inherit_weights(s, self.teachers[teacher_name])
         if not path.is_file():
@@ -359,12 +400,13 @@ class Prepared:
         return path, len(copied)
 
 
-def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = True, precompute_caches: bool = True
-                ) -> Prepared:
+def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = True, precompute_caches: bool = True,
+                where: str = "the run config") -> Prepared:
     """Data, teachers (trained when missing, evaluated once), the order, the plan and the teacher caches.
 
     `out` receives the teachers' evals, the order and the student's random init. `precompute_caches` False
-    leaves the stages without a cache (a sweep whose trials run their teachers inline).
+    leaves the stages without a cache (a sweep whose trials run their teachers inline). Each stage carries its
+    teacher's class map (`Stage.class_map`); `where` names the config in a class map's error.
     """
     from curriculum.cluster import ensure_ray
     from teachers.outputs import load_teacher
@@ -381,19 +423,22 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     from teachers.cache import data_fingerprint
 
     data_fp = data_fingerprint(train_ds)
-    checkpoints = {spec.name: str(ensure_teacher(job, spec, phases, progress, data_fp)) for spec in job.teachers}
+    checkpoints = {spec.name: str(ensure_teacher(job, spec, phases, progress, data_fp, train_ds.num_classes))
+                   for spec in job.teachers}
     teachers = {name: load_teacher(path, name) for name, path in checkpoints.items()}
+    class_maps = teacher_class_maps(job, train_ds.class_names, {
+        name: (t.config.class_names, t.config.num_classes) for name, t in teachers.items()}, where)
     teacher_evals = {}
     for name, path in checkpoints.items():
         f = out / "evals" / f"teacher-{name}.json"
         if not f.is_file() and _own_eval_matches(job, Path(path)):  # train_detector's final eval, same settings
             atomic_write_json(json.loads((Path(path).parent / "eval.json").read_text()), f)
         with phases(f"teacher {name}: eval", reused=f.is_file()):
-            teacher_evals[name] = evaluate_checkpoint(job, Path(path), f, val_ds, progress)
+            teacher_evals[name] = evaluate_checkpoint(job, Path(path), f, val_ds, progress, class_maps.get(name))
 
     # The student before any stage (random init, seeded), and the order.
     seed_everything(job.train.seed)
-    student = _student(job, train_ds.num_classes)
+    student = _student(job, train_ds.class_names)
     random_init = out / "student_random.pt"
     if not random_init.is_file():
         atomic_save(student.checkpoint(), random_init)
@@ -441,6 +486,8 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
         caches[name] = report.cache
     for s in stages + extra_stages:
         s.cache = caches.get(s.teacher)
+        cmap = class_maps.get(s.teacher)
+        s.class_map = cmap.to_dict() if cmap is not None else None
     return Prepared(job=job, out=out, train_ds=train_ds, val_ds=val_ds, checkpoints=checkpoints, teachers=teachers,
                     teacher_evals=teacher_evals, order=order, costs=costs, stages=stages, extra_stages=extra_stages,
                     random_init=random_init)
@@ -457,6 +504,54 @@ def check_run_config(job: RunJobConfig, where: str = "the run config") -> None:
             check_detector_name(name)
         except CurriculumError as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
+    # Class maps of the teachers whose checkpoint is already there (a teacher the run trains has the data's
+    # classes); prepare_run builds them again from the loaded data set and teachers.
+    given = [(i, t) for i, t in enumerate(job.teachers) if t.checkpoint and Path(t.checkpoint).is_file()]
+    coco = [t for t in job.teachers if t.weights == "torchvision" and t.num_classes in (None, 91)]
+    student_names = _data_class_names(job) if given or coco else None
+    if student_names is None:
+        return
+    from teachers.zoo import coco_class_names, read_checkpoint
+
+    classes = {t.name: (coco_class_names(t.name), 91) for t in coco}
+    for i, t in given:
+        try:
+            saved = read_checkpoint(t.checkpoint)["config"]
+        except CurriculumError as e:
+            raise ConfigError(f"{where}: teachers[{i}].checkpoint: {e}") from None
+        classes[t.name] = (saved.get("class_names"), int(saved["num_classes"]))
+    teacher_class_maps(job, student_names, classes, where)
+
+
+def _data_class_names(job: RunJobConfig) -> list[str] | None:
+    """The training split's class names as `CocoDetection` orders them (background, then by category id), read
+    from the annotation file's categories alone, or the built-in data set's; None when not known yet."""
+    _, ann = job.data.split_paths("train")
+    if ann.is_file():
+        from curriculum.data import annotation_class_names
+
+        try:
+            return annotation_class_names(ann)
+        except CurriculumError:  # a bad file: the data set's own loader says what is wrong with it, later
+            return None
+    if job.data.builtin == "shapes":
+        from curriculum.shapes import CATEGORIES
+
+        return ["__background__"] + [name for _, name in sorted(CATEGORIES)]
+    return None
+
+
+def teacher_class_maps(job: RunJobConfig, student_names: Sequence[str],
+                       classes: dict[str, tuple[Sequence[str] | None, int]], where: str = "the run config"
+                       ) -> dict[str, Any]:
+    """{teacher name: its `teachers.class_map.ClassMap`, or None when it has the student's classes} for the
+    teachers in `classes` ({name: (its checkpoint's class_names, num_classes)}); a ConfigError names
+    `<where>: teachers[i].class_map`."""
+    from teachers.class_map import resolve_class_map
+
+    return {t.name: resolve_class_map(student_names, classes[t.name][0], classes[t.name][1], t.class_map,
+                                      f"{where}: teachers[{i}].class_map")
+            for i, t in enumerate(job.teachers) if t.name in classes}
 
 
 def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
@@ -526,4 +621,5 @@ def main_run(config: str, resume: bool = False, preset: str | None = None, overr
     return 0
 
 
-__all__ = ["PRESETS", "check_run_config", "load_run_config", "run_pipeline", "run_stage", "teacher_checkpoint", "main_run"]
+__all__ = ["PRESETS", "check_run_config", "load_run_config", "run_pipeline", "run_stage", "teacher_checkpoint",
+           "teacher_class_maps", "main_run"]

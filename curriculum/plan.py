@@ -65,6 +65,9 @@ class Stage:
     decay_t_max: int
     kd_ratio: float | None = None
     cache: str | None = None  # filled by the pipeline after precompute
+    # `teachers.class_map.ClassMap.to_dict()` of a teacher on other classes than the student's (filled by the
+    # pipeline); None: the teacher has the student's classes
+    class_map: dict[str, Any] | None = None
     init: str | None = None  # checkpoint the student starts from (filled by the pipeline)
 
     def decay(self, epoch: int) -> float:

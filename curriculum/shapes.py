@@ -35,6 +35,12 @@ Design choices, briefly:
   and zlib builds; bump ``SHAPES_VERSION`` whenever a code change alters the output).
   Antialiasing draws every layer at ``supersample`` x resolution and box-filters down (exact
   coverage, fast).
+- Image sizes: square ``image_size`` px by default. With ``varied_sizes`` every image gets its own
+  height and width (:func:`image_shape`): the shorter side uniform in [0.75, 1.25] x ``image_size``,
+  the aspect ratio (long / short) log-uniform in [1, 2], landscape or portrait 50/50, drawn from a
+  child of the image's seed sequence so that the square set's draws, and files, stay as they are.
+  Object sizes, placement, clutter and the background then follow the image's own canvas;
+  ``max_size_frac`` is a fraction of its shorter side.
 - Category ids are deliberately non-contiguous (1, 2, 3, 5, 7, 9) so every run exercises the
   loader's mapping of category ids to contiguous labels (see docs/CONVENTIONS.md).
 
@@ -106,7 +112,7 @@ class ShapesDifficulty:
     min_size_px: float = 12.0
     """Smallest object/distractor diameter (circumscribed circle), in pixels."""
     max_size_frac: float = 0.6
-    """Largest diameter as a fraction of ``image_size``."""
+    """Largest diameter as a fraction of the image's shorter side (``image_size`` for square images)."""
     size_skew: float = 1.0
     """Exponent on the uniform draw of the diameter; 1 = uniform, larger = more small objects."""
     distractors: tuple[int, int] = (0, 3)
@@ -377,42 +383,50 @@ def _layer_alpha(layer: _Layer, ss: int) -> tuple[int, int, np.ndarray]:
     return x0, y0, np.asarray(canvas, dtype=np.float32) * (1.0 / 255.0)
 
 
-def _background(rng: np.random.Generator, size: int, d: ShapesDifficulty) -> np.ndarray:
+def _centred(n: int, scale: int) -> np.ndarray:
+    """Pixel-centre coordinates of an axis of ``n`` pixels, centred on 0, in units of ``scale`` px."""
+    return (np.arange(n, dtype=np.float32) + 0.5) / scale - 0.5 * n / scale
+
+
+def _background(rng: np.random.Generator, height: int, width: int, d: ShapesDifficulty) -> np.ndarray:
     """Smooth gradient between two random colours plus two octaves of low-frequency noise."""
     c0 = rng.uniform(0.0, 255.0, 3)
     c1 = rng.uniform(0.0, 255.0, 3)
     angle = rng.uniform(0.0, 2.0 * math.pi)
-    coords = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-    proj = math.cos(angle) * coords[None, :] + math.sin(angle) * coords[:, None]
+    short = min(height, width)
+    proj = math.cos(angle) * _centred(width, short)[None, :] + math.sin(angle) * _centred(height, short)[:, None]
     t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
     t = t.astype(np.float32)[..., None]
     img = (c0.astype(np.float32) * (1.0 - t) + c1.astype(np.float32) * t).astype(np.float32)
     for grid_range, amp in (((2, 6), d.texture_amp), ((10, 24), d.texture_amp * 0.5)):
-        g = int(rng.integers(grid_range[0], grid_range[1] + 1))
-        grid = rng.normal(0.0, 1.0, (3, g, g)).astype(np.float32) * amp
+        g = int(rng.integers(grid_range[0], grid_range[1] + 1))  # cells along the shorter side
+        gh, gw = max(1, round(g * height / short)), max(1, round(g * width / short))
+        grid = rng.normal(0.0, 1.0, (3, gh, gw)).astype(np.float32) * amp
         for ch in range(3):
-            up = Image.fromarray(grid[ch]).resize((size, size), Image.Resampling.BICUBIC)
+            up = Image.fromarray(grid[ch]).resize((width, height), Image.Resampling.BICUBIC)
             img[..., ch] += np.asarray(up)
     return img
 
 
-def _diameter(rng: np.random.Generator, size: int, d: ShapesDifficulty) -> float:
+def _diameter(rng: np.random.Generator, short: int, d: ShapesDifficulty) -> float:
     lo = float(d.min_size_px)
-    hi = max(lo, float(d.max_size_frac) * size)
+    hi = max(lo, float(d.max_size_frac) * short)
     return lo + (hi - lo) * float(rng.random()) ** float(d.size_skew)
 
 
 def _centre(
     rng: np.random.Generator,
     radius: float,
-    size: int,
+    height: int,
+    width: int,
     d: ShapesDifficulty,
     placed: list[tuple[float, float, float]],
 ) -> tuple[float, float] | None:
-    inset = min(radius * (1.0 - d.max_truncation), size / 2.0)
+    inset_x = min(radius * (1.0 - d.max_truncation), width / 2.0)
+    inset_y = min(radius * (1.0 - d.max_truncation), height / 2.0)
     for _ in range(1 if d.allow_occlusion else _PLACE_TRIES):
-        cx = rng.uniform(inset, size - inset)
-        cy = rng.uniform(inset, size - inset)
+        cx = rng.uniform(inset_x, width - inset_x)
+        cy = rng.uniform(inset_y, height - inset_y)
         if d.allow_occlusion or all(
             math.hypot(cx - px, cy - py) > radius + pr + 1.0 for px, py, pr in placed
         ):
@@ -430,14 +444,14 @@ def _paint(
 
     Also records on the layer the mask pixel count including pixels outside the image.
     """
-    size = img.shape[0]
+    height, width = img.shape[:2]
     x0, y0, alpha = _layer_alpha(layer, d.supersample)
     full = alpha >= 0.5
     layer.total_pixels = int(full.sum())
     h, w = alpha.shape
     ix0, iy0 = max(x0, 0), max(y0, 0)
-    ix1, iy1 = min(x0 + w, size), min(y0 + h, size)
-    frame = np.zeros((size, size), dtype=bool)
+    ix1, iy1 = min(x0 + w, width), min(y0 + h, height)
+    frame = np.zeros((height, width), dtype=bool)
     if ix0 >= ix1 or iy0 >= iy1:
         return frame
     a = alpha[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
@@ -468,6 +482,41 @@ def _paint(
     return frame
 
 
+def _seed_sequence(image_index: int, split: str, seed: int) -> np.random.SeedSequence:
+    """The image's own seed sequence: ``[seed, split index, image index]``."""
+    if split not in SPLITS:
+        raise ConfigError(f"shapes data set: unknown split '{split}'; use one of {list(SPLITS)}")
+    return np.random.SeedSequence([int(seed), SPLITS.index(split), int(image_index)])
+
+
+def varied_size_bounds(image_size: int) -> tuple[int, int]:
+    """(smallest, largest) shorter side of a varied-size image; the longer side is at most twice it."""
+    return math.ceil(0.75 * image_size), math.floor(1.25 * image_size)
+
+
+def image_shape(
+    image_index: int,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    image_size: int = 128,
+    varied_sizes: bool = False,
+) -> tuple[int, int]:
+    """(height, width) of an image: square ``image_size``, or its own varied size (module docstring).
+
+    The varied draw uses a spawned child of the image's seed sequence, never the renderer's stream.
+    """
+    ss = _seed_sequence(image_index, split, seed)
+    size = int(image_size)
+    if not varied_sizes:
+        return size, size
+    rng = np.random.default_rng(ss.spawn(1)[0])
+    lo, hi = varied_size_bounds(size)
+    short = int(rng.integers(lo, hi + 1))
+    long = round(short * 2.0 ** float(rng.random()))  # aspect ratio log-uniform in [1, 2]
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
 def render_shapes_image(
     image_index: int,
     split: str = "train",
@@ -475,26 +524,27 @@ def render_shapes_image(
     seed: int = 0,
     image_size: int = 128,
     difficulty: ShapesDifficulty | None = None,
+    varied_sizes: bool = False,
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, int]]:
     """Render one image independently of all others.
 
     Returns ``(pixels uint8 [H, W, 3], annotations, counts)`` where each annotation has
     ``category_id``, ``bbox`` (COCO xywh floats of the visible pixels) and ``area`` (visible
     pixel count), and ``counts`` has ``dropped`` (objects left un-annotated for low visibility
-    or no room) and ``distractors``.
+    or no room) and ``distractors``. ``H, W`` are :func:`image_shape`'s.
     """
     d = difficulty if difficulty is not None else ShapesDifficulty()
-    if split not in SPLITS:
-        raise ConfigError(f"shapes data set: unknown split '{split}'; use one of {list(SPLITS)}")
-    rng = np.random.default_rng([int(seed), SPLITS.index(split), int(image_index)])
-    size = int(image_size)
-    img = _background(rng, size, d)
+    height, width = image_shape(image_index, split, seed=seed, image_size=image_size, varied_sizes=varied_sizes)
+    rng = np.random.default_rng(_seed_sequence(image_index, split, seed))
+    short = min(height, width)
+    img = _background(rng, height, width, d)
 
     # Background line segments: under every shape, not part of the visibility bookkeeping.
+    extent = np.array([width, height], dtype=np.float64)
     for _ in range(int(rng.integers(d.lines[0], d.lines[1] + 1))):
-        p = rng.uniform(-0.1 * size, 1.1 * size, (2, 2))
-        width = rng.uniform(1.0, 3.0)
-        _paint(img, _Layer("polyline", p, float(np.linalg.norm(p[1] - p[0])) / 2.0, width), rng, d)
+        p = rng.uniform(-0.1 * extent, 1.1 * extent, (2, 2))
+        stroke = rng.uniform(1.0, 3.0)
+        _paint(img, _Layer("polyline", p, float(np.linalg.norm(p[1] - p[0])) / 2.0, stroke), rng, d)
 
     n_objects = 0 if rng.random() < d.empty_image_prob else int(rng.integers(1, d.max_objects + 1))
     n_distractors = int(rng.integers(d.distractors[0], d.distractors[1] + 1))
@@ -512,8 +562,8 @@ def render_shapes_image(
     dropped = 0
     for k in order:
         name, cid = kinds[int(k)]
-        radius = _diameter(rng, size, d) / 2.0
-        centre = _centre(rng, radius, size, d, placed)
+        radius = _diameter(rng, short, d) / 2.0
+        centre = _centre(rng, radius, height, width, d, placed)
         if centre is None:
             dropped += cid is not None
             continue
@@ -570,13 +620,16 @@ def make_shapes(
     image_size: int = 128,
     seed: int = 0,
     *,
+    varied_sizes: bool = False,
     workers: int = 1,
     **knobs: Any,
 ) -> dict[str, Any]:
     """Write the synthetic shapes detection data set (COCO format) under ``out_dir``.
 
     ``knobs`` are the fields of :class:`ShapesDifficulty` (e.g. ``noise_std=12``,
-    ``distractors=(2, 8)``, ``allow_occlusion=False``); unknown names raise ConfigError. Same
+    ``distractors=(2, 8)``, ``allow_occlusion=False``); unknown names raise ConfigError.
+    ``varied_sizes`` gives every image its own height and width (:func:`image_shape`); it is
+    recorded in shapes.json's params only when true, so square sets keep their files. Same
     arguments give byte-identical files. An existing shapes data set in ``out_dir`` is
     regenerated in place; any other non-empty directory is refused. ``workers > 1`` renders
     images in that many spawned processes (a calling script then needs the usual
@@ -593,11 +646,15 @@ def make_shapes(
             raise ConfigError(f"shapes data set: '{name}' = {value!r} must be an integer >= {low}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"shapes data set: 'workers' = {workers!r} must be an integer >= 1")
+    if not isinstance(varied_sizes, bool):
+        raise ConfigError(f"shapes data set: 'varied_sizes' = {varied_sizes!r} must be true or false")
     difficulty = difficulty_from_knobs(**knobs)
-    if difficulty.max_size_frac * image_size < difficulty.min_size_px:
+    short = varied_size_bounds(image_size)[0] if varied_sizes else image_size
+    if difficulty.max_size_frac * short < difficulty.min_size_px:
         raise ConfigError(
-            f"shapes data set: max_size_frac * image_size = {difficulty.max_size_frac * image_size:g} px "
-            f"is below min_size_px = {difficulty.min_size_px:g}; raise image_size or max_size_frac"
+            f"shapes data set: max_size_frac * shortest image side ({short} px) = "
+            f"{difficulty.max_size_frac * short:g} px is below min_size_px = {difficulty.min_size_px:g}; "
+            "raise image_size or max_size_frac"
         )
     out = Path(out_dir)
     _prepare_out_dir(out)
@@ -608,6 +665,7 @@ def make_shapes(
         "val_images": int(val_images),
         "image_size": int(image_size),
         "seed": int(seed),
+        **({"varied_sizes": True} if varied_sizes else {}),
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(difficulty).items()},
     }
     meta: dict[str, Any] = {"generator": "curriculum.shapes", "version": SHAPES_VERSION, "params": params}
@@ -623,12 +681,13 @@ def make_shapes(
         for split, count in (("train", int(train_images)), ("val", int(val_images))):
             split_dir = out / split
             (split_dir / "images").mkdir(parents=True, exist_ok=True)
-            jobs = [(split_dir / "images", split, i, int(seed), int(image_size), difficulty) for i in range(count)]
+            jobs = [(split_dir / "images", split, i, int(seed), int(image_size), varied_sizes, difficulty)
+                    for i in range(count)]
             if pool is None:
                 results = map(_render_to_file, jobs)
             else:
                 results = pool.map(_render_to_file, jobs, chunksize=max(1, min(32, count // (4 * workers))))
-            summary[split] = _write_split(split_dir, split, int(seed), int(image_size), results)
+            summary[split] = _write_split(split_dir, split, int(seed), results)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -647,33 +706,30 @@ def make_shapes(
     return {"version": SHAPES_VERSION, "out_dir": str(out), **summary}
 
 
-def _render_to_file(
-    job: tuple[Path, str, int, int, int, ShapesDifficulty],
-) -> tuple[str, list[dict[str, Any]], dict[str, int]]:
+_Rendered = tuple[str, tuple[int, int], list[dict[str, Any]], dict[str, int]]
+"""(file name, (height, width), annotations, counts) of one written image."""
+
+
+def _render_to_file(job: tuple[Path, str, int, int, int, bool, ShapesDifficulty]) -> _Rendered:
     """Render one image and write its PNG (runs in a worker process when workers > 1)."""
-    images_dir, split, index, seed, size, difficulty = job
-    pixels, anns, counts = render_shapes_image(index, split, seed=seed, image_size=size, difficulty=difficulty)
+    images_dir, split, index, seed, size, varied_sizes, difficulty = job
+    pixels, anns, counts = render_shapes_image(index, split, seed=seed, image_size=size, difficulty=difficulty,
+                                               varied_sizes=varied_sizes)
     file_name = f"{index:06d}.png"
     Image.fromarray(pixels).save(images_dir / file_name, format="PNG")
-    return file_name, anns, counts
+    return file_name, (pixels.shape[0], pixels.shape[1]), anns, counts
 
 
-def _write_split(
-    split_dir: Path,
-    split: str,
-    seed: int,
-    image_size: int,
-    results: Iterable[tuple[str, list[dict[str, Any]], dict[str, int]]],
-) -> dict[str, Any]:
+def _write_split(split_dir: Path, split: str, seed: int, results: Iterable[_Rendered]) -> dict[str, Any]:
     """Assemble and write one split's instances.json (in image order); return its statistics."""
     names = dict(CATEGORIES)
     categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in CATEGORIES]
     stats = _empty_stats()
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for index, (file_name, anns, counts) in enumerate(results):
+    for index, (file_name, (height, width), anns, counts) in enumerate(results):
         image_id = index + 1
-        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann, "iscrowd": 0})
             stats["per_class"][names[ann["category_id"]]] += 1
@@ -724,11 +780,12 @@ def ensure_builtin_data(data: DataConfig) -> None:
         return
     root = Path(data.root)
     want = {"train_images": data.shapes.train, "val_images": data.shapes.val, "image_size": data.image_size,
-            "seed": data.shapes.seed}
+            "seed": data.shapes.seed, "varied_sizes": data.shapes.varied_sizes}
     meta = root / "shapes.json"
     if meta.is_file() and (root / "train" / "instances.json").is_file() and (root / "val" / "instances.json").is_file():
         have = json.loads(meta.read_text())
-        if have.get("version") == SHAPES_VERSION and all(have["params"].get(k) == v for k, v in want.items()):
+        params = {"varied_sizes": False, **have["params"]}  # recorded only when true
+        if have.get("version") == SHAPES_VERSION and all(params.get(k) == v for k, v in want.items()):
             return
         log.warning("%s holds the shapes data set of other parameters or generator version; regenerating it", root)
     else:

@@ -63,7 +63,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curriculum.config import CacheConfig
-from curriculum.data import CocoDetection
+from curriculum.data import CocoDetection, Resize
 from curriculum.errors import CacheError, CorruptShardError, StaleCacheError
 from curriculum.files import atomic_write, exists, read_bytes, resolve_fs
 
@@ -104,16 +104,23 @@ def data_fingerprint(ds: CocoDetection) -> str:
     return h.hexdigest()[:16]
 
 
-def view_config(image_size: int | Sequence[int], views: Sequence[str]) -> dict[str, Any]:
-    """The view config of a cache: output size (h, w) and the flip views, in order."""
-    if isinstance(image_size, int):
-        h = w = image_size
-    else:
-        h, w = image_size
+def view_config(resize: Resize | int | Sequence[int], views: Sequence[str]) -> dict[str, Any]:
+    """The view config of a cache: the resize (fixed ``out_h``/``out_w`` as before keep-ratio views existed, or
+    ``resize: keep_ratio`` with ``min_size``/``max_size``) and the flip views, in order."""
+    if not isinstance(resize, Resize):
+        resize = Resize("fixed", (resize, resize) if isinstance(resize, int) else tuple(resize))
+    if resize.multi_scale:
+        raise CacheError(f"a cache holds one scale, data.min_size is {list(resize.min_size)}: cache with one "
+                         "min_size, or serve the teacher online (teacher_mode: serve) for multi-scale training")
     bad = [v for v in views if v not in VIEW_FLIPS]
     if bad:
         raise CacheError(f"unknown view(s) {bad}; views are 'noflip' and 'flip'")
-    return {"out_h": int(h), "out_w": int(w), "views": list(views)}
+    return {**resize.to_dict(), "views": list(views)}
+
+
+def resize_of(views: dict[str, Any]) -> Resize:
+    """The `Resize` of a cache's view config (`view_config`)."""
+    return Resize.from_dict({k: v for k, v in views.items() if k != "views"})
 
 
 def target_spec(cache: CacheConfig) -> dict[str, Any]:
@@ -163,6 +170,8 @@ _CELL = pa.struct([
 ])
 _VIEW = pa.struct([("orig_h", pa.int32()), ("orig_w", pa.int32()), ("out_h", pa.int32()), ("out_w", pa.int32()),
                    ("flip", pa.bool_())])
+# Keep-ratio views record their interpolation; fixed-size shards keep the struct they always had.
+_VIEW_INTERPOLATED = pa.struct(list(_VIEW) + [pa.field("interpolation", pa.string())])
 
 
 def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
@@ -177,7 +186,8 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     cols = {
         "image_id": pa.array([r["image_id"] for r in rows], pa.int64()),
         "view_key": pa.array([r["view_key"] for r in rows], pa.string()),
-        "view": pa.array([r["view"] for r in rows], _VIEW),
+        "view": pa.array([r["view"] for r in rows],
+                         _VIEW_INTERPOLATED if any("interpolation" in r["view"] for r in rows) else _VIEW),
     }
     for n in names:
         cells = [r[n] for r in rows]
@@ -517,7 +527,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"cache      {info['path']}",
         f"teacher    {t.get('name')} ({t.get('kind')}, fingerprint {t.get('fingerprint')}) from {t.get('checkpoint')}",
         f"data       {(info.get('data') or {}).get('annotations')} (fingerprint {(info.get('data') or {}).get('fingerprint')})",
-        f"views      {info['views']['views']} at {info['views']['out_h']}x{info['views']['out_w']}",
+        f"views      {info['views']['views']} at {resize_of(info['views']).describe()}",
         f"targets    {info['targets']}  levels {info['levels'] or 'all'}",
         f"compression {info['compression']}",
         f"images     {info['images_done']}/{info['images']} ({info['rows']} rows), shards {info['shards_done']}/"

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from curriculum.data import SIZE_DIVISIBLE
 from curriculum.errors import CacheError, DataError, ModelError
 from teachers.targets import FIELDS, PROPOSAL_BOXES, fields_of
 
@@ -74,17 +75,63 @@ def teacher_outputs(
         want.add("head")
     if "detections" in targets:
         want.add("detections")
+    rows: list[dict[str, np.ndarray]] = [{} for _ in images]
+    groups = _by_padded_size(images)
+    kept: list[tuple[list[int], Any]] = []
+    for members in groups:
+        out = _forward(detector, [images[i] for i in members], want)
+        for i, row in zip(members, _columns(detector, out, targets, levels)):
+            rows[i] = row
+        kept.append((members, out))
+    if keep is not None:
+        keep["features"], keep["image_sizes"] = _in_batch_order(kept, len(images))
+    return rows
+
+
+def _by_padded_size(images: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Batch positions grouped by padded input size, in order of first appearance.
+
+    A view's targets are the teacher's output on that view padded alone (to a multiple of 32), whatever else is in
+    the batch: images of one padded size run together, so a cached row never depends on its batch neighbours."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        h, w = im.shape[-2:]
+        groups.setdefault((-(-int(h) // SIZE_DIVISIBLE), -(-int(w) // SIZE_DIVISIBLE)), []).append(i)
+    return list(groups.values())
+
+
+def _forward(detector: Any, images: Sequence[torch.Tensor], want: set[str]) -> Any:
     device = next(detector.parameters()).device
     imgs = [im.to(device, non_blocking=True) for im in images]
     if device.type == "cuda":
         with torch.autocast("cuda"):
-            out = detector(imgs, want=tuple(sorted(want)))
-    else:
-        out = detector(imgs, want=tuple(sorted(want)))
-    n = len(images)
+            return detector(imgs, want=tuple(sorted(want)))
+    return detector(imgs, want=tuple(sorted(want)))
+
+
+def _in_batch_order(kept: list[tuple[list[int], Any]], n: int) -> tuple[dict[str, torch.Tensor], list]:
+    """The groups' FPN features as one batch (zero-padded to the largest) and the image sizes, in batch order."""
+    if len(kept) == 1:
+        return kept[0][1].features, kept[0][1].image_sizes
+    sizes: list[Any] = [None] * n
+    per_image: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for members, out in kept:
+        for j, i in enumerate(members):
+            sizes[i] = out.image_sizes[j]
+            per_image[i] = {lvl: f[j] for lvl, f in out.features.items()}
+    features = {}
+    for lvl in per_image[0]:
+        maps = [p[lvl] for p in per_image]
+        h, w = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+        features[lvl] = torch.stack([torch.nn.functional.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2])) for m in maps])
+    return features, sizes
+
+
+def _columns(detector: Any, out: Any, targets: Sequence[str], levels: Sequence[str] | None
+             ) -> list[dict[str, np.ndarray]]:
+    """Per image of one forward, ``column name -> numpy`` (the schema's cache columns)."""
+    n = len(out.image_sizes)
     rows: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
-    if keep is not None:
-        keep["features"], keep["image_sizes"] = out.features, out.image_sizes
 
     def put(name: str, t: torch.Tensor, i: int) -> None:
         a = t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()

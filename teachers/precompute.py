@@ -24,6 +24,7 @@ cache stops at once with an error naming the holder (host, pid, start). Readers 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -41,11 +42,11 @@ from curriculum.cluster import ensure_ray
 from curriculum.config import (
     CacheConfig, CompressionConfig, DataConfig, PrecomputeJobConfig, RayInitConfig, TeacherSpec,
 )
-from curriculum.data import CocoDetection, View
+from curriculum.data import CocoDetection, Resize, View
 from curriculum.errors import CacheError, CurriculumError, ModelError
 from teachers.cache import (
     VIEW_FLIPS, CacheKey, TeacherCache, data_fingerprint, rows_to_table, shard_entry, shard_ranges, table_to_bytes,
-    target_spec, teacher_fingerprint, view_config,
+    target_spec, teacher_fingerprint, view_config, resize_of,
 )
 from teachers.codec import encode_row
 from teachers.lock import CacheWriterLock
@@ -78,16 +79,20 @@ def view_sample(ds: CocoDetection, index: int, view_name: str, cached: dict | No
     view: View = target["view"]
     boxes = target["boxes"].numpy().astype(np.float64)
     if VIEW_FLIPS[view_name]:
-        view = View(view.orig_h, view.orig_w, view.out_h, view.out_w, True)
+        view = dataclasses.replace(view, flip=True)
         image = torch.flip(image, dims=(-1,))
         if len(boxes):
             boxes = np.stack([view.out_w - boxes[:, 2], boxes[:, 1], view.out_w - boxes[:, 0], boxes[:, 3]], axis=1)
     return image, boxes, int(target["image_id"]), view
 
 
-def open_dataset(images: str, ann: str, image_size: int | tuple[int, int], on_bad_box: str = "clip") -> CocoDetection:
-    """The data set a cache is computed on: no random flip (views are explicit)."""
-    return CocoDetection(images, ann, image_size, flip="none", on_bad_box=on_bad_box)
+def open_dataset(images: str, ann: str, resize: Resize | int | tuple[int, int] | dict[str, Any],
+                 on_bad_box: str = "clip") -> CocoDetection:
+    """The data set a cache is computed on: no random flip (views are explicit). `resize`: a `Resize`, a fixed
+    size, or a cache's view config."""
+    if isinstance(resize, dict):
+        resize = resize_of(resize)
+    return CocoDetection(images, ann, resize, flip="none", on_bad_box=on_bad_box)
 
 
 LOAD_AHEAD = 2  # batches whose images are being decoded while the teacher runs
@@ -124,7 +129,7 @@ def produce_shard(
             t_fwd += time.perf_counter() - t0
         for i, (_, boxes, iid, view), raw in zip(idx, samples, raws):
             rows[(i, view_name)] = {"image_id": iid, "view": view.to_dict(), "view_key": view.key(),
-                                    "boxes": boxes, "hw": (view.out_h, view.out_w), "raw": raw}
+                                    "boxes": boxes, "hw": view.padded_size(), "raw": raw}
     if timings is not None:
         timings["forward_s"] = timings.get("forward_s", 0.0) + t_fwd
     return [rows[(i, v)] for i in range(start, stop) for v in views]  # image-major: one image's views adjacent
@@ -170,7 +175,7 @@ class PrecomputeActor:
         self.lock = threading.Lock()
         self.work = work
         d = work["data"]
-        self.ds_args = (d["images"], d["annotations"], (d["out_h"], d["out_w"]), d["on_bad_box"])
+        self.ds_args = (d["images"], d["annotations"], d["resize"], d["on_bad_box"])
         ctx = multiprocessing.get_context("spawn")
         # Start every worker now (data set parsed, Arrow warmed up), not on the first shard: a worker holds its
         # warm-up call at the barrier until each worker has one.
@@ -331,20 +336,21 @@ class _TeacherRun:
 def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cache: dict) -> tuple[dict, CacheKey, Any]:
     """The cache key and manifest header of one teacher over the data (fingerprints computed here, once)."""
     images, ann = data.split_paths(cache_cfg.split)
-    dkey = (str(images), str(ann), data.image_size, data.on_bad_box)
+    resize = data.resize_spec("train" if cache_cfg.split == "train" else "val")
+    views = view_config(resize, cache_cfg.views)
+    dkey = (str(images), str(ann), repr(resize), data.on_bad_box)
     if dkey not in ds_cache:
-        ds = open_dataset(str(images), str(ann), data.image_size, data.on_bad_box)
+        ds = open_dataset(str(images), str(ann), resize, data.on_bad_box)
         ds_cache[dkey] = (ds, data_fingerprint(ds))
     ds, dfp = ds_cache[dkey]
     det = load_teacher(spec.checkpoint, spec.name)
     tfp = teacher_fingerprint(spec.checkpoint)
-    views = view_config((ds.out_h, ds.out_w), cache_cfg.views)
     tspec = target_spec(cache_cfg)
     if "proposals" in tspec["targets"] and det.kind != "two_stage":
         raise CacheError(f"cache.targets has 'proposals' but teacher {det.config.name} ({spec.checkpoint}) is "
                          "one-stage: drop it for this teacher")
     if tspec["levels"] is not None:
-        names = det.backbone.level_names + det.backbone.extra_names
+        names = det.level_names
         bad = [l for l in tspec["levels"] if l not in names]
         if bad:
             raise CacheError(f"cache.levels {bad} are not FPN levels of {det.config.name} (it has {names})")
@@ -352,14 +358,19 @@ def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cac
     header = {
         "teacher": {"name": det.config.name, "checkpoint": os.path.abspath(spec.checkpoint), "fingerprint": tfp,
                     "kind": det.kind, "num_classes": det.config.num_classes, "image_size": det.config.image_size,
-                    "level_channels": det.level_channels},
+                    "level_channels": det.level_channels, "class_names": (
+                        list(det.config.class_names) if det.config.class_names is not None else None)},
         "data": {"images": os.path.abspath(images), "annotations": os.path.abspath(ann), "fingerprint": dfp,
                  "split": cache_cfg.split, "on_bad_box": data.on_bad_box, "num_classes": ds.num_classes},
         "batch_size": spec.batch_size,
     }
-    if det.config.num_classes != ds.num_classes:
+    # The cache keeps the teacher's own class columns, whatever the data's classes: a class map
+    # (teachers.class_map) turns them into the student's as they are read. It pairs classes by name, so a teacher
+    # on another number of classes must name its own.
+    if det.config.num_classes != ds.num_classes and det.config.class_names is None:
         raise ModelError(f"teacher {spec.checkpoint} predicts {det.config.num_classes - 1} classes, the data "
-                         f"{ann} has {ds.num_classes - 1}")
+                         f"{ann} has {ds.num_classes - 1}, and its checkpoint records no class names, so no class "
+                         "map can pair them: retrain the teacher (checkpoints now record class_names)")
     return header, key, ds
 
 
@@ -369,8 +380,8 @@ def _work(cache: TeacherCache) -> dict[str, Any]:
     v = m["key"]["views"]
     return {
         "name": m["teacher"]["name"], "checkpoint": m["teacher"]["checkpoint"], "cache_uri": cache.uri,
-        "data": {"images": m["data"]["images"], "annotations": m["data"]["annotations"], "out_h": v["out_h"],
-                 "out_w": v["out_w"], "on_bad_box": m["data"]["on_bad_box"]},
+        "data": {"images": m["data"]["images"], "annotations": m["data"]["annotations"],
+                 "resize": {k: x for k, x in v.items() if k != "views"}, "on_bad_box": m["data"]["on_bad_box"]},
         "views": v["views"], "spec": m["key"]["spec"], "batch_size": m["batch_size"], "gpus": 0.0,
     }
 

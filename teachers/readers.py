@@ -39,6 +39,48 @@ def _stack(arrs: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)) if arrs else torch.empty(0)
 
 
+# What a padded cell of a batch holds: no feature, no box offset, and logits that say background (sigmoid of -30 is
+# 1e-13), as the detector's own loss treats the anchors of the padding.
+_PAD_LOGIT = -30.0
+_PAD_FILL = {"cls_logits": _PAD_LOGIT, "bbox_ctrness": _PAD_LOGIT, "objectness": _PAD_LOGIT}
+FIRST_DENSE_STRIDE = 8  # one-stage heads (RetinaNet, FCOS) run on P3..P7
+
+
+def _stack_padded(arrs: list[np.ndarray], fill: float = 0.0) -> torch.Tensor:
+    """Stack maps ``[..., h_i, w_i]`` padded at the bottom and right to the largest (a batch of keep-ratio views)."""
+    if not arrs or all(a.shape == arrs[0].shape for a in arrs):
+        return _stack(arrs)
+    h = max(a.shape[-2] for a in arrs)
+    w = max(a.shape[-1] for a in arrs)
+    out = np.full((len(arrs), *arrs[0].shape[:-2], h, w), fill, dtype=arrs[0].dtype)
+    for i, a in enumerate(arrs):
+        out[i, ..., : a.shape[-2], : a.shape[-1]] = a
+    return torch.from_numpy(out)
+
+
+def _stack_dense(arrs: list[np.ndarray], level: int, sizes: Sequence[tuple[int, int]] | None, what: str,
+                 fill: float) -> torch.Tensor:
+    """Stack one-stage head outputs ``[h_i * w_i * A, C]`` (row-major over the level's grid, then anchor) laid out
+    on the batch's grid: each image's grid padded at the bottom and right to the largest. `sizes`: each image's
+    padded input size, which gives its grid at this level's stride."""
+    if sizes is not None and len(set(sizes)) == 1 or sizes is None and all(a.shape == arrs[0].shape for a in arrs):
+        return _stack(arrs)  # one grid (equal row counts alone would not say so: 1x2 and 2x1 grids)
+    if sizes is None:
+        raise DataError(f"teacher target {what}: images of different sizes in one batch need their views to be "
+                        "laid out on the batch's grid")
+    stride = FIRST_DENSE_STRIDE * 2**level
+    grids = [(-(-h // stride), -(-w // stride)) for h, w in sizes]
+    per_cell = {a.shape[0] // (g[0] * g[1]) for a, g in zip(arrs, grids)}
+    if len(per_cell) != 1 or any(a.shape[0] != g[0] * g[1] * next(iter(per_cell)) for a, g in zip(arrs, grids)):
+        raise DataError(f"teacher target {what}: row counts {[a.shape[0] for a in arrs]} do not fit the grids "
+                        f"{grids} at stride {stride}; the cache does not match these views")
+    anchors = per_cell.pop()
+    maps = [np.moveaxis(a.reshape(g[0], g[1], anchors * a.shape[-1]), -1, 0) for a, g in zip(arrs, grids)]
+    batch = _stack_padded(maps, fill)  # [N, A*C, H, W]
+    n, _, h, w = batch.shape
+    return batch.permute(0, 2, 3, 1).reshape(n, h * w * anchors, arrs[0].shape[-1])
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """Owned, writable tensor (arrays from Ray's object store are read-only views of shared memory)."""
     return torch.from_numpy(a if a.flags.writeable else a.copy())
@@ -46,11 +88,14 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 def collate_targets(
     raws: Sequence[dict[str, np.ndarray]], image_ids: Sequence[int], roi_scorer: Any = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> TeacherTargets:
     """Per-image teacher outputs (decoded rows) -> one `TeacherTargets` for the batch, in batch order.
 
     Columns map to fields by the schema table: ``features/<level>``; ``head/<field>/<i>`` (per-level head
-    fields, level index i); ``detections/*``; the RoI fields' own columns, rows concatenated over the batch."""
+    fields, level index i); ``detections/*``; the RoI fields' own columns, rows concatenated over the batch.
+    Images of different sizes (keep-ratio views; `sizes`: each one's padded input size) are laid out as the
+    student's padded batch is: maps padded at the bottom and right, with zeros and background logits."""
     if not raws:
         return TeacherTargets(image_ids=list(image_ids))
     names = list(raws[0])
@@ -59,14 +104,19 @@ def collate_targets(
             raise DataError(f"teacher targets of image_id {image_ids[i]} have columns {sorted(r)}, the batch's first "
                             f"image {sorted(names)}: mixed caches in one batch")
     kw: dict[str, Any] = {"image_ids": [int(i) for i in image_ids]}
-    feats = {n.split("/", 1)[1]: _stack([r[n] for r in raws]) for n in names if n.startswith("features/")}
+    feats = {n.split("/", 1)[1]: _stack_padded([r[n] for r in raws]) for n in names if n.startswith("features/")}
     if feats:
         kw["features"] = feats
     per_level: dict[str, dict[int, torch.Tensor]] = {}
     for n in names:
         if n.startswith("head/"):
             _, field_, lvl = n.split("/")
-            per_level.setdefault(field_, {})[int(lvl)] = _stack([r[n] for r in raws])
+            arrs, fill = [r[n] for r in raws], _PAD_FILL.get(field_, 0.0)
+            if FIELDS[field_].detectors == "one_stage":
+                stacked = _stack_dense(arrs, int(lvl), sizes, n, fill)
+            else:  # RPN maps [A, H, W]
+                stacked = _stack_padded(arrs, fill)
+            per_level.setdefault(field_, {})[int(lvl)] = stacked
     for field_, levels in per_level.items():
         kw[field_] = [levels[l] for l in sorted(levels)]
     if "detections/boxes" in names:
@@ -115,6 +165,8 @@ class _RowTargets:
     @property
     def view_keys(self) -> list[str]:
         v = self.manifest["key"]["views"]
+        if "out_h" not in v:  # keep-ratio views: the size is the image's own
+            return list(v["views"])
         return [View(1, 1, v["out_h"], v["out_w"], VIEW_FLIPS[n]).key() for n in v["views"]]
 
     def _shard_of(self, iid: int) -> int:
@@ -132,7 +184,7 @@ class _RowTargets:
                              f"{self.view_keys}); cache that view (cache.views) or serve the teacher online")
         if isinstance(view, View):
             vd = stored_view(row)
-            if vd != view.to_dict():
+            if View.from_dict(vd) != view:
                 raise StaleCacheError(f"teacher cache {self.uri}: image_id {iid} was cached for view {vd}, the "
                                       f"sample has {view.to_dict()}; precompute again")
         return row
@@ -141,7 +193,8 @@ class _RowTargets:
         """`TeacherTargets` of a batch, rows in batch order, `image_ids` set (checked by the losses' callers)."""
         raws = self.rows(image_ids, views)
         scorer = self._scorer(raws, views) if self.roi_head is not None else None
-        return collate_targets(raws, image_ids, roi_scorer=scorer)
+        sizes = [v.padded_size() for v in views] if all(isinstance(v, View) for v in views) else None
+        return collate_targets(raws, image_ids, roi_scorer=scorer, sizes=sizes)
 
     def targets_for(self, batch_targets: Sequence[dict[str, Any]]) -> Any:
         """`targets` for a collated batch's target dicts (`image_id`, `view`)."""
@@ -152,12 +205,12 @@ class _RowTargets:
 
     def _scorer(self, raws, views):
         det = self.roi_head
-        levels = list(getattr(det.model.roi_heads.box_roi_pool, "featmap_names", []))
+        levels = [det.level_map.get(l, l) for l in getattr(det.model.roi_heads.box_roi_pool, "featmap_names", [])]
         have = [n.split("/", 1)[1] for n in raws[0] if n.startswith("features/")]
         comp = self.manifest["key"]["spec"]["compression"]
         if det.kind != "two_stage" or any(l not in have for l in levels) or comp["features_region"] == "pooled":
             return None
-        feats = OrderedDict((l, torch.from_numpy(np.stack([r[f"features/{l}"] for r in raws]))) for l in have)
+        feats = OrderedDict((l, _stack_padded([r[f"features/{l}"] for r in raws])) for l in have)
         sizes = []
         for v in views:
             vv = v if isinstance(v, View) else None

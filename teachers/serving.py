@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from curriculum.cluster import ensure_ray
-from curriculum.data import View
+from curriculum.data import SIZE_DIVISIBLE, View
 from curriculum.errors import CurriculumError, DataError
 from teachers.outputs import actor_device, actor_threads, load_teacher, teacher_outputs
 from teachers.readers import collate_targets
@@ -42,11 +42,13 @@ class ServeActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def serve(self, images: np.ndarray, image_ids: list[int], view_keys: list[str]) -> dict[str, Any]:
+    def serve(self, images: np.ndarray, image_ids: list[int], view_keys: list[str],
+              sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
         # Ray hands the array over read-only (zero copy from shared memory); one copy (cheap next to the forward)
-        # keeps torch from ever writing into it.
+        # keeps torch from ever writing into it. `sizes`: each image's own (h, w) inside the padded array.
         x = torch.from_numpy(np.array(images, dtype=np.float32, copy=True))
-        rows = teacher_outputs(self.detector, list(x), self.targets, self.levels)
+        imgs = list(x) if sizes is None else [im[:, :h, :w] for im, (h, w) in zip(x, sizes)]
+        rows = teacher_outputs(self.detector, imgs, self.targets, self.levels)
         return {"image_ids": list(image_ids), "view_keys": list(view_keys), "rows": rows, "pid": os.getpid()}
 
 
@@ -55,26 +57,41 @@ def _batch_array(images: Sequence[torch.Tensor] | np.ndarray | torch.Tensor) -> 
         return np.ascontiguousarray(images, dtype=np.float32)
     if isinstance(images, torch.Tensor):
         return images.detach().cpu().float().contiguous().numpy()
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) != 1:
-        raise DataError(f"serving needs one image size per batch, got {sorted(shapes)}")
-    return torch.stack([im.detach().cpu().float() for im in images]).numpy()
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    out = np.zeros((len(images), 3, h, w), dtype=np.float32)  # images of different sizes travel padded
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im.detach().cpu().float().numpy()
+    return out
+
+
+def _sizes(images: Sequence[torch.Tensor] | np.ndarray | torch.Tensor) -> list[tuple[int, int]] | None:
+    """Each image's (h, w) when a batch mixes sizes (None when it does not)."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return None
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    return sizes if len(set(sizes)) > 1 else None
+
+
+def _padded(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(-(-h // SIZE_DIVISIBLE) * SIZE_DIVISIBLE, -(-w // SIZE_DIVISIBLE) * SIZE_DIVISIBLE) for h, w in sizes]
 
 
 class ServeRequest:
     """An answer on its way: `result()` waits, resends to another actor if the one serving it died, and checks
     that the answer is for the images asked."""
 
-    def __init__(self, server: TeacherServer, images_ref: Any, image_ids: list[int], view_keys: list[str]) -> None:
+    def __init__(self, server: TeacherServer, images_ref: Any, image_ids: list[int], view_keys: list[str],
+                 sizes: list[tuple[int, int]] | None = None) -> None:
         self.server, self.images_ref = server, images_ref
-        self.image_ids, self.view_keys = image_ids, view_keys
+        self.image_ids, self.view_keys, self.sizes = image_ids, view_keys, sizes
         self.attempts = 0
         self._send()
 
     def _send(self) -> None:
         self.slot, actor = self.server._pick()
         self.actor = actor
-        self.ref = actor.serve.remote(self.images_ref, self.image_ids, self.view_keys)
+        self.ref = actor.serve.remote(self.images_ref, self.image_ids, self.view_keys, self.sizes)
         self.attempts += 1
 
     def result(self, timeout: float | None = None) -> Any:
@@ -97,7 +114,7 @@ class ServeRequest:
             raise DataError(f"teacher server answered for image ids {out['image_ids'][:8]} / views "
                             f"{out['view_keys'][:4]}, the request was {self.image_ids[:8]} / {self.view_keys[:4]}: "
                             "targets of another batch are never used")
-        return collate_targets(out["rows"], self.image_ids)
+        return collate_targets(out["rows"], self.image_ids, sizes=_padded(self.sizes) if self.sizes else None)
 
 
 class TeacherServer:
@@ -150,7 +167,7 @@ class TeacherServer:
         arr = _batch_array(images)
         if arr.shape[0] != len(ids):
             raise DataError(f"{arr.shape[0]} images but {len(ids)} image ids")
-        return ServeRequest(self, ray.put(arr), ids, keys)
+        return ServeRequest(self, ray.put(arr), ids, keys, _sizes(images))
 
     def shutdown(self) -> None:
         import ray
@@ -207,4 +224,5 @@ class InlineTeacher:
         if self.detector.kind == "two_stage":
             det, feats, sizes = self.detector, keep["features"], keep["image_sizes"]
             scorer = lambda boxes: det.score_boxes(feats, list(boxes), sizes)  # noqa: E731
-        return collate_targets(rows, [int(i) for i in image_ids], roi_scorer=scorer)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        return collate_targets(rows, [int(i) for i in image_ids], roi_scorer=scorer, sizes=_padded(sizes))

@@ -200,9 +200,38 @@ class TeacherTargets:
         The teacher is put in eval mode and left there: a teacher is frozen (BatchNorm statistics included).
         """
         teacher.eval()
+        if len({(-(-im.shape[-2] // 32), -(-im.shape[-1] // 32)) for im in images}) > 1:
+            return cls._inline_by_view(teacher, images, image_ids, keep)
         with torch.no_grad():
             out = teacher(list(images), want=("features", "head"))
         return cls.from_output(out, teacher, image_ids, keep)
+
+    @classmethod
+    def _inline_by_view(cls, teacher: Any, images: Sequence[Tensor], image_ids: Sequence[int] | None,
+                        keep: Collection[str] | None) -> TeacherTargets:
+        """A batch of keep-ratio views of different padded sizes: each view's targets as the cache holds them (the
+        teacher on the view padded alone), laid out on the batch's padded grid like the cache's."""
+        from teachers.outputs import teacher_outputs
+        from teachers.readers import collate_targets
+
+        kinds = ["features", "head"]
+        held: dict[str, Any] = {}
+        rows = teacher_outputs(teacher, list(images), kinds, keep=held)
+        scorer = None
+        if getattr(teacher, "kind", None) == "two_stage":
+            feats, sizes = held["features"], held["image_sizes"]
+            scorer = lambda boxes: teacher.score_boxes(feats, list(boxes), sizes)  # noqa: E731
+        padded = [(-(-im.shape[-2] // 32) * 32, -(-im.shape[-1] // 32) * 32) for im in images]
+        ids = list(image_ids) if image_ids is not None else list(range(len(images)))
+        tt = collate_targets(rows, ids, roi_scorer=scorer, sizes=padded).to(images[0].device)
+        if image_ids is None:
+            tt.image_ids = None
+        if keep is not None:
+            wanted = set(keep) | ({"roi_scorer"} if set(keep) & set(_ROI_FIELDS) else set())
+            for f in fields(tt):
+                if f.name not in wanted | {"image_ids", "roi_counts"}:
+                    setattr(tt, f.name, None)
+        return tt
 
     def to(self, device: torch.device | str) -> TeacherTargets:
         """A copy with every tensor on ``device`` (the scorer is kept as is)."""

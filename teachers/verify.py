@@ -45,7 +45,7 @@ def verify_cache(cache_path: str, sample: int = 8, seed: int = 0, atol: float = 
     live_fp = teacher_fingerprint(m["teacher"]["checkpoint"])
     work = _work(cache)
     d = work["data"]
-    ds = open_dataset(d["images"], d["annotations"], (d["out_h"], d["out_w"]), d["on_bad_box"])
+    ds = open_dataset(d["images"], d["annotations"], d["resize"], d["on_bad_box"])
     problems: list[str] = []
     if live_fp != m["key"]["teacher_fp"]:
         problems.append(f"teacher checkpoint changed: fingerprint {live_fp}, cache {m['key']['teacher_fp']}")
@@ -76,7 +76,7 @@ def verify_cache(cache_path: str, sample: int = 8, seed: int = 0, atol: float = 
             raws = teacher_outputs(det, [s[0] for s in samples], work["spec"]["targets"], work["spec"]["levels"])
             j = idx.index(p)
             image, boxes, iid, view = samples[j]
-            cells = encode_row(raws[j], comp, boxes, (view.out_h, view.out_w))
+            cells = encode_row(raws[j], comp, boxes, view.padded_size())
             live = decode_row(cells)
             stored = reader.rows([iid], [view])[0]
             for name, ref in live.items():

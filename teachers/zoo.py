@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
@@ -40,6 +41,15 @@ from curriculum.errors import ModelError
 
 HEADS = ("retinanet", "fcos", "fasterrcnn")
 CHECKPOINT_FORMAT = "curriculum.detector/1"
+TORCHVISION_PREFIX = "torchvision:"
+# torchvision's COCO detectors the zoo wraps as they are (`torchvision:<builder>`).
+TORCHVISION_BUILDERS = (
+    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+# Options of the zoo's own detectors that a torchvision builder fixes itself.
+_OWN_ARCHITECTURE_OPTIONS = ("fpn_channels", "head_convs", "anchor_scale")
 
 
 @dataclass(frozen=True)
@@ -111,24 +121,48 @@ class DetectorConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     weights: str = "random"  # "random" | "timm" | "torchvision" (backbone ImageNet weights) | checkpoint path
+    class_names: tuple[str, ...] | None = None  # per label, index 0 the background; None: unnamed
+
+    def __post_init__(self) -> None:
+        if self.class_names is not None:
+            names = tuple(str(n) for n in self.class_names)
+            if len(names) != self.num_classes:
+                raise ModelError(f"{self.name}: {len(names)} class names for num_classes={self.num_classes} "
+                                 "(one name per label, the background '__background__' first)")
+            object.__setattr__(self, "class_names", names)
+
+    @property
+    def torchvision(self) -> bool:
+        """A torchvision builder (``torchvision:<builder>``) rather than a zoo head on a timm backbone."""
+        return self.name.startswith(TORCHVISION_PREFIX)
+
+    @property
+    def builder(self) -> str:
+        return self.name.removeprefix(TORCHVISION_PREFIX)
 
     @property
     def head(self) -> str:
-        return self.name.split("_", 1)[0]
+        return self.builder.split("_", 1)[0]
 
     @property
     def backbone(self) -> str:
-        return self.name.split("_", 1)[1]
+        return self.builder.split("_", 1)[1]
 
 
 def list_detectors(builtin_only: bool = False) -> list[str]:
-    """All registered detector names, `<head>_<backbone>`."""
-    return [f"{h}_{b}" for b, spec in BACKBONES.items() if spec.builtin or not builtin_only for h in HEADS]
+    """All registered detector names: `<head>_<backbone>`, then `torchvision:<builder>`."""
+    own = [f"{h}_{b}" for b, spec in BACKBONES.items() if spec.builtin or not builtin_only for h in HEADS]
+    return own if builtin_only else own + [TORCHVISION_PREFIX + b for b in TORCHVISION_BUILDERS]
 
 
 def check_detector_name(name: str) -> None:
     """Raise ModelError naming the registered heads and backbones unless `name` is a zoo detector: cheap, for
     checking a config before any work starts."""
+    if name.startswith(TORCHVISION_PREFIX):
+        if name.removeprefix(TORCHVISION_PREFIX) not in TORCHVISION_BUILDERS:
+            raise ModelError(f"unknown torchvision detector {name!r}: the zoo wraps "
+                             f"{', '.join(TORCHVISION_PREFIX + b for b in TORCHVISION_BUILDERS)}")
+        return
     head, _, backbone = name.partition("_")
     if head not in HEADS or backbone not in BACKBONES:
         raise ModelError(
@@ -272,15 +306,25 @@ class Detector(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = model
-        self.kind = "two_stage" if cfg.head == "fasterrcnn" else "one_stage"
+        self.kind = "two_stage" if isinstance(model, FasterRCNN) else "one_stage"
+        # Own backbones name their levels p<k> already; torchvision's are renamed by stride, measured once.
+        self.level_map: dict[str, str] = level_names_by_stride(model.backbone)
+        # Label 0 is the background: torchvision's sigmoid post-processing of one-stage heads would still rank it
+        # as a class. The zoo's own detectors give it no score; torchvision's detectors behave as torchvision's.
+        self.suppress_background = True
 
     @property
-    def backbone(self) -> TimmFPNBackbone:
+    def backbone(self) -> nn.Module:
         return self.model.backbone
 
     @property
+    def level_names(self) -> list[str]:
+        """FPN levels, finest first, as recorded (``p3``... one-stage, ``p2``... two-stage)."""
+        return list(self.level_map.values())
+
+    @property
     def level_channels(self) -> dict[str, int]:
-        return {n: self.backbone.out_channels for n in self.backbone.level_names + self.backbone.extra_names}
+        return {n: self.backbone.out_channels for n in self.level_names}
 
     def forward(
         self,
@@ -298,22 +342,41 @@ class Detector(nn.Module):
             raise ValueError(f"unknown outputs {sorted(unknown)}")
         if "losses" in want and targets is None:
             raise ValueError("losses need targets")
-        original_sizes = [tuple(img.shape[-2:]) for img in images]
         tv_targets = None
         if targets is not None:
             tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-        image_list, tv_targets = m.transform(images, tv_targets)
+        image_list = self.batch(images)
         features = m.backbone(image_list.tensors)
         out = DetectorOutput(image_sizes=list(image_list.image_sizes))
         if "features" in want:
-            out.features = features
+            out.features = self._named(features)
         if self.kind == "one_stage":
             self._one_stage(image_list, features, tv_targets, want, out)
         else:
             self._two_stage(image_list, features, tv_targets, want, out)
-        if out.detections is not None:
-            out.detections = m.transform.postprocess(out.detections, image_list.image_sizes, original_sizes)
         return out
+
+    def batch(self, images: list[Tensor]) -> ImageList:
+        """torchvision's transform without its resize: normalise, then pad to a common size divisible by 32.
+
+        Inputs come resized by the data (`curriculum.data.View`: a keep-ratio view is torchvision's own resize), so
+        detections and recorded outputs are in the inputs' pixels and need no post-processing back.
+        """
+        t = self.model.transform
+        for img in images:
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"images must be [3, H, W] tensors, got {tuple(img.shape)}")
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        tensors = t.batch_images([t.normalize(img) for img in images], size_divisible=t.size_divisible)
+        return ImageList(tensors, sizes)
+
+    def _named(self, features: "OrderedDict[str, Tensor]") -> "OrderedDict[str, Tensor]":
+        """The backbone's maps under the stride names ``p<k>`` (torchvision's own backbones say '0', 'pool')."""
+        return OrderedDict((self.level_map.get(k, k), v) for k, v in features.items())
+
+    def _unnamed(self, features: "OrderedDict[str, Tensor] | dict[str, Tensor]") -> "OrderedDict[str, Tensor]":
+        inverse = {p: k for k, p in self.level_map.items()}
+        return OrderedDict((inverse.get(k, k), v) for k, v in features.items())
 
     def _one_stage(self, image_list, features, targets, want, out: DetectorOutput) -> None:
         m = self.model
@@ -339,8 +402,9 @@ class Detector(nn.Module):
             with torch.no_grad():
                 # Column 0 is the background label (num_classes = K + 1), never a target; torchvision's sigmoid
                 # post-processing would still rank it as a class: give it no score so it takes no slot.
-                logits = [c.index_fill(-1, c.new_tensor([0], dtype=torch.long), float("-inf"))
-                          for c in split["cls_logits"]]
+                logits = split["cls_logits"]
+                if self.suppress_background:
+                    logits = [c.index_fill(-1, c.new_tensor([0], dtype=torch.long), float("-inf")) for c in logits]
                 out.detections = m.postprocess_detections(dict(split, cls_logits=logits), split_anchors,
                                                           image_list.image_sizes)
 
@@ -387,6 +451,7 @@ class Detector(nn.Module):
             out.detections = [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
 
     def _roi_forward(self, features, boxes, image_sizes) -> tuple[Tensor, Tensor]:
+        """`features` under the backbone's own names (`_unnamed` turns recorded ones back)."""
         roi = self.model.roi_heads
         pooled = roi.box_roi_pool(features, boxes, image_sizes)
         return roi.box_predictor(roi.box_head(pooled))
@@ -400,7 +465,17 @@ class Detector(nn.Module):
         """
         if self.kind != "two_stage":
             raise ModelError(f"{self.config.name} is one-stage: it has no RoI head to score boxes with")
-        return self._roi_forward(features, boxes, image_sizes)
+        return self._roi_forward(self._unnamed(features), boxes, image_sizes)
+
+    def set_thresholds(self, score_thresh: float | None = None, nms_thresh: float | None = None,
+                       detections_per_img: int | None = None) -> None:
+        """Post-processing settings after the build (they hold no weights)."""
+        post = self.model.roi_heads if self.kind == "two_stage" else self.model
+        given = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img}
+        for key, value in given.items():
+            if value is not None:
+                setattr(post, key, value)
+        self.config = replace(self.config, **{k: v for k, v in given.items() if v is not None})
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -411,10 +486,30 @@ class Detector(nn.Module):
         """A plain checkpoint that `load_detector` rebuilds with the zoo alone."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": self.config.__dict__ | {"weights": "random"},
+            "config": self.config.__dict__ | {"weights": "random", "class_names": (
+                list(self.config.class_names) if self.config.class_names is not None else None)},
             "model": self.state_dict(),
             **(extra or {}),
         }
+
+
+def level_names_by_stride(backbone: nn.Module) -> dict[str, str]:
+    """``{the backbone's level name: "p<k>"}`` with ``2**k`` the level's stride, from one small forward."""
+    if isinstance(backbone, TimmFPNBackbone):
+        names = backbone.level_names + backbone.extra_names
+        return dict(zip(names, names))
+    side = 256
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        maps = backbone(torch.zeros(1, 3, side, side))
+    backbone.train(was_training)
+    names: dict[str, str] = {}
+    for k, v in maps.items():
+        base = f"p{round(math.log2(side / v.shape[-1]))}"
+        taken = sum(1 for n in names.values() if n.split("_")[0] == base)
+        names[k] = base if not taken else f"{base}_{taken}"
+    return names
 
 
 def _dense_matching(m: RetinaNet | FCOS, targets, anchors: list[Tensor], hw: list[int]) -> list[Tensor]:
@@ -503,6 +598,8 @@ def build_detector(name: str, num_classes: int, **overrides: Any) -> Detector:
     if num_classes < 2:
         raise ModelError(f"num_classes={num_classes}: it counts the background, so it must be at least 2")
     cfg = DetectorConfig(name=name, num_classes=num_classes, **overrides)
+    if cfg.torchvision:
+        return _build_torchvision(cfg, overrides)
     checkpoint_path = None
     if cfg.weights not in ("random", "timm", "torchvision"):
         checkpoint_path, cfg = cfg.weights, replace(cfg, weights="random")
@@ -511,6 +608,108 @@ def build_detector(name: str, num_classes: int, **overrides: Any) -> Detector:
         _load_weights_into(detector, checkpoint_path)
         detector.config = replace(detector.config, weights=str(checkpoint_path))
     return detector
+
+
+# --------------------------------------------------------------------------------------------------- torchvision
+
+
+def _build_torchvision(cfg: DetectorConfig, overrides: dict[str, Any]) -> Detector:
+    """A torchvision detector as its builder makes it, wrapped as a `Detector` (nothing patched).
+
+    weights: ``random``; ``torchvision`` (the builder's COCO weights from torch's hub cache, downloaded when the
+    network allows); the path of a state-dict file as torchvision publishes it; or a checkpoint of this project.
+    """
+    from torchvision.models import get_model_builder, get_model_weights
+
+    defaults = DetectorConfig.__dataclass_fields__
+    fixed = [k for k in _OWN_ARCHITECTURE_OPTIONS if overrides.get(k, defaults[k].default) != defaults[k].default]
+    if fixed:
+        raise ModelError(f"{cfg.name}: options {fixed} belong to the zoo's own detectors; torchvision's builder "
+                         "fixes its architecture")
+    if cfg.weights == "timm":
+        raise ModelError(f"{cfg.name}: weights 'timm' are for timm backbones; use 'torchvision', 'random' or a path")
+    coco = get_model_weights(cfg.builder).DEFAULT
+    coco_names = tuple(coco.meta["categories"])
+    if cfg.weights == "torchvision" and cfg.num_classes != len(coco_names):
+        raise ModelError(f"{cfg.name}: torchvision's COCO weights have {len(coco_names)} classes (label slots, "
+                         f"background included), num_classes is {cfg.num_classes}: set num_classes to "
+                         f"{len(coco_names)} and map the student's classes with a class_map")
+    if cfg.class_names is None and cfg.num_classes == len(coco_names):
+        cfg = replace(cfg, class_names=coco_names)
+    thresholds = ({"box_score_thresh": cfg.score_thresh, "box_nms_thresh": cfg.nms_thresh,
+                   "box_detections_per_img": cfg.detections_per_img} if cfg.head == "fasterrcnn" else
+                  {"score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
+                   "detections_per_img": cfg.detections_per_img})
+    model = get_model_builder(cfg.builder)(weights=None, weights_backbone=None, num_classes=cfg.num_classes,
+                                           **thresholds)
+    detector = Detector(cfg, model)
+    detector.suppress_background = False  # torchvision's post-processing, as torchvision runs it
+    if cfg.weights == "torchvision":
+        _load_torchvision_coco(model, coco)
+    elif cfg.weights != "random":
+        path = Path(cfg.weights)
+        if _is_project_checkpoint(path):
+            _load_weights_into(detector, path)
+        else:
+            _load_torchvision_state(model, path, cfg.name)
+        detector.config = replace(detector.config, weights=str(path))
+    return detector
+
+
+def coco_class_names(name: str) -> tuple[str, ...]:
+    """The label names of a ``torchvision:<builder>``'s COCO weights (91 slots: background, 80 classes, 'N/A')."""
+    from torchvision.models import get_model_weights
+
+    check_detector_name(name)
+    return tuple(get_model_weights(name.removeprefix(TORCHVISION_PREFIX)).DEFAULT.meta["categories"])
+
+
+def _load_torchvision_coco(model: nn.Module, weights: Any) -> None:
+    from torch.hub import get_dir
+
+    file = Path(get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # urllib raises many kinds offline
+        raise ModelError(
+            f"torchvision's COCO weights {weights} are not in torch's hub cache and could not be downloaded "
+            f"({type(e).__name__}: {e}). Place {weights.url} at {file} (or set TORCH_HOME), or give the file's "
+            "path as weights") from e
+    model.load_state_dict(state)
+
+
+def _is_project_checkpoint(path: Path) -> bool:
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist: give a torchvision state-dict file (*.pth) or a "
+                         "checkpoint written by `curriculum train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"weights file {path} could not be read (weights_only=True): {type(e).__name__}: {e}") from e
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+
+
+def _load_torchvision_state(model: nn.Module, path: Path, name: str) -> None:
+    """A torchvision state dict (``{"backbone.body.conv1.weight": ...}``) into `model`, every key checked."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ModelError(f"{path} is not a state dict (a mapping of parameter names to tensors) for {name}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) {shapes[:3]}")
+        raise ModelError(f"{path} does not fit {name}: " + "; ".join(parts) + ". Is it the file of another builder, "
+                         "or of a model with another num_classes (the classifier's shape gives it away)?")
+    model.load_state_dict(state)
 
 
 def _assemble(cfg: DetectorConfig) -> Detector:

@@ -48,11 +48,11 @@ def save_teacher(path: Path, name: str = "retinanet_mobilenetv3_micro", seed: in
 
 
 def build_cache(root: Path, ckpt: Path, images: str, ann: str, cfg: CacheConfig, batch_size: int = 2,
-                only: list[int] | None = None) -> TeacherCache:
+                only: list[int] | None = None, resize=128) -> TeacherCache:
     """What the Ray driver does, in process: every shard produced, written under a temporary name, committed."""
     det = save_or_load(ckpt)
-    ds = open_dataset(images, ann, 128)
-    key = CacheKey(det.config.name, teacher_fingerprint(ckpt), data_fingerprint(ds), view_config(128, cfg.views),
+    ds = open_dataset(images, ann, resize)
+    key = CacheKey(det.config.name, teacher_fingerprint(ckpt), data_fingerprint(ds), view_config(resize, cfg.views),
                    target_spec(cfg))
     header = {"teacher": {"name": det.config.name, "checkpoint": str(ckpt), "fingerprint": key.teacher_fp,
                           "kind": det.kind},

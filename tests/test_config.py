@@ -81,3 +81,22 @@ def test_run_config_sections_compose_and_worker_hooks_are_checked():
     for bad in ({"call": "no_colon"}, {"call": "m:f", "extra": 1}, {"call": "m:f", "args": [1]}, "m:f"):
         with pytest.raises(ConfigError, match=r"trainer.worker_hooks\[0\]"):
             config_from_dict(RunJobConfig, {"trainer": {"worker_hooks": [bad]}})
+
+
+def test_teacher_class_map_is_auto_a_mapping_or_null(tmp_path):
+    from curriculum.config import RunJobConfig
+
+    p = tmp_path / "run.yaml"
+    p.write_text("teachers: [{name: fcos_resnet_mini, class_map: auto},\n"
+                 "           {name: retinanet_resnet_mini, class_map: {hound: dog, Person: person}},\n"
+                 "           {name: fcos_mobilenetv3_micro}]\n")
+    job = load_config(p, RunJobConfig)
+    assert [t.class_map for t in job.teachers] == ["auto", {"hound": "dog", "Person": "person"}, None]
+    for value, match in (("[dog, person]", r"teachers\[0\].class_map: \['dog', 'person'\] is not a string or a "
+                                           r"mapping \{string: string\} or null"),
+                         ("{dog: 3}", r"teachers\[0\].class_map: \{'dog': 3\} is not"),
+                         ("names", r"class_map: 'names'; use 'auto'")):
+        p.write_text(f"teachers: [{{name: fcos_resnet_mini, class_map: {value}}}]\n")
+        with pytest.raises(ConfigError, match=match) as e:
+            load_config(p, RunJobConfig)
+        assert "run.yaml" in str(e.value)

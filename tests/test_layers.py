@@ -1,5 +1,5 @@
 """Imports only go down: ground (curriculum's errors, config, data, files, cluster, built-in data set), then
-`teachers/`, then `trainers/`, then the application (curriculum's plan, pipeline, report, cli; `tune_spaces/`).
+`teachers/`, then `trainers/`, then the application (curriculum's plan, pipeline, report, predict, cli; `tune_spaces/`).
 Every import counts, those inside functions too."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GROUND = {"curriculum", "curriculum.errors", "curriculum.config", "curriculum.data", "curriculum.files",
           "curriculum.cluster", "curriculum.seeds", "curriculum.shapes"}
-APPLICATION = {"curriculum.plan", "curriculum.pipeline", "curriculum.report", "curriculum.cli"}
+APPLICATION = {"curriculum.plan", "curriculum.pipeline", "curriculum.report", "curriculum.cli", "curriculum.predict"}
 LAYERS = ("ground", "teachers", "trainers", "application")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,13 +16,20 @@ from curriculum.shapes import (
     CATEGORIES,
     ShapesDifficulty,
     coco_size_bucket,
+    ensure_builtin_data,
+    image_shape,
     make_shapes,
     mask_bbox,
     render_shapes_image,
+    varied_size_bounds,
     visible_masks,
 )
 
 TRAIN, VAL, SIZE = 20, 8, 64
+VARIED_TRAIN, VARIED_VAL = 24, 8
+CLEAN = dict(lines=(0, 0), distractors=(0, 0), noise_std=0.0, texture_amp=0.0, shading=0.0, min_contrast=60.0,
+             allow_occlusion=False, max_truncation=0.0)
+"""Objects only, whole, on a smooth background: every changed pixel belongs to an annotated object."""
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -198,3 +206,171 @@ def test_coco_size_buckets() -> None:
     assert coco_size_bucket(1024) == "medium"
     assert coco_size_bucket(9215) == "medium"
     assert coco_size_bucket(9216) == "large"
+
+
+# ----------------------------------------------------------------------------- varied sizes
+
+# Computed with the generator before `varied_sizes` existed: the option off must not change a byte.
+SQUARE_PINS = {
+    "shapes.json": "3b46414569ff50de660e47b4c2b5dbe95456115f5eda68d3a44f0bb802a9b0a5",
+    "train/instances.json": "b7f6fe8947ce6993b9f7f0175dfd73e32595f98181c18269475b72f9bfdd23f7",
+    "val/instances.json": "fadc78d7f2f0eb68dcebb121422c19fe9de7eac860c6c83b2100bfaeef75e559",
+}
+SQUARE_PIXELS = "6c68b5da8a0c334e7e2429f170ce774fe33f558dec75d7bf8713129fa7583184"
+
+
+def _pixel_digest(root: Path) -> str:
+    """sha256 of the decoded pixels of every image (independent of the PNG encoder)."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for path in sorted((root / split / "images").iterdir()):
+            with Image.open(path) as im:
+                h.update(np.asarray(im).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes_varied") / "ds"
+    make_shapes(out, train_images=VARIED_TRAIN, val_images=VARIED_VAL, image_size=SIZE, seed=3, varied_sizes=True)
+    return out
+
+
+def test_option_off_output_unchanged(dataset: tuple[Path, dict]) -> None:
+    out, _ = dataset
+    for name, digest in SQUARE_PINS.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    assert _pixel_digest(out) == SQUARE_PIXELS
+    pixels, anns, counts = render_shapes_image(7, "val", seed=3, image_size=SIZE, varied_sizes=False)
+    assert pixels.shape == (SIZE, SIZE, 3)
+    assert pixels[0, 0].tolist() == [118, 109, 164] and pixels[40, 17].tolist() == [75, 117, 157]
+    assert anns[1] == {"category_id": 7, "bbox": [13.0, 14.0, 24.0, 24.0], "area": 175.0}
+    assert counts == {"dropped": 0, "distractors": 1}
+    assert "varied_sizes" not in json.loads((out / "shapes.json").read_text())["params"]
+
+
+def test_varied_sizes_vary_within_bounds(varied: Path) -> None:
+    lo, hi = varied_size_bounds(SIZE)
+    assert (lo, hi) == (48, 80)
+    assert json.loads((varied / "shapes.json").read_text())["params"]["varied_sizes"] is True
+    shapes = []
+    for split in ("train", "val"):
+        coco = json.loads((varied / split / "instances.json").read_text())
+        for img in coco["images"]:
+            with Image.open(varied / split / "images" / img["file_name"]) as im:
+                assert im.size == (img["width"], img["height"])
+            index = img["id"] - 1
+            assert image_shape(index, split, seed=3, image_size=SIZE, varied_sizes=True) == (img["height"], img["width"])
+            shapes.append((img["height"], img["width"]))
+    for h, w in shapes:
+        short, long = min(h, w), max(h, w)
+        assert lo <= short <= hi and short <= long <= 2 * short
+    assert len(set(shapes)) > len(shapes) // 2
+    assert any(h > w for h, w in shapes) and any(w > h for h, w in shapes)  # both orientations
+    assert max(max(s) for s in shapes) > 1.5 * SIZE
+    # More draws: the bounds are reached and the aspect ratio spans [1, 2].
+    many = [image_shape(i, "train", seed=0, image_size=128, varied_sizes=True) for i in range(300)]
+    shorts = [min(s) for s in many]
+    ratios = [max(s) / min(s) for s in many]
+    assert 96 <= min(shorts) < 100 and 156 < max(shorts) <= 160
+    assert min(ratios) < 1.05 and 1.9 < max(ratios) <= 2.0 and max(max(s) for s in many) <= 320
+    assert 0.35 < sum(h > w for h, w in many) / len(many) < 0.65
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_varied_boxes_lie_inside_their_images(varied: Path, split: str) -> None:
+    coco = COCO(str(varied / split / "instances.json"))
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert anns and len(anns) == len({a["id"] for a in anns})
+    for a in anns:
+        img = coco.loadImgs(a["image_id"])[0]
+        x, y, w, h = a["bbox"]
+        assert w > 0 and h > 0 and 0 <= x and 0 <= y
+        assert x + w <= img["width"] and y + h <= img["height"]
+        assert 0 < a["area"] <= w * h
+    for img in coco.loadImgs(coco.getImgIds()):  # stored annotations are the renderer's
+        _, rendered, _ = render_shapes_image(img["id"] - 1, split, seed=3, image_size=SIZE, varied_sizes=True)
+        assert [a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))] == [a["bbox"] for a in rendered]
+
+
+def test_varied_objects_spread_over_the_whole_canvas(varied: Path) -> None:
+    # Box centres along each elongated image's long axis, as a fraction of it: both ends are reached.
+    along: dict[str, list[float]] = {"portrait": [], "landscape": []}
+    for split in ("train", "val"):
+        coco = json.loads((varied / split / "instances.json").read_text())
+        sizes = {img["id"]: (img["width"], img["height"]) for img in coco["images"]}
+        for a in coco["annotations"]:
+            width, height = sizes[a["image_id"]]
+            x, y, w, h = a["bbox"]
+            if height >= 1.4 * width:
+                along["portrait"].append((y + h / 2) / height)
+            elif width >= 1.4 * height:
+                along["landscape"].append((x + w / 2) / width)
+    for orientation, fractions in along.items():
+        assert len(fractions) >= 8, orientation
+        assert min(fractions) < 0.25 and max(fractions) > 0.75, orientation
+
+
+@pytest.mark.parametrize("varied_sizes", [False, True])
+def test_boxes_match_the_drawn_pixels(varied_sizes: bool) -> None:
+    # With clutter off, an image rendered with empty_image_prob=1 is the same image's bare background
+    # (same stream, same draws); every pixel that differs from it belongs to an object. Each box must
+    # touch drawn pixels on all four edges and hold all of its object's drawn pixels, give or take the
+    # antialiased rim (alpha < 0.5 is outside the mask; 2 px at the sharp tips of stars).
+    objects = ShapesDifficulty(**CLEAN)
+    bare = ShapesDifficulty(**CLEAN, empty_image_prob=1.0)
+    checked = 0
+    for i in range(8):
+        kw = dict(seed=4, image_size=SIZE, varied_sizes=varied_sizes)
+        pixels, anns, _ = render_shapes_image(i, "train", difficulty=objects, **kw)
+        background, none, _ = render_shapes_image(i, "train", difficulty=bare, **kw)
+        assert none == [] and background.shape == pixels.shape
+        height, width = pixels.shape[:2]
+        changed = (pixels != background).any(axis=2)
+        covered = np.zeros_like(changed)
+        for a in anns:
+            x, y, w, h = (int(v) for v in a["bbox"])
+            assert x + w <= width and y + h <= height
+            inside = changed[y : y + h, x : x + w]
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            covered[max(y - 2, 0) : y + h + 2, max(x - 2, 0) : x + w + 2] = True
+            checked += 1
+        assert not (changed & ~covered).any()  # no drawn pixel outside every box's rim
+    assert checked >= 8
+
+
+def test_varied_same_seed_gives_identical_files(varied: Path, tmp_path: Path) -> None:
+    make_shapes(tmp_path / "again", train_images=VARIED_TRAIN, val_images=VARIED_VAL, image_size=SIZE, seed=3,
+                varied_sizes=True)
+    assert _files(varied) == _files(tmp_path / "again")
+
+
+def test_varied_sizes_keep_the_renderer_stream(dataset: tuple[Path, dict]) -> None:
+    # The sizes come from a stream of their own: the square set's draws stay the same, and a
+    # varied image differs from its square twin only by its canvas.
+    for i in range(4):
+        square = render_shapes_image(i, "val", seed=3, image_size=SIZE)
+        shape = image_shape(i, "val", seed=3, image_size=SIZE, varied_sizes=True)
+        assert render_shapes_image(i, "val", seed=3, image_size=SIZE, varied_sizes=True)[0].shape == (*shape, 3)
+        assert image_shape(i, "val", seed=3, image_size=SIZE) == (SIZE, SIZE)
+        with Image.open(dataset[0] / "val" / "images" / f"{i:06d}.png") as im:
+            assert np.array_equal(np.asarray(im), square[0])
+
+
+def test_ensure_builtin_data_regenerates_when_varied_sizes_switch(tmp_path: Path) -> None:
+    from curriculum.config import DataConfig, ShapesConfig
+
+    root = tmp_path / "ds"
+    data = DataConfig(root=str(root), image_size=32, shapes=ShapesConfig(train=2, val=1, seed=0))
+    ensure_builtin_data(data)
+    square = _files(root)
+    ensure_builtin_data(data)
+    assert _files(root) == square  # same settings: nothing rewritten
+    data.shapes.varied_sizes = True
+    ensure_builtin_data(data)
+    assert json.loads((root / "shapes.json").read_text())["params"]["varied_sizes"] is True
+    sizes = {(i["width"], i["height"]) for i in json.loads((root / "train" / "instances.json").read_text())["images"]}
+    assert sizes != {(32, 32)}
+    data.shapes.varied_sizes = False
+    ensure_builtin_data(data)
+    assert _files(root) == square

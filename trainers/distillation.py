@@ -21,12 +21,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from teachers.class_map import ClassMap
 from teachers.targets import TeacherTargets
 
 Source = Callable[[list[torch.Tensor], list[dict]], TeacherTargets]
 
 
-def build_student(name: str, num_classes: int, seed: int, *, image_size: int, overrides: dict[str, Any],
+def build_student(name: str, class_names: Sequence[str], seed: int, *, image_size: int, overrides: dict[str, Any],
                   init: str | dict[str, Any] | None = None, losses: Sequence[dict] | None = None,
                   teacher_channels: dict[str, int] | None = None) -> tuple[Any, Any]:
     """(student, distiller or None), built from `seed`: the global RNG is seeded, the student built and loaded
@@ -38,7 +39,7 @@ def build_student(name: str, num_classes: int, seed: int, *, image_size: int, ov
     from curriculum.seeds import seed_everything
 
     seed_everything(seed)
-    model = build_detector(name, num_classes, image_size=image_size, **overrides)
+    model = build_detector(name, len(class_names), image_size=image_size, class_names=tuple(class_names), **overrides)
     if init:
         load_plain(model, init)
     distiller = None
@@ -73,14 +74,17 @@ class DistillStep:
     """`extra_loss` for `train_one_epoch`: teacher targets for the batch from `source(images, targets)`, then
     the distiller's terms at decay factor `decay` (MGD's masks drawn from `generator`).
 
+    `class_map` (`teachers.class_map.ClassMap`): a teacher on other classes than the student's; its targets are
+    mapped into the student's labels as they come from the source.
     On a CUDA `device` the targets are moved there and the distiller runs under the student's bf16 autocast
     (the student's features come out of it, and fp32 adapters refuse bf16 inputs); its terms come back float32.
     """
 
     def __init__(self, source: Source, distiller: torch.nn.Module, decay: float = 1.0,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 scales: dict[str, float] | None = None) -> None:
+                 scales: dict[str, float] | None = None, class_map: ClassMap | None = None) -> None:
         self.source, self.distiller, self.decay, self.generator = source, distiller, decay, generator
+        self.class_map = class_map
         self.device = torch.device(device) if device is not None else None
         self.autocast = self.device is not None and self.device.type == "cuda"
         plain = getattr(distiller, "module", distiller)  # DDP-wrapped or not
@@ -88,6 +92,8 @@ class DistillStep:
 
     def targets(self, images: list[torch.Tensor], targets: list[dict]) -> TeacherTargets:
         tt = self.source(images, targets)
+        if self.class_map is not None:  # before the move: the mapped targets are smaller
+            tt = self.class_map.apply(tt)
         return tt.to(self.device) if self.autocast else tt
 
     def terms(self, out: Any, tt: TeacherTargets, targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -109,9 +115,10 @@ class DistillStep:
 
 
 def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batches: Sequence[tuple[list, list]],
-                    source: Source, kd_ratio: float, seed: int) -> dict[str, float]:
+                    source: Source, kd_ratio: float, seed: int, class_map: ClassMap | None = None) -> dict[str, float]:
     """One factor for the distiller's feature terms (by entry key; {} when it has none) so that, on `batches`,
-    they add up to `kd_ratio` x the detector's loss, with the student and the distiller as they are now.
+    they add up to `kd_ratio` x the detector's loss, with the student and the distiller as they are now
+    (`class_map`: as `DistillStep`'s, so the head terms computed alongside see the student's classes).
 
     Nothing is trained: no gradients, and the student's and the distiller's states (BatchNorm statistics) and
     the global torch RNG are restored, so training starts exactly as it would have.
@@ -124,7 +131,7 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     saved = copy.deepcopy(student.state_dict()), copy.deepcopy(distiller.state_dict()), torch.get_rng_state()
     modes = student.training, distiller.training
     student.train(), distiller.train()
-    step = DistillStep(source, distiller, generator=torch.Generator().manual_seed(seed))
+    step = DistillStep(source, distiller, generator=torch.Generator().manual_seed(seed), class_map=class_map)
     det = feat = 0.0
     try:
         with torch.no_grad():

@@ -346,7 +346,9 @@ def run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     """Plain training, or one distillation stage when `stage` is given; returns the final training state.
 
     The same loop serves Ray Train workers (`TrainSession`) and Tune trials (`TuneSession`). A stage's teacher
-    targets come from its cache (`stage["cache"]`), or with `teacher_mode: inline` from the teacher run here.
+    targets come from its cache (`stage["cache"]`), or with `teacher_mode: inline` from the teacher run here;
+    `stage["class_map"]` (`ClassMap.to_dict()`, absent or None for a teacher on the student's classes) maps them
+    into the student's labels.
     Runs with `threads_per_worker` torch threads and restores the caller's count after (it may be called
     in-process).
     """
@@ -386,7 +388,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         else:  # this worker reads and decodes the Parquet shards itself
             reader = CacheReader(stage["cache"], memory_bytes=cfg.memory_bytes)
         teacher_channels = reader.manifest["teacher"]["level_channels"]
-    model, distiller = build_student(job.model.name, ds.num_classes, t.seed, image_size=job.data.image_size,
+    model, distiller = build_student(job.model.name, ds.class_names, t.seed, image_size=job.data.image_size,
                                      overrides=job.model.overrides(), init=cfg.init,
                                      losses=stage["losses"] if distil else None, teacher_channels=teacher_channels)
     if teacher is not None:
@@ -398,6 +400,11 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
     else:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
+    class_map = None
+    if distil and stage.get("class_map"):  # a teacher on other classes: its targets in the student's labels
+        from teachers.class_map import ClassMap
+
+        class_map = ClassMap.from_dict(stage["class_map"])
     for key, factor in cfg.loss_factors.items() if distiller is not None else ():
         distiller.weights[key] *= factor
     per_worker = max(1, t.batch_size // world)  # batch_size is the global batch
@@ -453,7 +460,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             decay = stage_decay(stage, epoch)
             gen = torch.Generator(device=device).manual_seed(derive_seed(t.seed, "distill", stage_index, epoch, rank))
             extra = DistillStep(source, ddp_distiller, decay, gen, device=device,
-                                scales=distiller.detector_loss_scales())
+                                scales=distiller.detector_loss_scales(), class_map=class_map)
             ddp_distiller.train()
         hook = (lambda b, e=epoch: [h("batch_start", stage=stage_index, epoch=e, rank=rank, batch=b) for h in hooks]
                 ) if hooks else None

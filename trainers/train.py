@@ -49,7 +49,8 @@ class NonFiniteLossError(CurriculumError):
 def build_dataset(data: DataConfig, split: str, seed: int = 0) -> CocoDetection:
     images, ann = data.split_paths(split)
     flip = data.flip if split == "train" else "none"
-    return CocoDetection(images, ann, data.image_size, flip=flip, seed=seed, on_bad_box=data.on_bad_box)
+    return CocoDetection(images, ann, data.resize_spec("train" if split == "train" else "val"), flip=flip, seed=seed,
+                         on_bad_box=data.on_bad_box)
 
 
 def make_loader(ds: CocoDetection, batch_size: int, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
@@ -258,7 +259,7 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
     train_ds = build_dataset(job.data, "train", seed=t.seed)
     val_ds = build_dataset(job.data, "val", seed=t.seed)
     model = build_detector(job.model.name, train_ds.num_classes, image_size=job.data.image_size,
-                           **job.model.overrides())
+                           class_names=tuple(train_ds.class_names), **job.model.overrides())
     loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, workers=job.data.workers)
     iters = min(len(loader), t.max_iters_per_epoch or len(loader))
     opt = make_optimizer(model.parameters(), t)
@@ -291,7 +292,7 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
         save_train_state(ckpt_path, model, opt, sched, epoch, history)
         metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
-    atomic_save(model.checkpoint(), out / "model.pt")
+    atomic_save(model.checkpoint({"resize": job.data.resize_spec("val").to_dict()}), out / "model.pt")
     plot_history(history, out)
     final = history[-1].get("val", {}) if history else {}
     return {"name": job.model.name, "output_dir": str(out), "val": final,

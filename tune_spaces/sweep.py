@@ -177,6 +177,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     stages = build_plan(job, ctx["checkpoints"], ctx["order"])
     for st in stages:
         st.cache = ctx["caches"].get(st.teacher)
+        st.class_map = ctx["class_maps"].get(st.teacher)
     resume = ray.tune.get_checkpoint()
     rstate = None
     if resume is not None:
@@ -295,7 +296,8 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
         # decoded shards from Ray's object store.
         stores = {t: ObjectStoreShards(c, budget_bytes=job.cache.memory_bytes) for t, c in caches.items()}
     ctx = {"job": base, "space": space, "checkpoints": prep.checkpoints, "order": prep.order,
-           "caches": caches, "stores": {t: st.name for t, st in stores.items()}, "init": str(init),
+           "caches": caches, "class_maps": {s.teacher: s.class_map for s in prep.stages},
+           "stores": {t: st.name for t, st in stores.items()}, "init": str(init),
            "threads": cfg.threads_per_trial, "gpus": cfg.gpus_per_trial, "eval_images": cfg.eval_images,
            "teacher_mode": cfg.teacher_mode}
     resources = {"CPU": cfg.cpus_per_trial}

@@ -134,10 +134,11 @@ def check_channels(entry: str, channels: Mapping[str, int], side: str) -> dict[s
 
 
 def level_stride(level: str, strides: Mapping[str, int] | None = None) -> int:
-    """Stride of an FPN level in input pixels: ``strides[level]`` or ``2**k`` for a name ``p<k>``."""
+    """Stride of an FPN level in input pixels: ``strides[level]`` or ``2**k`` for a name ``p<k>`` (``p<k>_<j>``: the
+    j-th further level at that stride, as torchvision's MobileNetV3 FPN has)."""
     if strides and level in strides:
         return int(strides[level])
-    m = re.fullmatch(r"[pP](\d+)", level)
+    m = re.fullmatch(r"[pP](\d+)(?:_\d+)?", level)
     if m is None:
         raise ConfigError(
             f"cannot tell the stride of FPN level {level!r} from its name; give the option "
