@@ -483,6 +483,9 @@ class RunTeacherConfig(TeacherActors):
       of this project. It is written once as ``<teachers_dir>/<name>-<hash of the weights>/model.pt``.
       ``num_classes``: of such a teacher (default: 91, torchvision's COCO label slots, for ``torchvision:`` names;
       else the data's).
+    adapter: a teacher of another library: ``package.module:Class``, a `teachers.adapter.TeacherAdapter` built with
+      ``adapter_args`` in every training worker; it runs inline (no cache), is not trained or evaluated here, and
+      needs ``order: given`` (`name` is then a free label).
     class_map: a teacher trained on other classes than the student's data (`teachers.class_map`): `auto` pairs
       classes by name, a mapping {student class: teacher class} pairs them by hand (unnamed ones by name); teacher
       classes the student lacks count as background. null: the teacher's classes must be the student's.
@@ -492,9 +495,14 @@ class RunTeacherConfig(TeacherActors):
     checkpoint: str | None = None
     weights: str | None = None
     num_classes: int | None = None
+    adapter: str | None = None
+    adapter_args: dict[str, Any] = field(default_factory=dict)
     class_map: str | dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.adapter is not None and (self.weights is not None or self.checkpoint is not None):
+            raise ConfigError(f"teachers[] {self.name}: an adapter teacher brings its own model; drop checkpoint and "
+                              "weights")
         if self.weights is not None and self.checkpoint is not None:
             raise ConfigError(f"teachers[] {self.name}: give checkpoint (a teacher trained by `curriculum train`) or "
                               "weights (a teacher loaded as it is), not both")

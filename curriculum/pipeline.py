@@ -234,6 +234,13 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
         reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
         teacher_channels = reader.cache.manifest["teacher"]["level_channels"]
         source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
+    elif stage.adapter:  # a teacher of another library, on the same batches
+        from teachers.adapter import AdapterSource, load_adapter
+
+        with preserved_random_state():
+            adapter = load_adapter(stage.adapter["target"], stage.adapter["args"])
+        teacher_channels = adapter.level_channels
+        source = AdapterSource(adapter)
     else:  # no cache (a sweep arm whose trials run the teacher inline): the teacher on the same batches
         teacher = load_teacher(stage.teacher_checkpoint, stage.teacher)
         teacher_channels = teacher.level_channels
@@ -244,7 +251,7 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
         student, distiller = build_student(job.student.name, ds.class_names, job.train.seed,
                                            image_size=job.data.image_size, overrides=job.student.overrides(),
                                            init=init, losses=stage.losses, teacher_channels=teacher_channels)
-        if not stage.cache:
+        if not stage.cache and not stage.adapter:
             source = InlineSource(teacher, distiller.required_teacher_targets())
         return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed,
                                class_map=ClassMap.from_dict(stage.class_map) if stage.class_map else None)
@@ -328,7 +335,7 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
                            storage_path=str((out / "ray").resolve()), name=stage.name, stage=stage.to_dict(),
                            init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
                            object_store=job.cache.object_store, loss_factors=factors, kd_ratio=stage.kd_ratio,
-                           eval_every=tr.eval_every,
+                           eval_every=tr.eval_every, teacher_mode="cache" if stage.cache else "inline",
                            progress=progress, worker_hooks=tr.worker_hooks)
     history = json.loads(state["history"])
     ckpt = dict(state["model"])
@@ -394,6 +401,8 @@ class Prepared:
             return self.random_init, 0
         s = _student(self.job, self.train_ds.class_names)
         s.load_state_dict(torch.load(self.random_init, weights_only=True)["model"])
+        if teacher_name not in self.teachers:  # an adapter teacher: no zoo weights to inherit
+            return self.random_init, 0
         copied = inherit_weights(s, self.teachers[teacher_name])
         if not path.is_file():
             atomic_save(s.checkpoint(extra={"inherited_from": teacher_name, "inherited": copied}), path)
@@ -423,12 +432,18 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     from teachers.cache import data_fingerprint
 
     data_fp = data_fingerprint(train_ds)
+    from teachers.adapter import load_adapter
+
+    adapters = {spec.name: load_adapter(spec.adapter, spec.adapter_args, f"{where}: teachers[{i}].adapter")
+                for i, spec in enumerate(job.teachers) if spec.adapter}
     checkpoints = {spec.name: str(ensure_teacher(job, spec, phases, progress, data_fp, train_ds.num_classes))
-                   for spec in job.teachers}
+                   for spec in job.teachers if not spec.adapter}
     teachers = {name: load_teacher(path, name) for name, path in checkpoints.items()}
-    class_maps = teacher_class_maps(job, train_ds.class_names, {
-        name: (t.config.class_names, t.config.num_classes) for name, t in teachers.items()}, where)
-    teacher_evals = {}
+    classes = {name: (t.config.class_names, t.config.num_classes) for name, t in teachers.items()}
+    classes |= {name: (a.class_names, len(a.class_names) if a.class_names else train_ds.num_classes)
+                for name, a in adapters.items()}
+    class_maps = teacher_class_maps(job, train_ds.class_names, classes, where)
+    teacher_evals: dict[str, Any] = {name: {} for name in adapters}  # not evaluated here
     for name, path in checkpoints.items():
         f = out / "evals" / f"teacher-{name}.json"
         if not f.is_file() and _own_eval_matches(job, Path(path)):  # train_detector's final eval, same settings
@@ -449,9 +464,9 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     if order_file.is_file():
         saved = json.loads(order_file.read_text())
         order, costs = saved["order"], saved.get("costs")
-        if sorted(order) != sorted(checkpoints):
-            raise CurriculumError(f"{order_file} orders {order} but the config has teachers {list(checkpoints)}: "
-                                  "use a new output_dir for another teacher set")
+        if sorted(order) != sorted(t.name for t in job.teachers):
+            raise CurriculumError(f"{order_file} orders {order} but the config has teachers "
+                                  f"{[t.name for t in job.teachers]}: use a new output_dir for another teacher set")
     elif job.order == "auto":
         with phases("order: adaptation costs"):
             calib = build_dataset(dataclasses.replace(job.data, flip="none"), "train", seed=job.train.seed)
@@ -464,12 +479,13 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
         order = [t.name for t in job.teachers]
     atomic_write_json({"order": order, "mode": job.order, "costs": costs}, order_file)
 
-    stages = build_plan(job, checkpoints, order)
+    stages = build_plan(job, {t.name: checkpoints.get(t.name) for t in job.teachers}, order)
     extra_stages = [direct_stage(job, stages)] if job.direct else []
 
-    # Teacher caches: the targets, levels and views the stages read.
+    # Teacher caches: the targets, levels and views the stages read (adapter teachers run inline).
     channels = {n: t.level_channels for n, t in teachers.items()}
-    needs = cache_needs(stages + extra_stages, student.level_channels, channels)
+    zoo_stages = [s for s in stages + extra_stages if s.teacher not in adapters]
+    needs = cache_needs(zoo_stages, student.level_channels, channels)
     specs = {s.name: s for s in job.teachers}
     ensure_ray(job.ray)
     caches: dict[str, str] = {}
@@ -488,6 +504,9 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
         s.cache = caches.get(s.teacher)
         cmap = class_maps.get(s.teacher)
         s.class_map = cmap.to_dict() if cmap is not None else None
+        if s.teacher in adapters:
+            spec = specs[s.teacher]
+            s.adapter = {"target": spec.adapter, "args": dict(spec.adapter_args)}
     return Prepared(job=job, out=out, train_ds=train_ds, val_ds=val_ds, checkpoints=checkpoints, teachers=teachers,
                     teacher_evals=teacher_evals, order=order, costs=costs, stages=stages, extra_stages=extra_stages,
                     random_init=random_init)
@@ -498,12 +517,21 @@ def check_run_config(job: RunJobConfig, where: str = "the run config") -> None:
     teacher's detector name, so a misspelt name fails in a second rather than after the data set or a teacher."""
     from teachers.zoo import check_detector_name
 
-    entries = [("student.name", job.student.name)] + [(f"teachers[{i}].name", t.name) for i, t in enumerate(job.teachers)]
+    entries = [("student.name", job.student.name)] + [(f"teachers[{i}].name", t.name)
+                                                        for i, t in enumerate(job.teachers) if not t.adapter]
     for key, name in entries:
         try:
             check_detector_name(name)
         except CurriculumError as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
+    from teachers.adapter import check_adapter
+
+    for i, t in enumerate(job.teachers):
+        if t.adapter:
+            check_adapter(t.adapter, f"{where}: teachers[{i}].adapter")
+            if job.order == "auto":
+                raise ConfigError(f"{where}: order: auto measures the adaptation cost on zoo teachers; teachers[{i}] "
+                                  f"({t.name}) is an adapter: use order: given")
     # Class maps of the teachers whose checkpoint is already there (a teacher the run trains has the data's
     # classes); prepare_run builds them again from the loaded data set and teachers.
     given = [(i, t) for i, t in enumerate(job.teachers) if t.checkpoint and Path(t.checkpoint).is_file()]
@@ -570,7 +598,12 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
     dump_config(job, out / "config.yaml")
     phases = Phases(out / "phases.json")
     t_start = time.perf_counter()
-    prep = prepare_run(job, out, phases, progress)
+    # A cache holds one view per image: multi-scale training runs its teachers inline on each batch instead.
+    multi_scale = job.data.resize_spec("train").multi_scale
+    if multi_scale:
+        log.info("data.min_size %s is multi-scale: the teachers run inline on each batch (no cache)",
+                 job.data.min_size)
+    prep = prepare_run(job, out, phases, progress, precompute_caches=not multi_scale)
     stages, extra_stages, val_ds = prep.stages, prep.extra_stages, prep.val_ds
     order, costs, teacher_evals, random_init = prep.order, prep.costs, prep.teacher_evals, prep.random_init
     start_from = prep.start_from

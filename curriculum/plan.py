@@ -68,6 +68,8 @@ class Stage:
     # `teachers.class_map.ClassMap.to_dict()` of a teacher on other classes than the student's (filled by the
     # pipeline); None: the teacher has the student's classes
     class_map: dict[str, Any] | None = None
+    # {"target": "module:Class", "args": {...}} of a `teachers.adapter.TeacherAdapter` teacher (filled by the pipeline)
+    adapter: dict[str, Any] | None = None
     init: str | None = None  # checkpoint the student starts from (filled by the pipeline)
 
     def decay(self, epoch: int) -> float:

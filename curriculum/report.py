@@ -55,7 +55,7 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
     student_ckpt["curriculum"] = {"teachers": order, "stages": [s.name for s in stages],
                                   "config": str(out / "config.yaml")}
     atomic_save(student_ckpt, rep / "student.pt")
-    _plot(rep, history, others, stages, {name: teacher_evals[name]["AP"] for name in order})
+    _plot(rep, history, others, stages, {name: teacher_evals[name]["AP"] for name in order if "AP" in teacher_evals[name]})
     lines = [
         f"# Curriculum run: {job.student.name} <- {' -> '.join(order)}",
         "",

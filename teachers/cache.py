@@ -111,7 +111,8 @@ def view_config(resize: Resize | int | Sequence[int], views: Sequence[str]) -> d
         resize = Resize("fixed", (resize, resize) if isinstance(resize, int) else tuple(resize))
     if resize.multi_scale:
         raise CacheError(f"a cache holds one scale, data.min_size is {list(resize.min_size)}: cache with one "
-                         "min_size, or serve the teacher online (teacher_mode: serve) for multi-scale training")
+                         "min_size, or run the teacher inline (`curriculum run` does so for multi-scale data, `curriculum tune` with "
+                         "tune.teacher_mode: inline)")
     bad = [v for v in views if v not in VIEW_FLIPS]
     if bad:
         raise CacheError(f"unknown view(s) {bad}; views are 'noflip' and 'flip'")

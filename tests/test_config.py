@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from curriculum.config import TrainJobConfig, config_from_dict, load_config
@@ -100,3 +102,20 @@ def test_teacher_class_map_is_auto_a_mapping_or_null(tmp_path):
         with pytest.raises(ConfigError, match=match) as e:
             load_config(p, RunJobConfig)
         assert "run.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_passes_the_early_checks(path):
+    """The configs in configs/ (the README points at them) load and name only zoo detectors."""
+    from curriculum.config import RunJobConfig
+    from curriculum.pipeline import check_run_config
+
+    text = Path(path).read_text()
+    if "teachers:" in text:
+        job = load_config(path, RunJobConfig)
+        check_run_config(job, path)
+        if "distil_coco_torchvision" in path:
+            assert job.data.resize_spec("train").multi_scale and job.data.resize_spec("val").min_size == (800,)
+            assert [t.weights for t in job.teachers] == ["torchvision", "torchvision"]
+    else:
+        load_config(path, TrainJobConfig)

@@ -93,7 +93,7 @@ def test_bad_resize_settings_name_the_entry(tmp_path, varied_root):
 def test_a_cache_refuses_multi_scale_with_the_way_out():
     from teachers.cache import view_config
 
-    with pytest.raises(CacheError, match="one scale.*serve the teacher"):
+    with pytest.raises(CacheError, match="one scale.*run the teacher inline"):
         view_config(Resize("keep_ratio", min_size=(96, 128), max_size=224), ["noflip"])
 
 

@@ -376,7 +376,14 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     ds = build_dataset(job.data, "train", seed=t.seed)
     source = teacher = reader = None
     teacher_channels = None
-    if distil and cfg.teacher_mode == "inline":
+    adapter = None
+    if distil and stage.get("adapter"):  # a teacher of another library (`teachers.adapter`), always inline
+        from teachers.adapter import load_adapter
+
+        with torch.random.fork_rng(devices=[]):
+            adapter = load_adapter(stage["adapter"]["target"], stage["adapter"]["args"]).to(device)
+        teacher_channels = adapter.level_channels
+    elif distil and cfg.teacher_mode == "inline":
         with torch.random.fork_rng(devices=[]):  # loading draws nothing from the RNG the student is built from
             teacher = load_teacher(stage["teacher_checkpoint"], stage["teacher"], device=str(device))
         teacher_channels = teacher.level_channels
@@ -393,6 +400,10 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                                      losses=stage["losses"] if distil else None, teacher_channels=teacher_channels)
     if teacher is not None:
         source = InlineSource(teacher, distiller.required_teacher_targets())
+    if adapter is not None:
+        from teachers.adapter import AdapterSource
+
+        source = AdapterSource(adapter)
     if reader is not None:
         source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
         pos = {int(i): p for p, i in enumerate(reader.image_ids())}
