@@ -160,3 +160,29 @@ def test_cache_of_keep_ratio_views_equals_the_live_teacher(tmp_path, varied_root
         torch.testing.assert_close(tt.features[lvl], live.features[lvl], atol=1e-5, rtol=0)
     for a, b in zip(tt.cls_logits, live.cls_logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ a whole run
+
+
+@pytest.mark.parametrize("min_size", [[128], [96, 128]])
+def test_a_run_on_keep_ratio_views(min_size, tmp_path, varied_root, ray_session):
+    """Single scale: the teacher's cache of keep-ratio views, written by the precompute actors, read by Ray Train
+    workers; multi-scale: the teacher inline on each batch. Either way the stage trains and the report is written."""
+    import json as _json
+
+    from curriculum.config import RunJobConfig
+    from curriculum.pipeline import run_pipeline
+
+    from test_pipeline import tiny
+
+    cfg = tiny(varied_root, tmp_path, tmp_path / "run", stages=[{"epochs": 1}])
+    cfg["data"].update(resize="keep_ratio", min_size=min_size, max_size=224)
+    run_pipeline(config_from_dict(RunJobConfig, cfg), progress=False)
+    done = _json.loads((tmp_path / "run" / "stages" / "1-fcos_resnet_mini" / "done.json").read_text())
+    assert (done["stage"]["cache"] is None) == (len(min_size) > 1)
+    if done["stage"]["cache"]:
+        manifest = _json.loads((Path(done["stage"]["cache"]) / "manifest.json").read_text())
+        assert manifest["key"]["views"]["resize"] == "keep_ratio"
+    assert torch.load(tmp_path / "run" / "report" / "student.pt", weights_only=True)["resize"] == {
+        "resize": "keep_ratio", "min_size": [128], "max_size": 224}

@@ -47,23 +47,45 @@ def test_same_detections_as_torchvisions_own_forward(builder, tmp_path):
         view = Resize("keep_ratio", min_size=(MIN,), max_size=MAX).view(*hw, flip=False)
         got = det.predict([view.apply(img)])[0]
         assert len(want["boxes"]) > 0 and len(got["boxes"]) == len(want["boxes"])
+        # The computation: the head's raw outputs against torchvision's own modules on its own transform.
+        with torch.no_grad():
+            images, _ = ref.transform([img])
+            feats = list(ref.backbone(images.tensors).values())
+            out = det([view.apply(img)], want=("head",))
+        if det.kind == "one_stage":
+            theirs, ours = [ref.head(feats)["cls_logits"]], [torch.cat(out.head["cls_logits"], dim=1)]
+        else:
+            theirs, ours = ref.rpn.head(feats)[0], out.head["objectness"]
+        assert max(float((a - b).abs().max()) for a, b in zip(theirs, ours)) < 1e-4
+        if "mobilenet" in builder:
+            # Random MobileNetV3 weights give many anchors the very same objectness: which tie makes the RPN's top-k
+            # is float rounding (bench/torchvision_teachers.py: 82 to 98% of detections identical, logits to 1e-8).
+            assert identical_fraction(got, want, view.unmap_boxes(got["boxes"])) >= 0.7
+            continue
         box_diff, score_diff = detection_differences(got, want, view)
         assert box_diff < 0.25 and score_diff < 1e-3  # float rounding (the normalisation runs after the resize)
 
 
+def identical_fraction(got: dict, want: dict, boxes: torch.Tensor) -> float:
+    same = ((boxes[:, None] - want["boxes"][None]).abs().amax(-1) < 0.5)
+    same &= (got["labels"][:, None] == want["labels"][None])
+    same &= ((got["scores"][:, None] - want["scores"][None]).abs() < 1e-3)
+    return float(same.any(dim=1).float().mean())
+
+
 def detection_differences(got: dict, want: dict, view) -> tuple[float, float]:
     """Largest box (original pixels) and score difference between matched detections: each of ours against the
-    reference detection of the same label nearest in score, then box (detections of equal score may swap
-    places in the ranking)."""
+    reference detection of its label nearest in box and score."""
     boxes = view.unmap_boxes(got["boxes"])
     worst_box = worst_score = 0.0
     for b, s, l in zip(boxes, got["scores"], got["labels"]):
-        same = (want["labels"] == l) & ((want["scores"] - s).abs() < 1e-3)
-        assert same.any(), f"no reference detection of label {int(l)} with score {float(s):.5f}"
-        d = (want["boxes"][same] - b).abs().amax(dim=1)
-        j = int(d.argmin())
-        worst_box = max(worst_box, float(d[j]))
-        worst_score = max(worst_score, float((want["scores"][same][j] - s).abs()))
+        same = want["labels"] == l
+        assert same.any(), f"no reference detection of label {int(l)}"
+        d_box = (want["boxes"][same] - b).abs().amax(dim=1)
+        d_score = (want["scores"][same] - s).abs()
+        j = int((d_box + 1e3 * d_score).argmin())  # nearest in box and score (clipped boxes can coincide)
+        worst_box = max(worst_box, float(d_box[j]))
+        worst_score = max(worst_score, float(d_score[j]))
     return worst_box, worst_score
 
 
