@@ -38,6 +38,12 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def path_name(name: str) -> str:
+    """A model name as a folder or file name: ``torchvision:fcos_resnet50_fpn`` -> ``torchvision-fcos_resnet50_fpn``
+    (a colon is not allowed on every file system, and means a scheme or drive in URIs and on Windows)."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, fs: pafs.FileSystem | None = None) -> None:
     """Write `data` to `path` atomically: on `fs`, or on the local disk (parent folders created)."""
     path = str(path)

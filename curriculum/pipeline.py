@@ -58,7 +58,7 @@ from curriculum.config import (
     dump_config, load_config, section_values,
 )
 from curriculum.errors import ConfigError, CurriculumError
-from curriculum.files import atomic_save, atomic_write_json
+from curriculum.files import atomic_save, atomic_write_json, path_name
 from curriculum.seeds import preserved_random_state
 from curriculum.plan import (
     Stage, baseline_stage, build_plan, cache_needs, direct_stage, fingerprint, inherit_weights,
@@ -151,7 +151,7 @@ def teacher_checkpoint(job: RunJobConfig, name: str, given: str | None, data_fp:
         return loaded_teacher_checkpoint(job, spec)
     data = {k: v for k, v in dataclasses.asdict(job.data).items() if k not in _PATH_KEYS}
     key = fingerprint({"name": name, "data": data, "data_fp": data_fp, "train": dataclasses.asdict(job.teacher_train)})
-    return Path(job.teachers_dir) / f"{name}-{key}" / "model.pt"
+    return Path(job.teachers_dir) / f"{path_name(name)}-{key}" / "model.pt"
 
 
 def loaded_teacher_checkpoint(job: RunJobConfig, spec: Any) -> Path:
@@ -166,7 +166,7 @@ def loaded_teacher_checkpoint(job: RunJobConfig, spec: Any) -> Path:
                               "state-dict file, a checkpoint of this project, or 'torchvision'")
         weights = file_fingerprint(weights)
     key = fingerprint({"name": spec.name, "weights": weights, "num_classes": spec.num_classes})
-    return Path(job.teachers_dir) / f"{spec.name}-{key}" / "model.pt"
+    return Path(job.teachers_dir) / f"{path_name(spec.name)}-{key}" / "model.pt"
 
 
 def ensure_teacher(job: RunJobConfig, spec: Any, phases: Phases, progress: bool, data_fp: str = "",
@@ -445,7 +445,7 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     class_maps = teacher_class_maps(job, train_ds.class_names, classes, where)
     teacher_evals: dict[str, Any] = {name: {} for name in adapters}  # not evaluated here
     for name, path in checkpoints.items():
-        f = out / "evals" / f"teacher-{name}.json"
+        f = out / "evals" / f"teacher-{path_name(name)}.json"
         if not f.is_file() and _own_eval_matches(job, Path(path)):  # train_detector's final eval, same settings
             atomic_write_json(json.loads((Path(path).parent / "eval.json").read_text()), f)
         with phases(f"teacher {name}: eval", reused=f.is_file()):

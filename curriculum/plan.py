@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from curriculum.config import RunJobConfig, to_dict
 from curriculum.errors import ConfigError
+from curriculum.files import path_name
 from teachers.targets import cache_kind
 
 
@@ -99,7 +100,7 @@ def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequenc
         if not losses:
             raise ConfigError(f"stage {i + 1} ({name}): no distillation losses (set `losses` or stages[{i}].losses)")
         stages.append(Stage(
-            index=i, name=f"{i + 1}-{name}", teacher=name, teacher_checkpoint=checkpoints[name], epochs=s.epochs,
+            index=i, name=f"{i + 1}-{path_name(name)}", teacher=name, teacher_checkpoint=checkpoints[name], epochs=s.epochs,
             losses=losses, lr=s.lr, decay_kind=job.decay.kind, decay_params=dict(job.decay.params),
             decay_offset=0 if job.decay.restart else done, decay_t_max=s.epochs if job.decay.restart else total,
             kd_ratio=job.kd_ratio,
@@ -115,7 +116,7 @@ def direct_stage(job: RunJobConfig, stages: Sequence[Stage]) -> Stage:
     """Direct distillation from the last (strongest) teacher alone for the total epochs of the curriculum."""
     last = stages[-1]
     total = sum(s.epochs for s in stages)
-    return dataclasses.replace(last, index=0, name=f"direct-{last.teacher}", epochs=total, decay_offset=0,
+    return dataclasses.replace(last, index=0, name=f"direct-{path_name(last.teacher)}", epochs=total, decay_offset=0,
                                decay_t_max=total, lr=stages[0].lr, cache=last.cache, init=None)
 
 
@@ -140,18 +141,28 @@ def stage_borders(stages: Sequence[Stage]) -> list[int]:
 NECK_HEAD_PREFIXES = ("model.backbone.fpn.", "model.head.", "model.rpn.", "model.roi_heads.")
 
 
+# Tensors indexed by class: RetinaNet's and FCOS's classifier convs, the RoI head's predictor.
+CLASS_OUTPUTS = ("classification_head.cls_logits.", "roi_heads.box_predictor.")
+
+
 def inherit_weights(student: torch.nn.Module, teacher: torch.nn.Module,
                     prefixes: Sequence[str] = NECK_HEAD_PREFIXES) -> list[str]:
     """Copy the teacher's neck and head tensors into the student where name and shape match; return their names.
 
     Parameters and buffers alike (GroupNorm has none, BatchNorm statistics would come along). The backbone body is
-    never copied: the student's is a different network.
+    never copied: the student's is a different network. Nor are the class outputs of a teacher whose classes are
+    not the student's (named, they differ; their order would not match even at the same count).
     """
     t_state = teacher.state_dict()
     s_state = student.state_dict()
+    t_names = getattr(getattr(teacher, "config", None), "class_names", None)
+    s_names = getattr(getattr(student, "config", None), "class_names", None)
+    other_classes = t_names is not None and s_names is not None and tuple(t_names) != tuple(s_names)
     copied = []
     for k, v in s_state.items():
         if not k.startswith(tuple(prefixes)):
+            continue
+        if other_classes and any(part in k for part in CLASS_OUTPUTS):
             continue
         tv = t_state.get(k)
         if tv is not None and tv.shape == v.shape and tv.dtype == v.dtype:

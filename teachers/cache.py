@@ -65,7 +65,7 @@ import pyarrow.parquet as pq
 from curriculum.config import CacheConfig
 from curriculum.data import CocoDetection, Resize
 from curriculum.errors import CacheError, CorruptShardError, StaleCacheError
-from curriculum.files import atomic_write, exists, read_bytes, resolve_fs
+from curriculum.files import atomic_write, exists, path_name, read_bytes, resolve_fs
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class CacheKey:
         return _sha(json.dumps(self.spec, sort_keys=True))[:8]
 
     def relpath(self) -> str:
-        return f"{self.teacher}-{self.teacher_fp}/{self.data_fp}-{self.views_fp}-{self.spec_fp}"
+        return f"{path_name(self.teacher)}-{self.teacher_fp}/{self.data_fp}-{self.views_fp}-{self.spec_fp}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher, "teacher_fp": self.teacher_fp, "data_fp": self.data_fp,

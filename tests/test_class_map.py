@@ -264,3 +264,16 @@ def test_pipeline_gives_each_stage_its_class_map(shapes_root, tmp_path, monkeypa
     job.teachers[0].class_map = None
     with pytest.raises(ConfigError, match=r"teachers\[0\].class_map: not set"):
         pipeline.run_pipeline(job, progress=False, resume=True)
+
+
+def test_inherit_leaves_the_class_outputs_of_a_teacher_on_other_classes():
+    from curriculum.plan import inherit_weights
+    from teachers.zoo import build_detector
+
+    names = ("__background__", "a", "b", "c")
+    student = build_detector("retinanet_mobilenetv3_micro", 4, class_names=names, fpn_channels=64, head_convs=2)
+    same = build_detector("retinanet_resnet_mini", 4, class_names=names)
+    other = build_detector("retinanet_resnet_mini", 4, class_names=("__background__", "c", "b", "a"))
+    assert "model.head.classification_head.cls_logits.weight" in inherit_weights(student, same)
+    copied = inherit_weights(student, other)
+    assert copied and not any("cls_logits" in k for k in copied)

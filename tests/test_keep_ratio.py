@@ -186,3 +186,23 @@ def test_a_run_on_keep_ratio_views(min_size, tmp_path, varied_root, ray_session)
         assert manifest["key"]["views"]["resize"] == "keep_ratio"
     assert torch.load(tmp_path / "run" / "report" / "student.pt", weights_only=True)["resize"] == {
         "resize": "keep_ratio", "min_size": [128], "max_size": 224}
+
+
+def test_serving_actors_answer_batches_of_mixed_sizes_like_the_inline_teacher(tmp_path, varied_root, ray_session):
+    from teachers.serving import TeacherServer
+
+    ckpt = tmp_path / "t.pt"
+    teacher = save_teacher(ckpt, "retinanet_resnet_mini")
+    ds = _ds(varied_root)
+    images, targets = collate_fn([ds[i] for i in range(4)])
+    assert len({im.shape for im in images}) > 1
+    server = TeacherServer(str(ckpt), ["features", "head"], actors=1, cpus_per_actor=0.5, threads=1)
+    try:
+        tt = server.submit(images, [t["image_id"] for t in targets], [t["view"] for t in targets]).result()
+    finally:
+        server.shutdown()
+    ref = TeacherTargets.inline(teacher, images)
+    for lvl in ref.features:
+        torch.testing.assert_close(tt.features[lvl], ref.features[lvl], atol=1e-5, rtol=0)
+    for a, b in zip(tt.cls_logits, ref.cls_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -161,3 +161,16 @@ def test_project_checkpoint_of_a_torchvision_detector_round_trips(tmp_path):
         a, b, c = det(x, want=("features",)), again(x, want=("features",)), same(x, want=("features",))
     assert all(torch.equal(a.features[k], b.features[k]) and torch.equal(a.features[k], c.features[k])
                for k in a.features)
+
+
+def test_torchvision_names_make_portable_folder_names(tmp_path):
+    from curriculum.config import RunJobConfig, config_from_dict
+    from curriculum.pipeline import teacher_checkpoint
+    from curriculum.plan import build_plan
+
+    job = config_from_dict(RunJobConfig, {"teachers_dir": str(tmp_path), "teachers": [
+        {"name": "torchvision:retinanet_resnet50_fpn_v2", "weights": "torchvision"}], "direct": True})
+    path = teacher_checkpoint(job, job.teachers[0].name, None)
+    assert ":" not in str(path.relative_to(tmp_path)) and path.parent.name.startswith("torchvision-retinanet")
+    (stage,) = build_plan(job, {job.teachers[0].name: str(path)}, [job.teachers[0].name])
+    assert stage.name == "1-torchvision-retinanet_resnet50_fpn_v2" and stage.teacher == job.teachers[0].name
