@@ -5,6 +5,8 @@
     curriculum train CONFIG [CONFIG ...] [--set section.key=value ...] [--resume]
     curriculum eval CHECKPOINT [--config CONFIG] [--out DIR]
     curriculum predict CHECKPOINT_OR_CONFIG IMAGE_OR_FOLDER... --out DIR [--score-thresh S] [--set key=value]
+    curriculum export CHECKPOINT --format onnx|torchscript --out FILE [--image-size H W]
+    curriculum latency CHECKPOINT... [--device cpu|cuda] [--threads N] [--batch 1]
 
 Errors a user can fix (bad config, bad data, unknown model) are printed as one message, without a traceback.
 """
@@ -121,6 +123,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       progress=not args.quiet)
     boxes = sum(len(e["boxes"]) for e in entries)
     print(f"{len(entries)} image(s), {boxes} box(es): {Path(args.out) / 'predictions.json'} and one PNG per image")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from curriculum.export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.format, args.out, tuple(args.image_size) if args.image_size else None,
+                          args.trust_checkpoint)
+    print(f"{r['file']}: {r['format']}, input images {r['input']}, {r['bytes'] / 2**20:.1f} MiB; checked against the "
+          f"model: {r['check_detections']} detections, boxes within {r['check_max_box_px']:.2g} px, scores within "
+          f"{r['check_max_score']:.2g}")
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from curriculum.latency import format_rows, latency_of_checkpoints
+
+    rows = latency_of_checkpoints(args.checkpoints, args.device, args.threads, args.batch, args.runs,
+                                  tuple(args.image_size) if args.image_size else None, args.trust_checkpoint)
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
@@ -256,6 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load with weights_only=False (only for files you trust)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, post-processing in the graph")
+    ex.add_argument("checkpoint", help="a model.pt or student.pt")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    ex.add_argument("--out", required=True, help="the file to write (e.g. student.onnx)")
+    ex.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                    help="input size of the graph (default: the checkpoint's; needed for keep-ratio inputs)")
+    ex.add_argument("--trust-checkpoint", action="store_true",
+                    help="load with weights_only=False (only for files you trust)")
+    ex.set_defaults(func=cmd_export)
+
+    la = sub.add_parser("latency", help="ms per image of checkpoints: eager PyTorch and onnxruntime")
+    la.add_argument("checkpoints", nargs="+")
+    la.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    la.add_argument("--threads", type=int, default=1, help="intra-op threads (torch and onnxruntime)")
+    la.add_argument("--batch", type=int, default=1, help="images per eager call (onnxruntime: always 1)")
+    la.add_argument("--runs", type=int, default=30, help="timed runs after 3 warm-up runs")
+    la.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    la.add_argument("--json", help="also write the rows as JSON")
+    la.add_argument("--trust-checkpoint", action="store_true")
+    la.set_defaults(func=cmd_latency)
 
     pre = sub.add_parser("precompute", help="run the teacher pool (Ray actors) over the data and write the cache")
     pre.add_argument("config", help="YAML: data, teachers (checkpoint, actors, cpus/gpus per actor), cache")

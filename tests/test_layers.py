@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GROUND = {"curriculum", "curriculum.errors", "curriculum.config", "curriculum.data", "curriculum.files",
           "curriculum.cluster", "curriculum.seeds", "curriculum.shapes"}
-APPLICATION = {"curriculum.plan", "curriculum.pipeline", "curriculum.report", "curriculum.cli", "curriculum.predict"}
+APPLICATION = {"curriculum.plan", "curriculum.pipeline", "curriculum.report", "curriculum.cli", "curriculum.predict",
+               "curriculum.export", "curriculum.latency"}
 LAYERS = ("ground", "teachers", "trainers", "application")
 
 
