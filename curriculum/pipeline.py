@@ -640,11 +640,45 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
             m = evaluate_checkpoint(job, out / "stages" / d.name / "model.pt", f, val_ds, progress)
         others["direct"] = {"summary": dsum, "val": metrics_row(m), "teacher": d.teacher}
 
+    size = deployment_size(job, val_ds)
+    models = {"baseline": out / "stages" / "baseline" / "model.pt" if job.baseline else None,
+              **{f"teacher {n}": prep.checkpoints.get(n) for n in order}, "student": final}
+    f = out / "report" / "latency.json"
+    with phases("latency", reused=f.is_file()):
+        latency = measure_latencies({k: v for k, v in models.items() if v}, size, f)
     with phases("report"):
         report = write_report(job, out, stages, summaries, results, teacher_evals, order, costs, others, final,
-                              inherited, phases, time.perf_counter() - t_start)
+                              inherited, phases, time.perf_counter() - t_start, latency=latency, export_size=size)
     print("\n" + report["markdown"], flush=True)
     return report
+
+
+def deployment_size(job: RunJobConfig, val_ds: Any) -> tuple[int, int]:
+    """The input size the student is measured and exported at: the fixed size, or (keep-ratio views) the view of
+    the first val image, a real example of what the deployed model is given."""
+    resize = job.data.resize_spec("val")
+    if resize.mode == "fixed":
+        return resize.size
+    view = val_ds.view_for(0)
+    return view.out_h, view.out_w
+
+
+LATENCY_THREADS = 1  # the report's latency column: batch 1, CPU, one intra-op thread, median of 10 runs
+LATENCY_RUNS = 10
+
+
+def measure_latencies(models: dict[str, str | Path], size: tuple[int, int], out: Path) -> dict[str, Any]:
+    """{label: latency row (`curriculum.latency.measure`)} of each checkpoint, kept in `out` (a resumed run reuses
+    it)."""
+    from curriculum.latency import measure
+    from teachers.zoo import load_detector
+
+    if out.is_file():
+        return json.loads(out.read_text())
+    rows = {label: measure(load_detector(path), size, "cpu", LATENCY_THREADS, runs=LATENCY_RUNS)
+            for label, path in models.items()}
+    atomic_write_json(rows, out)
+    return rows
 
 
 def main_run(config: str, resume: bool = False, preset: str | None = None, overrides: list[str] | None = None,

@@ -1,6 +1,7 @@
 """The report of a curriculum run (`<output_dir>/report/`): `results.md` / `results.json` (val metrics of the
 baseline, each teacher, the student after each stage, direct; adaptation costs; wall time of each phase),
-`loss.png` and `ap.png`, and `student.pt`, the final student as a plain zoo checkpoint."""
+`loss.png`, `ap.png` and `ap_vs_latency.png`, `student.pt` (the final student as a plain zoo checkpoint) and, with the
+export extra, `student.onnx`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def _fmt(v: float) -> str:
 
 def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: list[dict], results: list[dict],
                  teacher_evals: dict[str, dict], order: list[str], costs: dict | None, others: dict,
-                 final: Path, inherited: int, phases: Any, wall: float) -> dict[str, Any]:
+                 final: Path, inherited: int, phases: Any, wall: float, latency: dict[str, Any] | None = None,
+                 export_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """`latency`: {"baseline" | "teacher <name>" | "student": `curriculum.latency.measure` row}; `export_size`: the
+    input size of `student.onnx`, written when the export extra is installed."""
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -41,6 +45,12 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
     if "direct" in others:
         rows.append({"name": f"direct from {others['direct']['teacher']} only", "role": "direct",
                      "epochs": total_epochs(stages), "val": others["direct"]["val"]})
+    latency = latency or {}
+    final_row = [r for r in rows if r["role"] == "stage"][-1:]
+    for r in rows:
+        key = "student" if r in final_row else {"baseline": "baseline", "teacher": r["name"]}.get(r["role"])
+        if key in latency:
+            r["latency"] = latency[key]
     # Curriculum history on one epoch axis, stage-end val from the driver's evaluation.
     history, offset = [], 0
     for st, summ, res in zip(stages, summaries, results):
@@ -55,7 +65,9 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
     student_ckpt["curriculum"] = {"teachers": order, "stages": [s.name for s in stages],
                                   "config": str(out / "config.yaml")}
     atomic_save(student_ckpt, rep / "student.pt")
-    _plot(rep, history, others, stages, {name: teacher_evals[name]["AP"] for name in order if "AP" in teacher_evals[name]})
+    exported = _export_student(rep, export_size)
+    _plot(rep, history, others, stages,
+          {name: teacher_evals[name]["AP"] for name in order if "AP" in teacher_evals[name]})
     lines = [
         f"# Curriculum run: {job.student.name} <- {' -> '.join(order)}",
         "",
@@ -69,11 +81,23 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
         "Val COCO box metrics x100" + (f" on the first {job.eval.max_images} val images" if job.eval.max_images else "")
         + ":",
         "",
-        "| model | epochs | " + " | ".join(METRICS) + " |",
-        "|---|---:|" + "---:|" * len(METRICS),
+        "| model | epochs | " + " | ".join(METRICS) + " | ms/img eager | ms/img onnxruntime |",
+        "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | " + " | ".join(_fmt(r["val"][k]) for k in METRICS) + " |")
+        lat = r.get("latency") or {}
+        ms = [f"{lat[k]['median']:.1f}" if k in lat else "-" for k in ("eager_ms", "onnxruntime_ms")]
+        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | " + " | ".join(_fmt(r["val"][k]) for k in METRICS)
+                     + f" | {ms[0]} | {ms[1]} |")
+    if latency:
+        some = next(iter(latency.values()))
+        lines += ["", f"Latency: median ms per image over {some['eager_ms']['runs']} runs after warm-up, batch 1, "
+                  f"input {'x'.join(map(str, some['input'][2:]))}, CPU, {some['threads']} thread(s) "
+                  "(`curriculum latency` measures any checkpoint); `ap_vs_latency.png` plots AP against it."]
+        _plot_ap_vs_latency(rep, rows)
+    if exported:
+        lines += ["", f"`student.onnx`: the final student with post-processing in the graph, input "
+                  f"{exported['input']} (checked by onnxruntime: boxes within {exported['check_max_box_px']:.2g} px)."]
     if costs:
         lines += ["", "Adaptation costs (lower = closer; per level in brackets):", ""]
         for n in order:
@@ -91,12 +115,73 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
     (rep / "results.md").write_text(md + "\n")
     report = {"student": job.student.name, "order": order, "order_mode": job.order, "adaptation_costs": costs,
               "rows": rows, "phases": phases.rows, "wall_s": round(wall, 1), "inherited_tensors": inherited,
-              "student_checkpoint": str(rep / "student.pt"), "history": history,
+              "student_checkpoint": str(rep / "student.pt"), "history": history, "export": exported,
               "baseline_history": others.get("baseline", {}).get("summary", {}).get("history"),
               "direct_history": others.get("direct", {}).get("summary", {}).get("history")}
     atomic_write_json(report, rep / "results.json")
     report["markdown"] = md
     return report
+
+
+def _export_student(rep: Path, size: tuple[int, int] | None) -> dict[str, Any] | None:
+    """`student.onnx` beside `student.pt` when the export extra is installed (else nothing, said in the log)."""
+    import logging
+
+    from curriculum.latency import has_onnxruntime
+
+    if size is None:
+        return None
+    if not has_onnxruntime():
+        logging.getLogger(__name__).info("no student.onnx: `pip install -e .[export]` adds onnx and onnxruntime")
+        return None
+    from curriculum.export import export_detector
+    from teachers.zoo import load_detector
+
+    return export_detector(load_detector(rep / "student.pt"), "onnx", rep / "student.onnx", size)
+
+
+def ap_vs_latency_figure(rows: list[dict[str, Any]]) -> Any:
+    """AP against eager CPU latency, one point per model; the student's gain an arrow from the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = {}
+    for r in rows:
+        lat = (r.get("latency") or {}).get("eager_ms")
+        if lat is None or r["val"]["AP"] < 0:
+            continue
+        x, y = lat["median"], 100 * r["val"]["AP"]
+        role = r["role"] if r["role"] != "stage" else "student"
+        points[role if role in ("baseline", "student") else r["name"]] = (x, y)
+        ax.scatter([x], [y], s=40, marker={"teacher": "s", "baseline": "o"}.get(r["role"], "*"),
+                   label=r["name"], zorder=3)
+    if "baseline" in points and "student" in points:
+        (x0, y0), (x1, y1) = points["baseline"], points["student"]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", color="black", lw=1.5))
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, f" {y1 - y0:+.1f} AP", va="bottom")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("ms per image (CPU, batch 1, eager)")
+    ax.set_ylabel("val AP")
+    ax.set_title("accuracy for latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_ap_vs_latency(rep: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = ap_vs_latency_figure(rows)
+    fig.savefig(rep / "ap_vs_latency.png", dpi=120)
+    plt.close(fig)
 
 
 def _plot(rep: Path, history: list[dict], others: dict, stages: list[Stage], teacher_ap: dict[str, float]) -> None:

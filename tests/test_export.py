@@ -76,3 +76,18 @@ def test_cli_export_and_latency(tmp_path, capsys):
     assert "| fcos_mobilenetv3_micro | 1x3x128x128 | cpu, 1 |" in capsys.readouterr().out
     rows = latency_of_checkpoints([path], runs=2, batch=2)
     assert rows[0]["input"] == [2, 3, 128, 128]
+
+
+def test_ap_vs_latency_draws_every_model_and_the_students_gain_as_an_arrow():
+    from curriculum.report import ap_vs_latency_figure
+
+    def row(name, role, ap, ms):
+        return {"name": name, "role": role, "val": {"AP": ap}, "latency": {"eager_ms": {"median": ms}}}
+
+    fig = ap_vs_latency_figure([row("baseline s", "baseline", 0.10, 5.0), row("teacher t", "teacher", 0.30, 40.0),
+                                row("student after stage 1 (t)", "stage", 0.16, 5.2)])
+    ax = fig.axes[0]
+    offsets = sorted(tuple(c.get_offsets()[0]) for c in ax.collections)
+    assert offsets == [(5.0, 10.0), (5.2, 16.0), (40.0, 30.0)]
+    texts = [t.get_text().strip() for t in ax.texts]
+    assert "+6.0 AP" in texts and len([a for a in ax.texts if getattr(a, "arrow_patch", None) is not None]) == 1

@@ -184,8 +184,31 @@ def test_a_run_on_keep_ratio_views(min_size, tmp_path, varied_root, ray_session)
     if done["stage"]["cache"]:
         manifest = _json.loads((Path(done["stage"]["cache"]) / "manifest.json").read_text())
         assert manifest["key"]["views"]["resize"] == "keep_ratio"
-    assert torch.load(tmp_path / "run" / "report" / "student.pt", weights_only=True)["resize"] == {
+    rep = tmp_path / "run" / "report"
+    assert torch.load(rep / "student.pt", weights_only=True)["resize"] == {
         "resize": "keep_ratio", "min_size": [128], "max_size": 224}
+    if len(min_size) > 1:
+        return
+    # Shipping (issue 17): latency of each model in the report, the AP-for-latency plot, and student.onnx, which
+    # gives what `curriculum predict` gives on a val image resized to the export size.
+    results = _json.loads((rep / "results.json").read_text())
+    by_role = {r["role"]: r for r in results["rows"]}
+    assert by_role["teacher"]["latency"]["eager_ms"]["median"] > 0 and "onnxruntime_ms" in by_role["stage"]["latency"]
+    assert (rep / "ap_vs_latency.png").stat().st_size > 0 and "ms/img onnxruntime" in (rep / "results.md").read_text()
+    from curriculum.export import detection_differences, run_onnx
+    from curriculum.predict import load_predictor, read_image
+
+    predictor = load_predictor(rep / "student.pt")  # the student's own threshold, as in student.onnx
+    ds = CocoDetection(varied_root / "val" / "images", varied_root / "val" / "instances.json", KEEP)
+    image = read_image(ds.image_path(0))
+    view = KEEP.view(*image.shape[-2:], flip=False)
+    assert results["export"]["input"] == [1, 3, view.out_h, view.out_w]
+    want = predictor(image)
+    got = run_onnx(rep / "student.onnx", view.apply(image).clamp(0, 1)[None].numpy())
+    boxes = view.unmap_boxes(torch.from_numpy(got[0])).numpy()
+    assert len(boxes) == len(want["boxes"])
+    box, score = detection_differences((boxes, got[1], got[2]), [want[k].numpy() for k in ("boxes", "scores", "labels")])
+    assert box < 0.5 and score < 1e-3
 
 
 def test_serving_actors_answer_batches_of_mixed_sizes_like_the_inline_teacher(tmp_path, varied_root, ray_session):
