@@ -336,6 +336,7 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
                            init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
                            object_store=job.cache.object_store, loss_factors=factors, kd_ratio=stage.kd_ratio,
                            eval_every=tr.eval_every, teacher_mode="cache" if stage.cache else "inline",
+                           tensorboard_dir=str((sdir / "tensorboard").resolve()),
                            progress=progress, worker_hooks=tr.worker_hooks)
     history = json.loads(state["history"])
     ckpt = dict(state["model"])

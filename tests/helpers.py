@@ -13,3 +13,12 @@ def identity_generation(distiller):
             set_identity_(block[0])
             set_identity_(block[2])
     return distiller
+
+
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the TensorBoard event files in `log_dir`, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

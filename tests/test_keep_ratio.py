@@ -184,6 +184,10 @@ def test_a_run_on_keep_ratio_views(min_size, tmp_path, varied_root, ray_session)
     if done["stage"]["cache"]:
         manifest = _json.loads((Path(done["stage"]["cache"]) / "manifest.json").read_text())
         assert manifest["key"]["views"]["resize"] == "keep_ratio"
+    from helpers import tensorboard_scalars
+
+    tb = tensorboard_scalars(tmp_path / "run" / "stages" / "1-fcos_resnet_mini" / "tensorboard")
+    assert tb["distill/decay"] == [(1, 1.0)] and any(k.startswith("loss/distill_") for k in tb) and "lr" in tb
     rep = tmp_path / "run" / "report"
     assert torch.load(rep / "student.pt", weights_only=True)["resize"] == {
         "resize": "keep_ratio", "min_size": [128], "max_size": 224}

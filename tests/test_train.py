@@ -68,6 +68,15 @@ def test_resume_equals_uninterrupted(shapes_root, tmp_path, monkeypatch):
     common = dict(epochs=2, max_iters_per_epoch=3)
     ref = train_detector(_job(shapes_root, tmp_path / "ref", **common), progress=False)
     ref_state = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["model"]
+    # TensorBoard (issue 17): every step's loss terms and lr, the final val metrics, in the output folder.
+    from helpers import tensorboard_scalars
+
+    tb = tensorboard_scalars(tmp_path / "ref" / "tensorboard")
+    assert [s for s, _ in tb["loss/loss"]] == list(range(6)) and [s for s, _ in tb["lr"]] == list(range(6))
+    assert {"loss/classification", "loss/bbox_regression"} <= set(tb)
+    assert tb["loss/loss"][-1][1] == pytest.approx(ref["history"][-1]["loss"] * 3 - sum(v for _, v in tb["loss/loss"][3:5]),
+                                                   rel=1e-4)
+    assert tb["val/AP"] == [(2, pytest.approx(ref["val"]["AP"], abs=1e-6))]
 
     real = train_mod.train_one_epoch
 

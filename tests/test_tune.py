@@ -163,6 +163,13 @@ def test_sweep_reuses_one_cache_reports_a_failing_trial_and_writes_a_best_config
             assert t["epochs"] == 2 and 0.0 <= t["val_AP"] <= 1.0 and len(t["history"]) == 2
             assert t["teacher_forwards"] == 0  # the trials read the cache: no teacher ran in them
     assert report["teacher_forwards_in_trials"] == 0
+    # TensorBoard (issue 17): each trial's stage writes its event files in the trial's folder.
+    from helpers import tensorboard_scalars
+
+    done = next(t for t in trials if t["status"] == "finished")
+    (stage_dir,) = (Path(done["path"]) / "tensorboard").iterdir()
+    tb = tensorboard_scalars(stage_dir)
+    assert [s for s, _ in tb["val/AP"]] == [1, 2] and "distill/decay" in tb and "loss/loss" in tb
     assert report["default"] is not None and report["default"]["params"] == {"kd_ratio": 1.0}
     rep = Path(report["best_config"]).parent
     for f in ("trials.md", "trials.json", "ap_vs_params.png", "trials_ap.png"):

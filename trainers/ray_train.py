@@ -292,7 +292,8 @@ class LoopConfig:
     `ObjectStoreShards` actor holding the decoded cache (None: each worker reads the Parquet shards itself,
     `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
     `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in
-    the worker).
+    the worker). tensorboard_dir: rank 0 writes TensorBoard event files there (losses and lr per step; val
+    metrics, decay and feature-loss factor per epoch).
     """
 
     job: dict[str, Any]
@@ -309,6 +310,7 @@ class LoopConfig:
     shard_store: str | None = None
     worker_hooks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     framework_logs: bool = False
+    tensorboard_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -364,8 +366,9 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     from curriculum.data import collate_fn
     from teachers.outputs import load_teacher, teacher_forward_counts
     from trainers.distillation import DistillStep, InlineSource, build_student
-    from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model,
-                                load_train_state, make_optimizer, make_scheduler, train_one_epoch)
+    from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model, log_epoch,
+                                load_train_state, make_optimizer, make_scheduler, step_logger, tensorboard_writer,
+                                train_one_epoch)
 
     job: TrainJobConfig = config_from_dict(TrainJobConfig, cfg.job)
     stage: dict[str, Any] | None = cfg.stage
@@ -456,6 +459,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     train_model = _Autocast(ddp_model) if device.type == "cuda" else ddp_model
     val_ds = None
     hooks = load_worker_hooks(cfg.worker_hooks)
+    writer = tensorboard_writer(cfg.tensorboard_dir) if rank == 0 else None
     for epoch in range(start, t.epochs):
         for h in hooks:
             h("epoch_start", stage=stage_index, epoch=epoch, rank=rank, batch=None)
@@ -478,7 +482,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         try:
             batches = _DeviceLoader(loader, device, hook, source if isinstance(source, TargetReadAhead) else None)
             stats = train_one_epoch(train_model, batches, opt, sched, t, epoch,
-                                    progress=rank == 0 and cfg.progress, extra_loss=extra)
+                                    progress=rank == 0 and cfg.progress, extra_loss=extra,
+                                    on_step=step_logger(writer, epoch, iters))
         except NonFiniteLossError as e:  # name the stage too; the last good checkpoint is the previous epoch's
             raise NonFiniteLossError(f"stage {stage['name'] if stage else 'training'}: {e}") from None
         stats = _mean_across_workers(stats, world)
@@ -497,6 +502,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             record["val"] = {k: v for k, v in ev.items() if k not in ("stats", "per_class")}
             metrics.update({f"val_{k}": float(v) for k, v in record["val"].items() if isinstance(v, (int, float))})
         history.append(record)
+        log_epoch(writer, epoch + 1, {**record, "loss_factor": next(iter(cfg.loss_factors.values()), None),
+                                      "kd_ratio": cfg.kd_ratio})
         state = None
         with tempfile.TemporaryDirectory() as d:
             ckpt_dir = None
@@ -512,6 +519,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                 torch.save(state, Path(d) / STATE_FILE)
                 ckpt_dir = d
             session.report(metrics, ckpt_dir)
+    if writer is not None:
+        writer.close()
     if state is None:  # nothing left to train (resumed after the last epoch): the checkpoint's state
         state = {"epoch": start - 1, "stage": stage_index, "model": model.checkpoint(), "history": json.dumps(history)}
     return state
@@ -537,6 +546,7 @@ def fit_on_ray(
     worker_hooks: list[dict[str, Any]] | None = None,
     teacher_mode: str = "cache",
     object_store: bool = True,
+    tensorboard_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history, ...).
 
@@ -545,7 +555,7 @@ def fit_on_ray(
     student starts from. loss_factors: multipliers of the distiller's entries (the calibrated weights).
     worker_hooks: callables run in every worker at epoch and batch starts (`load_worker_hooks`).
     teacher_mode: `cache` (targets from `stage["cache"]`) or `inline` (every worker runs the teacher on its batch:
-    the reference and the cost other frameworks pay).
+    the reference and the cost other frameworks pay). tensorboard_dir: rank 0's TensorBoard event files.
     object_store: the cached targets reach the workers through Ray's object store (`teachers.cache.
     ObjectStoreShards`: decoded once, zero copy, at most `memory_bytes` resident); False: every worker reads
     and decodes the Parquet shards itself (a `CacheReader` bounded by `memory_bytes`).
@@ -574,7 +584,7 @@ def fit_on_ray(
             loss_factors=dict(loss_factors or {}), kd_ratio=kd_ratio, eval_every=eval_every, use_gpu=use_gpu,
             progress=progress, teacher_mode=teacher_mode, shard_store=store.name if store else None,
             worker_hooks=list(worker_hooks or []),
-            framework_logs=framework_logs).to_dict(),
+            framework_logs=framework_logs, tensorboard_dir=tensorboard_dir).to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -92,6 +93,43 @@ def make_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_iters: int)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, total_iters, t))
 
 
+def tensorboard_writer(log_dir: str | os.PathLike | None) -> Any:
+    """torch's `SummaryWriter` on `log_dir` (None: no logging); event files that `tensorboard --logdir` reads."""
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def log_epoch(writer: Any, epoch: int, record: dict[str, Any]) -> None:
+    """Per-epoch scalars: val metrics (``val/AP``...), the distillation decay, images/s; step = epoch (1-based)."""
+    if writer is None:
+        return
+    for k, v in (record.get("val") or {}).items():
+        if isinstance(v, (int, float)) and v >= 0:
+            writer.add_scalar(f"val/{k}", v, epoch)
+    for k in ("decay", "loss_factor", "kd_ratio"):
+        if record.get(k) is not None:
+            writer.add_scalar(f"distill/{k}", record[k], epoch)
+    writer.add_scalar("speed/images_per_s", record.get("images_per_s", 0.0), epoch)
+    writer.flush()
+
+
+def step_logger(writer: Any, epoch: int, iters: int) -> Callable[[int, dict[str, float], float], None] | None:
+    """`on_step` writing every loss term (``loss/<term>``) and the lr at global step ``epoch * iters + batch``."""
+    if writer is None:
+        return None
+
+    def on_step(b: int, values: dict[str, float], lr: float) -> None:
+        step = epoch * iters + b
+        for k, v in values.items():
+            writer.add_scalar(f"loss/{k}", v, step)
+        writer.add_scalar("lr", lr, step)
+
+    return on_step
+
+
 def train_one_epoch(
     model: Detector,
     loader: DataLoader,
@@ -101,11 +139,13 @@ def train_one_epoch(
     epoch: int,
     progress: bool = True,
     extra_loss: Callable[[Any, list[dict], list[torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    on_step: Callable[[int, dict[str, float], float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean of each loss term, images/s and the last lr.
 
     `extra_loss(output, targets, images)` adds terms (distillation) computed from the same forward pass (the
-    images are there for a teacher that runs inline on the same batch).
+    images are there for a teacher that runs inline on the same batch). `on_step(batch, terms, lr)` sees every
+    step's loss terms (and their sum, ``loss``) and learning rate (TensorBoard: `tensorboard_writer`).
     Raises NonFiniteLossError naming the epoch and batch when a loss is NaN or infinite.
     """
     model.train()
@@ -137,9 +177,12 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         scheduler.step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        values["loss"] = float(loss.detach())
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if on_step is not None:
+            on_step(b, values, scheduler.get_last_lr()[0])
         n_images += len(images)
         n_batches += 1
         if progress:
@@ -276,11 +319,13 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
         start_epoch = state["epoch"] + 1
         log.info("resuming %s at epoch %d", out, start_epoch + 1)
     metrics_file = out / "metrics.jsonl"
+    writer = tensorboard_writer(out / "tensorboard")
     for epoch in range(start_epoch, t.epochs):
         train_ds.set_epoch(epoch)
         # The loader's shuffle order must not depend on whether the run was resumed.
         loader.generator.manual_seed(derive_seed(t.seed, "loader", epoch))
-        stats = train_one_epoch(model, loader, opt, sched, t, epoch, progress)
+        stats = train_one_epoch(model, loader, opt, sched, t, epoch, progress,
+                                on_step=step_logger(writer, epoch, iters))
         record: dict[str, Any] = {"epoch": epoch + 1, **stats}
         last = epoch + 1 == t.epochs
         if (t.eval_every and (epoch + 1) % t.eval_every == 0) or last:
@@ -289,9 +334,12 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
             if last:
                 (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         history.append(record)
+        log_epoch(writer, epoch + 1, record)
         save_train_state(ckpt_path, model, opt, sched, epoch, history)
         metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
+    if writer is not None:
+        writer.close()
     atomic_save(model.checkpoint({"resize": job.data.resize_spec("val").to_dict()}), out / "model.pt")
     plot_history(history, out)
     final = history[-1].get("val", {}) if history else {}

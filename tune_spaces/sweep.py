@@ -207,7 +207,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             job=to_dict(tjob), threads_per_worker=max(1, ctx["threads"]), stage=st.to_dict(),
             init=None if own is not None else str(init), memory_bytes=job.cache.memory_bytes, loss_factors=factors,
             kd_ratio=st.kd_ratio, eval_every=1, progress=False, teacher_mode=ctx["teacher_mode"],
-            use_gpu=device == "cuda", shard_store=ctx["stores"].get(st.teacher))
+            use_gpu=device == "cuda", shard_store=ctx["stores"].get(st.teacher),
+            tensorboard_dir=str(workdir / "tensorboard" / st.name))
         session = TuneSession(
             resume=resume if own is not None else None, device=device,
             extra=lambda m, base=done, si=st.index, kd=st.kd_ratio, f=factors: {
