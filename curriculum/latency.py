@@ -108,6 +108,7 @@ def latency_of_checkpoints(checkpoints: Sequence[str | Path], device: str = "cpu
         size = input_size(read_checkpoint(c, trust), image_size)
         det = load_detector(c, trust=trust)
         rows.append({"checkpoint": str(c), "name": det.config.name,
+                     "label": f"{det.config.name} ({Path(c).parent.name}/{Path(c).name})",
                      **measure(det, size, device, threads, batch, runs)})
     return rows
 

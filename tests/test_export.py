@@ -73,7 +73,8 @@ def test_cli_export_and_latency(tmp_path, capsys):
     assert row["name"] == "fcos_mobilenetv3_micro" and row["threads"] == 1 and row["input"] == [1, 3, 128, 128]
     assert row["eager_ms"]["runs"] == 3 and 0 < row["eager_ms"]["median"] <= row["eager_ms"]["p90"]
     assert 0 < row["onnxruntime_ms"]["median"] <= row["onnxruntime_ms"]["p90"]
-    assert "| fcos_mobilenetv3_micro | 1x3x128x128 | cpu, 1 |" in capsys.readouterr().out
+    assert f"| fcos_mobilenetv3_micro ({tmp_path.name}/fcos_mobilenetv3_micro.pt) | 1x3x128x128 | cpu, 1 |" in (
+        capsys.readouterr().out)
     rows = latency_of_checkpoints([path], runs=2, batch=2)
     assert rows[0]["input"] == [2, 3, 128, 128]
 
@@ -91,3 +92,16 @@ def test_ap_vs_latency_draws_every_model_and_the_students_gain_as_an_arrow():
     assert offsets == [(5.0, 10.0), (5.2, 16.0), (40.0, 30.0)]
     texts = [t.get_text().strip() for t in ax.texts]
     assert "+6.0 AP" in texts and len([a for a in ax.texts if getattr(a, "arrow_patch", None) is not None]) == 1
+
+
+def test_an_operator_onnx_cannot_export_is_named(tmp_path, monkeypatch):
+    det, path = _checkpoint(tmp_path, "fcos_mobilenetv3_micro")
+
+    def unsupported(*args, **kwargs):  # what torch's exporter raises for an op without an ONNX symbolic
+        raise RuntimeError("Unsupported: ONNX export of operator roi_magic, some detail. Please feel free to request")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(ExportError, match=r"fcos_mobilenetv3_micro could not be exported to onnx: operator roi_magic\. "
+                                          r"Try --format torchscript"):
+        export_checkpoint(path, "onnx", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob("*.tmp"))
