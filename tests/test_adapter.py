@@ -10,7 +10,7 @@ import torch
 from torchvision.models import get_model_builder
 
 from curriculum.config import RunJobConfig, config_from_dict
-from curriculum.data import Resize, View
+from curriculum.data import Resize
 from curriculum.errors import ConfigError
 from curriculum.pipeline import check_run_config, run_pipeline
 from examples.torchvision_teacher import TorchvisionRetinaNetTeacher
