@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -27,6 +28,40 @@ def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
             raise CacheError(f"cache root {root!r}: pyarrow cannot open this URI ({e})") from None
     return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """`root` (a local path, or a URI whose query such as ``?endpoint_override=host:port&scheme=http`` stays at the
+    end) with `parts` appended to its path."""
+    parts = tuple(p.strip("/") for p in parts if p and p.strip("/"))
+    if "://" not in root:
+        return os.path.join(root, *parts)
+    u = urllib.parse.urlsplit(root)
+    path = "/".join([u.path.rstrip("/"), *parts]) if parts else u.path
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, path, u.query, u.fragment))
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` for messages: credentials given in it (``s3://key:secret@bucket/...``) replaced by ``***``."""
+    if "://" not in uri:
+        return uri
+    u = urllib.parse.urlsplit(uri)
+    if "@" not in u.netloc:
+        return uri
+    return urllib.parse.urlunsplit((u.scheme, "***@" + u.netloc.rsplit("@", 1)[1], u.path, u.query, u.fragment))
+
+
+def check_root(root: str, what: str = "cache root") -> None:
+    """That `root` can be reached and listed (or does not exist yet, to be created): one clear error before any
+    actor starts, instead of one per actor."""
+    fs, path = resolve_fs(root)
+    try:
+        info = fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"{what} {redact_uri(root)!r} cannot be reached: {e}. Check the endpoint (AWS_ENDPOINT_URL or "
+                         "?endpoint_override=host:port&scheme=http in the URI), the credentials and the bucket") from None
+    if info.type == pafs.FileType.File:
+        raise CacheError(f"{what} {redact_uri(root)!r} is a file; give a folder (or a bucket prefix)")
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

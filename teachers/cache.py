@@ -65,7 +65,7 @@ import pyarrow.parquet as pq
 from curriculum.config import CacheConfig
 from curriculum.data import CocoDetection, Resize
 from curriculum.errors import CacheError, CorruptShardError, StaleCacheError
-from curriculum.files import atomic_write, exists, path_name, read_bytes, resolve_fs
+from curriculum.files import atomic_write, exists, join_uri, path_name, read_bytes, resolve_fs
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class TeacherCache:
         """(filesystem, path inside it, URI or local path to show and reopen) of `key`'s cache under `root`."""
         fs, base = resolve_fs(root)
         path = posixpath.join(base, key.relpath())
-        return fs, path, (root.rstrip("/") + "/" + key.relpath()) if "://" in root else path
+        return fs, path, join_uri(root, key.relpath()) if "://" in root else path
 
     @classmethod
     def open(cls, path: str) -> TeacherCache:
@@ -549,7 +549,7 @@ def find_caches(root: str) -> list[str]:
             continue
         rel = posixpath.dirname(info.path)[len(base.rstrip("/")):].strip("/")
         if "://" in root:
-            out.append(root.rstrip("/") + ("/" + rel if rel else ""))
+            out.append(join_uri(root, rel))
         else:
             out.append(posixpath.join(base, rel) if rel else base)
     if exists(fs, posixpath.join(base, "manifest.json")):

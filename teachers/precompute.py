@@ -399,8 +399,10 @@ def precompute(
     """
     if not job.teachers:
         raise CacheError("the precompute config names no teachers (teachers: [{checkpoint: ..., actors: 1}])")
+    from curriculum.files import check_root
     from curriculum.shapes import ensure_builtin_data
 
+    check_root(job.cache.root)  # an unreachable store fails here, once, before any actor starts
     ensure_builtin_data(job.data)
     runs = []
     ds_cache: dict = {}
