@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -153,6 +154,21 @@ class View:
         x1, x2, y1, y2 = x1 / sx, x2 / sx, y1 / sy, y2 / sy
         return torch.stack((x1, y1, x2, y2), dim=-1).to(out_dtype)
 
+    def apply_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Instance masks ``[N, orig_h, orig_w]`` into this view, as torchvision's transform resizes them (nearest),
+        then flipped with the image; uint8."""
+        if masks.shape[-2:] != (self.orig_h, self.orig_w):
+            raise ValueError(f"View.apply_masks: masks are {tuple(masks.shape[-2:])} (h, w), the view was made for "
+                             f"{(self.orig_h, self.orig_w)}")
+        m = masks
+        if (self.out_h, self.out_w) != (self.orig_h, self.orig_w) and m.shape[0]:
+            m = F.interpolate(m[:, None].float(), size=(self.out_h, self.out_w))[:, 0]
+        elif not m.shape[0]:
+            m = m.new_zeros((0, self.out_h, self.out_w))
+        if self.flip:
+            m = torch.flip(m, dims=(-1,))
+        return m.to(torch.uint8)
+
     def apply(self, image: torch.Tensor) -> torch.Tensor:
         """Transform a float image ``[C, orig_h, orig_w]`` (or ``[B, C, H, W]``) into this view.
 
@@ -267,6 +283,43 @@ def decide_scale(seed: int, epoch: int, image_id: int, count: int) -> int:
     a stream apart from the flip's so that adding scales does not change the flips."""
     rng = np.random.default_rng([int(seed) % 2**64, int(epoch) % 2**64, int(image_id) % 2**64, 1])
     return int(rng.integers(count))
+
+
+def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, RLE with string or list counts) as a ``[height, width]`` uint8 mask."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):  # polygons: the union of the parts
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg["counts"], list):  # uncompressed RLE (crowd regions)
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = seg
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 deprecation notice, once per call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def _segmentation_problem(seg: Any, height: int, width: int) -> str | None:
+    """Why `seg` is not a usable COCO segmentation of a ``height x width`` image (None: it is)."""
+    if seg is None:
+        return "has no 'segmentation'"
+    if isinstance(seg, list):
+        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in seg):
+            return ("has a malformed polygon segmentation (a list of [x1, y1, x2, y2, ...] lists of at least 3 points "
+                    "is expected)")
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and isinstance(counts, (str, list))):
+            return "has a malformed RLE segmentation ({'size': [height, width], 'counts': ...} is expected)"
+        if [int(size[0]), int(size[1])] != [height, width]:
+            return f"has an RLE segmentation of size {size} for an image of {height}x{width} (h x w)"
+        if isinstance(counts, list) and sum(counts) != height * width:
+            return f"has RLE counts summing to {sum(counts)}, not height x width = {height * width}"
+        return None
+    return f"has a segmentation of type {type(seg).__name__} (polygons or RLE expected)"
 
 
 def _as_box_tensor(boxes: torch.Tensor) -> torch.Tensor:
@@ -387,7 +440,10 @@ class CocoDetection(torch.utils.data.Dataset):
         flip: str = "none",
         seed: int = 0,
         on_bad_box: str = "clip",
+        masks: bool = False,
     ) -> None:
+        self.with_masks = bool(masks)
+        self.mask_fixes: dict[str, int] = {}
         self.resize = resize if isinstance(resize, Resize) else Resize("fixed", _resolve_size(resize))
         if flip not in FLIP_MODES:
             raise ConfigError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
@@ -566,6 +622,8 @@ class CocoDetection(torch.utils.data.Dataset):
         idx_a = np.asarray(img_idx, dtype=np.int64)
         bbox_a = np.asarray(bbox, dtype=np.float64).reshape(-1, 4)
         keep, boxes = self._fix_boxes(ids_a, idx_a, bbox_a)
+        if self.with_masks:
+            keep &= self._check_segmentations(anns, ids_a, idx_a)
         # Group per image: one stable sort, offsets into flat arrays (cheap to pickle to workers).
         ann_ids, img_idx, boxes = ids_a[keep], idx_a[keep], boxes[keep]
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)[keep]
@@ -581,6 +639,33 @@ class CocoDetection(torch.utils.data.Dataset):
                 "%s: filled missing 'area' (bbox w*h) in %d and 'iscrowd' (0) in %d annotations for evaluation",
                 f, self._filled_area, self._filled_iscrowd,
             )
+
+    def _check_segmentations(self, anns: list, ann_ids: np.ndarray, img_idx: np.ndarray) -> np.ndarray:
+        """Keep each annotation's `segmentation` (polygons, RLE, crowd RLE) for `__getitem__`; a missing or malformed
+        one is an error (``on_bad_box="error"``) or drops its annotation, counted like a bad box."""
+        by_id = {a["id"]: a.get("segmentation") for a in anns}
+        ok = np.ones(len(ann_ids), dtype=bool)
+        problems: dict[str, list[int]] = {"dropped_no_segmentation": [], "dropped_bad_segmentation": []}
+        self._segmentations: dict[int, Any] = {}
+        for j, (aid, i) in enumerate(zip(ann_ids.tolist(), img_idx.tolist())):
+            seg = by_id[aid]
+            h, w = int(self._heights[i]), int(self._widths[i])
+            why = _segmentation_problem(seg, h, w)
+            if why is None:
+                self._segmentations[aid] = seg
+                continue
+            if self.on_bad_box == "error":
+                raise DataError(f"{self.ann_file}: annotation id {aid} (image id {self.image_ids[i]}, {self._files[i]}, "
+                                f"{w}x{h}) {why}; fix the segmentation or use on_bad_box='drop' to drop it.")
+            ok[j] = False
+            problems["dropped_no_segmentation" if seg is None else "dropped_bad_segmentation"].append(aid)
+        self.mask_fixes = {k: len(v) for k, v in problems.items()}
+        what = {"dropped_no_segmentation": "without a segmentation", "dropped_bad_segmentation": "with a malformed "
+                "segmentation"}
+        parts = [f"{len(v)} annotation(s) {what[k]} dropped (ids {_first(v)})" for k, v in problems.items() if v]
+        if parts:
+            logger.warning("%s: %s. Fix the annotations to silence this (masks: on).", self.ann_file.name, "; ".join(parts))
+        return ok
 
     def _fix_boxes(
         self, ann_ids: np.ndarray, img_idx: np.ndarray, bbox: np.ndarray
@@ -782,7 +867,17 @@ class CocoDetection(torch.utils.data.Dataset):
             "view": view,
             "crowd_boxes": view.map_boxes(boxes[crowd]).reshape(-1, 4),
         }
+        if self.with_masks:
+            ids = self._ann_ids[lo:hi][~crowd.numpy()]
+            target["masks"] = view.apply_masks(self.decode_masks(ids.tolist(), view.orig_h, view.orig_w))
         return image, target
+
+    def decode_masks(self, ann_ids: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """The instance masks ``[N, height, width]`` (uint8, 0/1) of these annotations, in the original image."""
+        if not ann_ids:
+            return torch.zeros((0, height, width), dtype=torch.uint8)
+        return torch.from_numpy(np.stack([segmentation_to_mask(self._segmentations[a], height, width)
+                                          for a in ann_ids]))
 
     def validate_images(self) -> None:
         """Checks every image header (size, readability) up front, without decoding pixels.

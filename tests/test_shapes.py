@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from curriculum.data import segmentation_to_mask
 from curriculum.errors import ConfigError
 from curriculum.shapes import (
     CATEGORIES,
@@ -211,10 +212,12 @@ def test_coco_size_buckets() -> None:
 # ----------------------------------------------------------------------------- varied sizes
 
 # Computed with the generator before `varied_sizes` existed: the option off must not change a byte.
+# Version 3 (masks as RLE): the same images and annotations as version 2 (pins 3b46.., b7f6.., fadc..), each
+# annotation with its `segmentation` added and the version in `info` raised.
 SQUARE_PINS = {
-    "shapes.json": "3b46414569ff50de660e47b4c2b5dbe95456115f5eda68d3a44f0bb802a9b0a5",
-    "train/instances.json": "b7f6fe8947ce6993b9f7f0175dfd73e32595f98181c18269475b72f9bfdd23f7",
-    "val/instances.json": "fadc78d7f2f0eb68dcebb121422c19fe9de7eac860c6c83b2100bfaeef75e559",
+    "shapes.json": "77aecdc080eed765338860f7794e8c19c37b8b9607c3098a947a652a57b24e2c",
+    "train/instances.json": "63d9127d71e582ecb9a7ffa6146963b4254a400cbf8348db9bbb73e97cc96208",
+    "val/instances.json": "84a0adb36b9245c9b3b2e9b2e046752b695e43850c8cab9d9b6ff42d8b875278",
 }
 SQUARE_PIXELS = "6c68b5da8a0c334e7e2429f170ce774fe33f558dec75d7bf8713129fa7583184"
 
@@ -244,7 +247,9 @@ def test_option_off_output_unchanged(dataset: tuple[Path, dict]) -> None:
     pixels, anns, counts = render_shapes_image(7, "val", seed=3, image_size=SIZE, varied_sizes=False)
     assert pixels.shape == (SIZE, SIZE, 3)
     assert pixels[0, 0].tolist() == [118, 109, 164] and pixels[40, 17].tolist() == [75, 117, 157]
+    seg = anns[1].pop("segmentation")
     assert anns[1] == {"category_id": 7, "bbox": [13.0, 14.0, 24.0, 24.0], "area": 175.0}
+    assert seg["size"] == [SIZE, SIZE] and segmentation_to_mask(seg, SIZE, SIZE).sum() == 175
     assert counts == {"dropped": 0, "distractors": 1}
     assert "varied_sizes" not in json.loads((out / "shapes.json").read_text())["params"]
 
@@ -374,3 +379,20 @@ def test_ensure_builtin_data_regenerates_when_varied_sizes_switch(tmp_path: Path
     data.shapes.varied_sizes = False
     ensure_builtin_data(data)
     assert _files(root) == square
+
+
+@pytest.mark.parametrize("which", ["dataset", "varied"])
+def test_every_object_has_its_exact_visible_mask(which: str, request: pytest.FixtureRequest) -> None:
+    """The RLE decodes to the visible pixels: their tight box is the bbox, their count the area."""
+    root = request.getfixturevalue(which)
+    root = root[0] if isinstance(root, tuple) else root
+    for split in ("train", "val"):
+        coco = json.loads((root / split / "instances.json").read_text())
+        size = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+        for a in coco["annotations"]:
+            h, w = size[a["image_id"]]
+            assert a["segmentation"]["size"] == [h, w]
+            m = segmentation_to_mask(a["segmentation"], h, w)
+            ys, xs = np.nonzero(m)
+            assert [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                    float(ys.max() - ys.min() + 1)] == a["bbox"] and m.sum() == a["area"], a["id"]
