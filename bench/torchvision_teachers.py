@@ -37,7 +37,7 @@ MAX_FOR = {512: 853, 800: 1333}
 
 
 def reference(builder: str, min_size: int, max_size: int) -> torch.nn.Module:
-    prefix = "box_" if builder.startswith("fasterrcnn") else ""
+    prefix = "box_" if builder.startswith(("fasterrcnn", "maskrcnn")) else ""
     torch.manual_seed(0)
     model = get_model_builder(builder)(weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
                                        max_size=max_size, **{f"{prefix}score_thresh": 0.01,

@@ -32,10 +32,15 @@ def _fmt(v: float) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of COCO metrics (x100) per model."""
     cols = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    lines = ["| model | " + " | ".join(cols) + " | train img/s |", "|---" * (len(cols) + 2) + "|"]
+    masks = any("segm" in r.get("val", {}) for r in rows)  # Mask R-CNN: mask AP beside the box AP
+    extra = " | mask AP | mask AP50" if masks else ""
+    lines = ["| model | " + " | ".join(cols) + extra + " | train img/s |",
+             "|---" * (len(cols) + 2 + 2 * masks) + "|"]
     for r in rows:
         val = r.get("val", {})
+        segm = val.get("segm", {})
         lines.append(f"| {r['name']} | " + " | ".join(_fmt(val.get(c, -1)) for c in cols)
+                     + ("".join(f" | {_fmt(segm.get(c, -1))}" for c in ("AP", "AP50")) if masks else "")
                      + f" | {r.get('train_images_per_s', 0):.1f} |")
     return "\n".join(lines)
 

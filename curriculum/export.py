@@ -2,7 +2,8 @@
 
 The graph takes ``images``: float32 ``[1, 3, H, W]``, RGB in [0, 1], already resized to its input size (the
 checkpoint's, or ``--image-size H W``) and returns ``boxes`` ``[K, 4]`` (xyxy, input pixels), ``scores`` ``[K]``,
-``labels`` ``[K]``: the detector's own normalisation, score threshold, NMS and top-k, traced at that size.
+``labels`` ``[K]``: the detector's own normalisation, score threshold, NMS and top-k, traced at that size. A Mask
+R-CNN exports its boxes, scores and labels; its masks stay out of the graph (paste-in-image is a per-box loop).
 
 ONNX export uses torch's TorchScript-based exporter (opset 17) and is checked by onnxruntime against the eager
 model on a random input before the file is kept. ``pip install -e .[export]`` installs onnx and onnxruntime.
@@ -40,6 +41,7 @@ class ExportedDetector(nn.Module):
         super().__init__()
         # A frozen copy: the graph holds constants, and the caller's model keeps its mode and gradients.
         self.detector = copy.deepcopy(detector).eval().requires_grad_(False)
+        self.detector.detect_masks = False  # a Mask R-CNN's masks stay out of the graph (boxes, scores, labels)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.detector([images[0]], want=("detections",)).detections[0]

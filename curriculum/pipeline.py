@@ -228,7 +228,9 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     from trainers.distillation import InlineSource, build_student, feature_factors
     from trainers.train import build_dataset
 
-    ds = build_dataset(job.data, "train", seed=job.train.seed)
+    from teachers.zoo import needs_masks
+
+    ds = build_dataset(job.data, "train", seed=job.train.seed, masks=needs_masks(job.student.name))
     ds.set_epoch(0)
     if stage.cache:
         reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)

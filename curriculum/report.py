@@ -18,8 +18,12 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
-    """The report's metrics of one evaluation (-1: undefined)."""
-    return {k: float(metrics.get(k, -1.0)) for k in METRICS}
+    """The report's metrics of one evaluation (-1: undefined); a Mask R-CNN's mask AP as ``mask_AP``, ``mask_AP50``."""
+    row = {k: float(metrics.get(k, -1.0)) for k in METRICS}
+    for k in ("AP", "AP50"):
+        if "segm" in metrics:
+            row[f"mask_{k}"] = float(metrics["segm"].get(k, -1.0))
+    return row
 
 
 
@@ -81,14 +85,15 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
         "Val COCO box metrics x100" + (f" on the first {job.eval.max_images} val images" if job.eval.max_images else "")
         + ":",
         "",
-        "| model | epochs | " + " | ".join(METRICS) + " | ms/img eager | ms/img onnxruntime |",
-        "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|",
     ]
+    cols = METRICS + (("mask_AP", "mask_AP50") if any("mask_AP" in r["val"] for r in rows) else ())
+    lines += ["| model | epochs | " + " | ".join(c.replace("_", " ") for c in cols) + " | ms/img eager | "
+              "ms/img onnxruntime |", "|---|---:|" + "---:|" * len(cols) + "---:|---:|"]
     for r in rows:
         lat = r.get("latency") or {}
         ms = [f"{lat[k]['median']:.1f}" if k in lat else "-" for k in ("eager_ms", "onnxruntime_ms")]
-        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | " + " | ".join(_fmt(r["val"][k]) for k in METRICS)
-                     + f" | {ms[0]} | {ms[1]} |")
+        lines.append(f"| {r['name']} | {r.get('epochs', '-')} | "
+                     + " | ".join(_fmt(r["val"].get(k, -1.0)) for k in cols) + f" | {ms[0]} | {ms[1]} |")
     if latency:
         some = next(iter(latency.values()))
         lines += ["", f"Latency: median ms per image over {some['eager_ms']['runs']} runs after warm-up, batch 1, "

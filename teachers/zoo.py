@@ -1,6 +1,6 @@
 """The detector zoo: one front door, `build_detector(name, num_classes, **overrides)`.
 
-A detector name is ``<head>_<backbone>``: a torchvision head (``retinanet``, ``fcos``, ``fasterrcnn``) on a
+A detector name is ``<head>_<backbone>``: a torchvision head (``retinanet``, ``fcos``, ``fasterrcnn``, ``maskrcnn``) on a
 timm backbone built with ``features_only=True`` and a torchvision FPN. Full-size backbones (ResNet-18/34/50/101,
 MobileNetV3, ConvNeXt, Swin T/S/B) sit beside width- and depth-reduced members that train on a 2-core CPU
 in minutes at the built-in data set's 128 px: these are the built-in teachers and students.
@@ -26,20 +26,22 @@ from typing import Any
 import timm
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
-from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_inference, maskrcnn_loss, paste_masks_in_image
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from curriculum.errors import ModelError
 
-HEADS = ("retinanet", "fcos", "fasterrcnn")
+HEADS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+TWO_STAGE_HEADS = ("fasterrcnn", "maskrcnn")
 CHECKPOINT_FORMAT = "curriculum.detector/1"
 TORCHVISION_PREFIX = "torchvision:"
 # torchvision's COCO detectors the zoo wraps as they are (`torchvision:<builder>`).
@@ -47,6 +49,7 @@ TORCHVISION_BUILDERS = (
     "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
     "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
     "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
 )
 # Options of the zoo's own detectors that a torchvision builder fixes itself.
 _OWN_ARCHITECTURE_OPTIONS = ("fpn_channels", "head_convs", "anchor_scale")
@@ -153,6 +156,11 @@ def list_detectors(builtin_only: bool = False) -> list[str]:
     """All registered detector names: `<head>_<backbone>`, then `torchvision:<builder>`."""
     own = [f"{h}_{b}" for b, spec in BACKBONES.items() if spec.builtin or not builtin_only for h in HEADS]
     return own if builtin_only else own + [TORCHVISION_PREFIX + b for b in TORCHVISION_BUILDERS]
+
+
+def needs_masks(name: str) -> bool:
+    """A Mask R-CNN: trains on instance masks (the data set's ``masks=True``)."""
+    return name.removeprefix(TORCHVISION_PREFIX).startswith("maskrcnn")
 
 
 def check_detector_name(name: str) -> None:
@@ -307,6 +315,8 @@ class Detector(nn.Module):
         self.config = cfg
         self.model = model
         self.kind = "two_stage" if isinstance(model, FasterRCNN) else "one_stage"
+        self.has_masks = isinstance(model, MaskRCNN)
+        self.detect_masks = self.has_masks  # masks with the detections (an exported graph leaves them out)
         # Own backbones name their levels p<k> already; torchvision's are renamed by stride, measured once.
         self.level_map: dict[str, str] = level_names_by_stride(model.backbone)
         # Label 0 is the background: torchvision's sigmoid post-processing of one-stage heads would still rank it
@@ -345,6 +355,13 @@ class Detector(nn.Module):
         tv_targets = None
         if targets is not None:
             tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+            if self.has_masks and "losses" in want:
+                missing = [i for i, t in enumerate(targets) if "masks" not in t]
+                if missing:
+                    raise ValueError(f"{self.config.name} needs instance masks in its targets (the data set's "
+                                     f"masks=True); images {missing} have none")
+                for tv, t in zip(tv_targets, targets):
+                    tv["masks"] = t["masks"]
         image_list = self.batch(images)
         features = m.backbone(image_list.tensors)
         out = DetectorOutput(image_sizes=list(image_list.image_sizes))
@@ -419,12 +436,13 @@ class Detector(nn.Module):
         decoded = rpn.box_coder.decode(deltas_flat.detach(), anchors).view(len(anchors), -1, 4)
         proposals, _ = rpn.filter_proposals(decoded, obj_flat, image_list.image_sizes, per_level)
         roi_boxes, roi_labels, roi_reg_targets = proposals, None, None
+        roi_matched = None
         if "losses" in want:
             labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
             reg_targets = rpn.box_coder.encode(matched, anchors)
             labels = _rpn_sampled_labels(rpn, labels)
             loss_obj, loss_rpn = rpn.compute_loss(obj_flat, deltas_flat, labels, reg_targets)
-            roi_boxes, _, roi_labels, roi_reg_targets = roi.select_training_samples(proposals, targets)
+            roi_boxes, roi_matched, roi_labels, roi_reg_targets = roi.select_training_samples(proposals, targets)
         class_logits, box_regression = self._roi_forward(features, roi_boxes, image_list.image_sizes)
         if "losses" in want:
             loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, roi_labels, roi_reg_targets)
@@ -432,8 +450,20 @@ class Detector(nn.Module):
                 "loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn,
                 "loss_classifier": loss_cls, "loss_box_reg": loss_box,
             }
+            if self.has_masks:  # the mask head on the positive RoIs, as torchvision's RoIHeads trains it
+                pos = [torch.where(lab > 0)[0] for lab in roi_labels]
+                mask_boxes = [b[p] for b, p in zip(roi_boxes, pos)]
+                mask_logits = self._mask_forward(features, mask_boxes, image_list.image_sizes)
+                out.losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_boxes, [t["masks"] for t in targets],
+                                                        [t["labels"] for t in targets],
+                                                        [m[p] for m, p in zip(roi_matched, pos)])
+                if "head" in want:
+                    out.head["mask_boxes"] = mask_boxes
+                    out.head["mask_logits"] = mask_logits
+                    out.head["mask_labels"] = [lab[p] for lab, p in zip(roi_labels, pos)]
         if "head" in want:
             out.head = {
+                **out.head,
                 "objectness": objectness, "rpn_deltas": rpn_deltas, "anchors": anchors,
                 "anchors_per_level": per_level, "proposals": proposals, "roi_boxes": roi_boxes,
                 "class_logits": class_logits, "box_regression": box_regression,
@@ -449,6 +479,28 @@ class Detector(nn.Module):
                     class_logits, box_regression, proposals, image_list.image_sizes
                 )
             out.detections = [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+            if self.detect_masks:
+                with torch.no_grad():
+                    probs = maskrcnn_inference(self._mask_forward(features, boxes, image_list.image_sizes), labels)
+                for det, p, size in zip(out.detections, probs, image_list.image_sizes):
+                    det["mask_probs"] = p  # [D, 1, M, M] in each box (paste them at any resolution)
+                    det["masks"] = paste_masks_in_image(p, det["boxes"], size)  # [D, 1, H, W] in input pixels
+
+    def _mask_forward(self, features, boxes, image_sizes) -> Tensor:
+        """Mask logits ``[R, K, M, M]`` of the mask head on `boxes` (features under the backbone's own names)."""
+        roi = self.model.roi_heads
+        if sum(len(b) for b in boxes) == 0:
+            m = roi.mask_roi_pool.output_size[0] * 2
+            return features[next(iter(features))].new_zeros((0, self.config.num_classes, m, m))
+        return roi.mask_predictor(roi.mask_head(roi.mask_roi_pool(features, boxes, image_sizes)))
+
+    def score_masks(self, features: "OrderedDict[str, Tensor]", boxes: list[Tensor],
+                    image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Mask logits ``[R, K, M, M]`` for given boxes (e.g. a student's positive RoIs), on recorded or cached
+        features: no backbone runs."""
+        if not self.has_masks:
+            raise ModelError(f"{self.config.name} has no mask head")
+        return self._mask_forward(self._unnamed(features), boxes, image_sizes)
 
     def _roi_forward(self, features, boxes, image_sizes) -> tuple[Tensor, Tensor]:
         """`features` under the backbone's own names (`_unnamed` turns recorded ones back)."""
@@ -637,7 +689,7 @@ def _build_torchvision(cfg: DetectorConfig, overrides: dict[str, Any]) -> Detect
     if cfg.class_names is None and cfg.num_classes == len(coco_names):
         cfg = replace(cfg, class_names=coco_names)
     thresholds = ({"box_score_thresh": cfg.score_thresh, "box_nms_thresh": cfg.nms_thresh,
-                   "box_detections_per_img": cfg.detections_per_img} if cfg.head == "fasterrcnn" else
+                   "box_detections_per_img": cfg.detections_per_img} if cfg.head in TWO_STAGE_HEADS else
                   {"score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
                    "detections_per_img": cfg.detections_per_img})
     model = get_model_builder(cfg.builder)(weights=None, weights_backbone=None, num_classes=cfg.num_classes,
@@ -753,8 +805,7 @@ def _assemble(cfg: DetectorConfig) -> Detector:
         sizes = tuple((max(2, int(s * cfg.anchor_scale)),) for s in strides)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         rep = 4 * fpn_ch
-        model = FasterRCNN(
-            backbone, None,
+        two_stage = dict(
             rpn_anchor_generator=anchors, rpn_head=RPNHead(fpn_ch, 3, conv_depth=max(1, convs // 2)),
             box_roi_pool=MultiScaleRoIAlign(backbone.level_names, 7, 2),
             box_head=TwoMLPHead(fpn_ch * 49, rep), box_predictor=FastRCNNPredictor(rep, cfg.num_classes),
@@ -763,6 +814,15 @@ def _assemble(cfg: DetectorConfig) -> Detector:
             box_batch_size_per_image=128, box_score_thresh=cfg.score_thresh, box_nms_thresh=cfg.nms_thresh,
             box_detections_per_img=cfg.detections_per_img, **common,
         )
+        if cfg.head == "maskrcnn":
+            # torchvision's mask branch (14 px RoIs, a conv tower, 28 px logits per class), its tower as deep as
+            # the box head's convs for the reduced members (4 convs of 256 channels at full size).
+            depth = convs if spec.builtin else 4
+            model = MaskRCNN(backbone, None, mask_roi_pool=MultiScaleRoIAlign(backbone.level_names, 14, 2),
+                             mask_head=MaskRCNNHeads(fpn_ch, (fpn_ch,) * depth, 1),
+                             mask_predictor=MaskRCNNPredictor(fpn_ch, fpn_ch, cfg.num_classes), **two_stage)
+        else:
+            model = FasterRCNN(backbone, None, **two_stage)
     return Detector(cfg, model)
 
 

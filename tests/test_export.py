@@ -27,7 +27,8 @@ def _checkpoint(tmp_path, name: str, resize: Resize | None = None):
     return det, path
 
 
-@pytest.mark.parametrize("name", ["retinanet_mobilenetv3_micro", "fcos_mobilenetv3_micro", "fasterrcnn_resnet_mini"])
+@pytest.mark.parametrize("name", ["retinanet_mobilenetv3_micro", "fcos_mobilenetv3_micro", "fasterrcnn_resnet_mini",
+                                  "maskrcnn_resnet_mini"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_model_gives_predicts_detections(name, fmt, tmp_path):
     det, path = _checkpoint(tmp_path, name)

@@ -18,7 +18,7 @@ MIN, MAX = 224, 352  # small inputs keep ResNet-50 fast on a CPU
 
 
 def _reference(builder: str, num_classes: int = 91, **kw):
-    prefix = "box_" if builder.startswith("fasterrcnn") else ""  # the project's defaults: 100 detections, NMS 0.5
+    prefix = "box_" if builder.startswith(("fasterrcnn", "maskrcnn")) else ""  # the project's defaults: 100 dets, NMS 0.5
     options = {f"{prefix}score_thresh": 0.01, f"{prefix}nms_thresh": 0.5, f"{prefix}detections_per_img": 100}
     torch.manual_seed(0)
     model = get_model_builder(builder)(weights=None, weights_backbone=None, num_classes=num_classes, min_size=MIN,

@@ -19,6 +19,10 @@ TARGETS = [
     {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [70.0, 70.0, 90.0, 100.0]]), "labels": torch.tensor([1, 3])},
     {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)},  # an image without objects
 ]
+for _t in TARGETS:  # box masks: what a Mask R-CNN member needs to train (the others ignore them)
+    _t["masks"] = torch.zeros((len(_t["boxes"]), 128, 128), dtype=torch.uint8)
+    for _m, (_x1, _y1, _x2, _y2) in zip(_t["masks"], _t["boxes"].int().tolist()):
+        _m[_y1:_y2, _x1:_x2] = 1
 BUILTIN = [n for n in list_detectors(builtin_only=True)]
 
 
@@ -145,7 +149,7 @@ def test_bad_names_and_options():
         build_detector("retinanet_resnet_mini", K, fpn_width=3)
     with pytest.raises(ModelError, match="at least 2"):
         build_detector("retinanet_resnet_mini", 1)
-    assert set(HEADS) == {"retinanet", "fcos", "fasterrcnn"}
+    assert set(HEADS) == {"retinanet", "fcos", "fasterrcnn", "maskrcnn"}
 
 
 def test_pretrained_weights_offline_fail_clearly():

@@ -42,6 +42,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: What ``eval.json`` keeps of the mask evaluation, under ``"segm"``.
+SEGM_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class")
+
 #: The headline box metrics, in the order of ``COCOeval.stats[0:6]``.
 COCO_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -78,8 +81,12 @@ def detections_to_coco(
     scores: Any,
     labels: Any,
     label_to_category: dict[int, int],
+    masks: Any = None,
 ) -> list[dict[str, Any]]:
     """Convert one image's detections into COCO result dicts.
+
+    ``masks`` ``[N, H, W]`` (probabilities or 0/1, in the original image): each result also gets its
+    ``segmentation`` as compressed RLE of ``mask >= 0.5`` (what ``COCOeval(iouType="segm")`` reads).
 
     ``boxes_xyxy`` ``[N, 4]`` must already be in ORIGINAL image pixels (undo the view's
     transform first): COCO matches against the annotation file's coordinates. Each result is
@@ -153,6 +160,15 @@ def detections_to_coco(
                 "score": float(score_arr[i]),
             }
         )
+    if masks is not None:
+        from pycocotools import mask as mask_utils
+
+        binary = (_to_numpy(masks) >= 0.5).astype(np.uint8)
+        if binary.ndim != 3 or binary.shape[0] != n:
+            raise ValueError(f"image {image_id}: masks must have shape [N, H, W] with N = {n}, got {binary.shape}")
+        for r, m in zip(results, binary):
+            rle = mask_utils.encode(np.asfortranarray(m))
+            r["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
     return results
 
 
@@ -269,8 +285,10 @@ def evaluate_detections(
     detections: Sequence[dict[str, Any]],
     image_ids: Sequence[int] | None = None,
     per_class: bool = False,
+    iou_type: str = "bbox",
 ) -> dict[str, Any]:
-    """Run COCO box evaluation and return its metrics as raw fractions.
+    """Run COCO box evaluation (``iou_type="segm"``: mask evaluation, the detections' ``segmentation``
+    against the annotations') and return its metrics as raw fractions.
 
     ``image_ids`` restricts evaluation (default: every image of the ground truth), so a
     partial pass over the validation set is not charged with misses on unseen images.
@@ -302,10 +320,15 @@ def evaluate_detections(
     with contextlib.redirect_stdout(buf):
         if detections:
             # loadRes adds keys (area, id, iscrowd, segmentation) in place: give it copies.
-            dt = gt.loadRes([dict(d, bbox=list(d["bbox"])) for d in detections])
+            # Masks without their boxes: loadRes then measures each detection's area on its mask (the size
+            # buckets of the mask metrics), not on its box.
+            dt = gt.loadRes([dict(d, bbox=list(d["bbox"])) if iou_type == "bbox" else
+                             {k: v for k, v in d.items() if k != "bbox"} for d in detections])
         else:
             dt = _empty_results(gt)
-        coco_eval = COCOeval(gt, dt, iouType="bbox")
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type {iou_type!r}: 'bbox' or 'segm'")
+        coco_eval = COCOeval(gt, dt, iouType=iou_type)
         coco_eval.params.imgIds = eval_ids
         coco_eval.evaluate()
         coco_eval.accumulate()

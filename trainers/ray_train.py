@@ -366,6 +366,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     from curriculum.data import collate_fn
     from teachers.outputs import load_teacher, teacher_forward_counts
     from trainers.distillation import DistillStep, InlineSource, build_student
+    from teachers.zoo import needs_masks
     from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model, log_epoch,
                                 load_train_state, make_optimizer, make_scheduler, step_logger, tensorboard_writer,
                                 train_one_epoch)
@@ -376,7 +377,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     stage_index = stage["index"] if stage else 0
     t = job.train
     rank, world, device = session.rank, session.world, session.device
-    ds = build_dataset(job.data, "train", seed=t.seed)
+    ds = build_dataset(job.data, "train", seed=t.seed, masks=needs_masks(job.model.name))
     source = teacher = reader = None
     teacher_channels = None
     adapter = None

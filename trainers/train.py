@@ -32,8 +32,9 @@ from curriculum.errors import CurriculumError
 from curriculum.files import atomic_save
 from curriculum.seeds import derive_seed, seed_everything
 from curriculum.shapes import ensure_builtin_data
-from teachers.zoo import Detector, build_detector
-from trainers.coco_eval import detections_to_coco, evaluate_detections, write_detections
+from teachers.zoo import Detector, build_detector, needs_masks
+from trainers.coco_eval import SEGM_KEYS, detections_to_coco, evaluate_detections, write_detections
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ class NonFiniteLossError(CurriculumError):
 # ------------------------------------------------------------------------------------------------ data
 
 
-def build_dataset(data: DataConfig, split: str, seed: int = 0) -> CocoDetection:
+def build_dataset(data: DataConfig, split: str, seed: int = 0, masks: bool = False) -> CocoDetection:
+    """The split as a data set: training views (flip, multi-scale) for train, evaluation views otherwise; `masks`:
+    instance masks in the targets (a Mask R-CNN trains on them; evaluation reads them from the annotations)."""
     images, ann = data.split_paths(split)
     flip = data.flip if split == "train" else "none"
     return CocoDetection(images, ann, data.resize_spec("train" if split == "train" else "val"), flip=flip, seed=seed,
-                         on_bad_box=data.on_bad_box)
+                         on_bad_box=data.on_bad_box, masks=masks)
 
 
 def make_loader(ds: CocoDetection, batch_size: int, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
@@ -213,8 +216,14 @@ def predict_coco(
     image_ids: list[int] = []
     for images, targets in _progress(loader, desc="eval", disable=not progress, unit="batch"):
         for det, tg in zip(model.predict(images), targets):
-            boxes = tg["view"].unmap_boxes(det["boxes"])
-            results += detections_to_coco(tg["image_id"], boxes, det["scores"], det["labels"], ds.label_to_category)
+            view = tg["view"]
+            boxes = view.unmap_boxes(det["boxes"])
+            masks = None
+            if "mask_probs" in det:  # box-relative: pasted straight into the original image
+                probs = torch.flip(det["mask_probs"], dims=(-1,)) if view.flip else det["mask_probs"]
+                masks = paste_masks_in_image(probs, boxes, (view.orig_h, view.orig_w))[:, 0]
+            results += detections_to_coco(tg["image_id"], boxes, det["scores"], det["labels"], ds.label_to_category,
+                                           masks=masks)
             image_ids.append(tg["image_id"])
     model.train(was_training)
     return results, image_ids
@@ -230,6 +239,11 @@ def evaluate_model(
     if detections_path is not None:
         write_detections(detections_path, results)
     metrics = evaluate_detections(ds.coco, results, image_ids=image_ids, per_class=True)
+    anns = ds.coco.dataset["annotations"]
+    if getattr(model, "has_masks", False) and all("segmentation" in a for a in anns):
+        # box metrics stay at the top level; mask metrics under "segm"
+        segm = evaluate_detections(ds.coco, results, image_ids=image_ids, per_class=True, iou_type="segm")
+        metrics["segm"] = {k: v for k, v in segm.items() if k in SEGM_KEYS}
     metrics["images"] = len(image_ids)
     return metrics
 
@@ -299,7 +313,7 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
     t = job.train
     seed_everything(t.seed)
     ensure_builtin_data(job.data)
-    train_ds = build_dataset(job.data, "train", seed=t.seed)
+    train_ds = build_dataset(job.data, "train", seed=t.seed, masks=needs_masks(job.model.name))
     val_ds = build_dataset(job.data, "val", seed=t.seed)
     model = build_detector(job.model.name, train_ds.num_classes, image_size=job.data.image_size,
                            class_names=tuple(train_ds.class_names), **job.model.overrides())
