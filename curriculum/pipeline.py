@@ -255,6 +255,8 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
                                            init=init, losses=stage.losses, teacher_channels=teacher_channels)
         if not stage.cache and not stage.adapter:
             source = InlineSource(teacher, distiller.required_teacher_targets())
+        elif stage.cache and {"roi_scorer", "mask_scorer"} & distiller.required_teacher_targets():
+            reader.roi_head = load_teacher(stage.teacher_checkpoint, stage.teacher)  # heads on cached features
         return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed,
                                class_map=ClassMap.from_dict(stage.class_map) if stage.class_map else None)
 

@@ -248,6 +248,15 @@ class ClassMap:
                         self.map_box_regression(reg, "roi_scorer box_regression"))
 
             changes["roi_scorer"] = mapped_scorer
+        if tt.mask_scorer is not None:
+            masks_of = tt.mask_scorer
+            channels = list(self.columns)
+
+            def mapped_masks(boxes: list[Tensor]) -> Tensor:  # the student's classes' mask channels
+                logits = masks_of(boxes)
+                return logits[:, logits.new_tensor(channels, dtype=torch.long)]
+
+            changes["mask_scorer"] = mapped_masks
         return dataclasses.replace(tt, **changes)  # rebuilt: every tensor detached again
 
 

@@ -192,9 +192,14 @@ class _RowTargets:
     def targets(self, image_ids: Sequence[int], views: Sequence[View | str]) -> Any:
         """`TeacherTargets` of a batch, rows in batch order, `image_ids` set (checked by the losses' callers)."""
         raws = self.rows(image_ids, views)
-        scorer = self._scorer(raws, views) if self.roi_head is not None else None
+        bound = self._bound_features(raws, views) if self.roi_head is not None else None
+        det = self.roi_head
+        scorer = (lambda boxes: det.score_boxes(bound[0], list(boxes), bound[1])) if bound else None
         sizes = [v.padded_size() for v in views] if all(isinstance(v, View) for v in views) else None
-        return collate_targets(raws, image_ids, roi_scorer=scorer, sizes=sizes)
+        tt = collate_targets(raws, image_ids, roi_scorer=scorer, sizes=sizes)
+        if bound and getattr(det, "has_masks", False):
+            tt.mask_scorer = lambda boxes: det.score_masks(bound[0], list(boxes), bound[1])
+        return tt
 
     def targets_for(self, batch_targets: Sequence[dict[str, Any]]) -> Any:
         """`targets` for a collated batch's target dicts (`image_id`, `view`)."""
@@ -203,7 +208,8 @@ class _RowTargets:
     def proposals(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[torch.Tensor] | None:
         return proposals_of(self.rows(image_ids, views))
 
-    def _scorer(self, raws, views):
+    def _bound_features(self, raws, views) -> tuple[OrderedDict, list] | None:
+        """The cached FPN features of the batch and its image sizes, when the RoI heads can run on them."""
         det = self.roi_head
         levels = [det.level_map.get(l, l) for l in getattr(det.model.roi_heads.box_roi_pool, "featmap_names", [])]
         have = [n.split("/", 1)[1] for n in raws[0] if n.startswith("features/")]
@@ -216,7 +222,7 @@ class _RowTargets:
             vv = v if isinstance(v, View) else None
             sizes.append((vv.out_h, vv.out_w) if vv else (self.manifest["key"]["views"]["out_h"],
                                                           self.manifest["key"]["views"]["out_w"]))
-        return lambda boxes: det.score_boxes(feats, list(boxes), sizes)
+        return feats, sizes
 
 
 class CacheReader(_RowTargets):

@@ -220,9 +220,13 @@ class InlineTeacher:
         features (proposal sharing), which neither the cache nor the server can give."""
         keep: dict[str, Any] = {}
         rows = teacher_outputs(self.detector, list(images), self.targets, self.levels, keep=keep)
-        scorer = None
+        scorer = masks = None
         if self.detector.kind == "two_stage":
             det, feats, sizes = self.detector, keep["features"], keep["image_sizes"]
             scorer = lambda boxes: det.score_boxes(feats, list(boxes), sizes)  # noqa: E731
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        return collate_targets(rows, [int(i) for i in image_ids], roi_scorer=scorer, sizes=_padded(sizes))
+            if det.has_masks:
+                masks = lambda boxes: det.score_masks(feats, list(boxes), sizes)  # noqa: E731
+        image_hw = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        tt = collate_targets(rows, [int(i) for i in image_ids], roi_scorer=scorer, sizes=_padded(image_hw))
+        tt.mask_scorer = masks
+        return tt

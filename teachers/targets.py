@@ -70,14 +70,17 @@ TARGETS: tuple[TargetField, ...] = (
                 "detections", "detections/{boxes,scores,labels}", "any", ()),
     TargetField("roi_scorer", "the teacher's RoI head bound to this batch's features (not a tensor)", "features",
                 "features/{level}", "two_stage", ("tar_box", "tar_cls")),
+    TargetField("mask_scorer", "a Mask R-CNN teacher's mask head bound to this batch's features: boxes per image -> "
+                "mask logits [R, K, M, M] (not a tensor)", "features", "features/{level}", "two_stage", ("mask_kd",)),
 )
+SCORERS = ("roi_scorer", "mask_scorer")  # heads bound to features, not tensors
 FIELDS: dict[str, TargetField] = {f.name: f for f in TARGETS}
 PROPOSAL_BOXES = "proposals/boxes"  # the boxes (view pixels) the cached RoI rows of an image belong to
 
 
 def fields_of(kind: str, detector: str | None = None) -> tuple[str, ...]:
     """Tensor fields stored under cache kind `kind`, of a `detector` kind (``one_stage``/``two_stage``) if given."""
-    return tuple(f.name for f in TARGETS if f.kind == kind and f.name != "roi_scorer"
+    return tuple(f.name for f in TARGETS if f.kind == kind and f.name not in SCORERS
                  and (detector is None or f.detectors in (detector, "any")))
 
 
@@ -136,11 +139,12 @@ class TeacherTargets:
     detections: list[dict[str, Tensor]] | None = None
     image_ids: list[int] | None = None
     roi_scorer: RoIScorer | None = field(default=None, repr=False)
+    mask_scorer: Callable[[list[Tensor]], Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Targets are constants: detach once here so no loss can reach the teacher's graph.
         for f in fields(self):
-            if f.name in ("roi_scorer", "image_ids", "roi_counts"):
+            if f.name in (*SCORERS, "image_ids", "roi_counts"):
                 continue
             setattr(self, f.name, _detach(getattr(self, f.name)))
         if self.image_ids is not None:
@@ -180,6 +184,8 @@ class TeacherTargets:
             feats = {k: v.detach() for k, v in out.features.items()}
             sizes = [tuple(s) for s in out.image_sizes]
             kwargs["roi_scorer"] = lambda boxes: teacher.score_boxes(feats, boxes, sizes)
+            if getattr(teacher, "has_masks", False):
+                kwargs["mask_scorer"] = lambda boxes: teacher.score_masks(feats, boxes, sizes)
         if keep is not None:
             keep = set(keep)
             if keep & set(_ROI_FIELDS):  # the RoI losses take stored RoI rows or, inline, the scorer
@@ -217,13 +223,16 @@ class TeacherTargets:
         kinds = ["features", "head"]
         held: dict[str, Any] = {}
         rows = teacher_outputs(teacher, list(images), kinds, keep=held)
-        scorer = None
+        scorer = masks = None
         if getattr(teacher, "kind", None) == "two_stage":
             feats, sizes = held["features"], held["image_sizes"]
             scorer = lambda boxes: teacher.score_boxes(feats, list(boxes), sizes)  # noqa: E731
+            if getattr(teacher, "has_masks", False):
+                masks = lambda boxes: teacher.score_masks(feats, list(boxes), sizes)  # noqa: E731
         padded = [(-(-im.shape[-2] // 32) * 32, -(-im.shape[-1] // 32) * 32) for im in images]
         ids = list(image_ids) if image_ids is not None else list(range(len(images)))
         tt = collate_targets(rows, ids, roi_scorer=scorer, sizes=padded).to(images[0].device)
+        tt.mask_scorer = masks
         if image_ids is None:
             tt.image_ids = None
         if keep is not None:
@@ -235,12 +244,21 @@ class TeacherTargets:
 
     def to(self, device: torch.device | str) -> TeacherTargets:
         """A copy with every tensor on ``device`` (the scorer is kept as is)."""
-        kwargs = {f.name: _to(getattr(self, f.name), device) for f in fields(self) if f.name != "roi_scorer"}
-        return TeacherTargets(**kwargs, roi_scorer=self.roi_scorer)
+        kwargs = {f.name: _to(getattr(self, f.name), device) for f in fields(self) if f.name not in SCORERS}
+        return TeacherTargets(**kwargs, roi_scorer=self.roi_scorer, mask_scorer=self.mask_scorer)
 
     def present(self) -> set[str]:
         """Names of the fields that are set."""
         return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+    def score_masks(self, boxes: Sequence[Tensor]) -> Tensor:
+        """Run a Mask R-CNN teacher's mask head on ``boxes`` (per image): mask logits ``[R, K, M, M]``, constants."""
+        if self.mask_scorer is None:
+            raise DataError(
+                "the teacher targets have no mask_scorer; the mask term needs a Mask R-CNN teacher's mask head bound "
+                "to its features (inline teacher, serving actor, or a cache of every RoI level)")
+        with torch.no_grad():
+            return self.mask_scorer([b.detach() for b in boxes]).detach()
 
     def score_rois(self, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Run the teacher's RoI head on ``boxes`` (per image); constants, no graph."""

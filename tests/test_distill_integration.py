@@ -53,12 +53,17 @@ TWO_STAGE = {
     "tar_cls": {"name": "tar_cls", "gate": "none"},
     "tar_box": {"name": "tar_box"},
 }
+MASK_RCNN = {  # a Mask R-CNN student and teacher: the mask term, and a feature loss on their FPN
+    "mask_kd": {"name": "mask_kd"},
+    "mgd": {"name": "mgd", "preset": "mask_rcnn"},
+}
 # Gated terms may be exactly 0 on random detectors (no RoI where the teacher's box beats the proposal, ...).
 MAY_BE_ZERO = {"chen_reg_roi", "chen_reg_rpn", "tar_box"}
 
 PAIRS = {
     "one_stage": ("retinanet_mobilenetv3_micro", "retinanet_resnet_mini"),
     "two_stage": ("fasterrcnn_mobilenetv3_micro", "fasterrcnn_resnet_mini"),
+    "mask_rcnn": ("maskrcnn_mobilenetv3_micro", "maskrcnn_resnet_mini"),
 }
 
 
@@ -73,7 +78,7 @@ def one_thread():
 
 
 def test_every_registered_loss_is_covered():
-    assert {e["name"] for e in [*ONE_STAGE.values(), *TWO_STAGE.values()]} == set(LOSSES)
+    assert {e["name"] for e in [*ONE_STAGE.values(), *TWO_STAGE.values(), *MASK_RCNN.values()]} == set(LOSSES)
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +87,32 @@ def detectors():
     return {kind: (build_detector(s, K), build_detector(t, K)) for kind, (s, t) in PAIRS.items()}
 
 
-def _train_step(student, teacher, entry, key):
+def _with_masks(targets):
+    """Box-shaped instance masks (what a Mask R-CNN trains on)."""
+    out = []
+    for t in targets:
+        m = torch.zeros((len(t["boxes"]), 128, 128), dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(m, t["boxes"].int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        out.append({**t, "masks": m})
+    return out
+
+
+def _train_step(student, teacher, entry, key, targets=TARGETS):
     """One optimiser step on detector loss + distillation term; gradients of the term alone are checked first."""
     distiller = build_distiller([entry], student.level_channels, teacher.level_channels)
     student.train()
     distiller.train()
     opt = torch.optim.SGD([*student.parameters(), *distiller.parameters()], lr=1e-2)
     before = {k: v.detach().clone() for k, v in distiller.state_dict().items() if v.is_floating_point()}
-    out = student(IMAGES, TARGETS, want=("losses", "features", "head"))
-    tt = TeacherTargets.inline(teacher, IMAGES, [t["image_id"] for t in TARGETS],
+    out = student(IMAGES, targets, want=("losses", "features", "head"))
+    tt = TeacherTargets.inline(teacher, IMAGES, [t["image_id"] for t in targets],
                                keep=distiller.required_teacher_targets())
     assert not teacher.training
     s_out = student_outputs_from(out)
     needed = set().union(*(t.required_student() for t in distiller.terms.values()))
     assert needed <= set(s_out), "the zoo must record what the loss reads"
-    kd = distiller(s_out, tt, TARGETS, generator=torch.Generator().manual_seed(0))
+    kd = distiller(s_out, tt, targets, generator=torch.Generator().manual_seed(0))
     (name,) = kd
     term = kd[name]
     assert name == f"distill_{next(iter(distiller.terms))}" and torch.isfinite(term), kd
@@ -136,6 +152,13 @@ def test_two_stage_losses_train(detectors, key):
     student, teacher = detectors["two_stage"]
     torch.manual_seed(1)
     _train_step(copy.deepcopy(student), teacher, TWO_STAGE[key], key)
+
+
+@pytest.mark.parametrize("key", list(MASK_RCNN))
+def test_mask_rcnn_losses_train(detectors, key):
+    student, teacher = detectors["mask_rcnn"]
+    torch.manual_seed(1)
+    _train_step(copy.deepcopy(student), teacher, MASK_RCNN[key], key, _with_masks(TARGETS))
 
 
 def test_student_outputs_rows_line_up(detectors):

@@ -402,6 +402,10 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     model, distiller = build_student(job.model.name, ds.class_names, t.seed, image_size=job.data.image_size,
                                      overrides=job.model.overrides(), init=cfg.init,
                                      losses=stage["losses"] if distil else None, teacher_channels=teacher_channels)
+    if reader is not None and {"roi_scorer", "mask_scorer"} & distiller.required_teacher_targets():
+        # Proposal sharing from a cache: the teacher's RoI and mask heads run on the cached features here.
+        with torch.random.fork_rng(devices=[]):
+            reader.roi_head = load_teacher(stage["teacher_checkpoint"], stage["teacher"], device=str(device))
     if teacher is not None:
         source = InlineSource(teacher, distiller.required_teacher_targets())
     if adapter is not None:

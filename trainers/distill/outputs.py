@@ -38,4 +38,6 @@ def student_outputs_from(out: Any) -> dict[str, Any]:
             s["roi_labels"] = torch.cat(list(head["roi_labels"]))
         if head.get("roi_regression_targets") is not None:
             s["roi_reg_targets"] = torch.cat(list(head["roi_regression_targets"]))
+    for k in ("mask_logits", "mask_labels", "mask_boxes"):  # a Mask R-CNN's positive RoIs and their mask logits
+        s[k] = head.get(k)
     return {k: v for k, v in s.items() if v is not None}

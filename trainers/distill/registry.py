@@ -43,6 +43,7 @@ from .baselines import FitNetHint, HintonKD
 from .chen2017 import ChenBoundedRegression, ChenClassification, ChenHint
 from .common import DistillTerm, FeatureTerm
 from .context import DistillContext, student_device
+from .masks import MaskKD
 from .mgd import MGDLoss
 from .tar2020 import TARBoxLoss, TARClassificationLoss, TARFeatureLoss
 from teachers.targets import TeacherTargets
@@ -50,6 +51,7 @@ from .zhang2021 import ZhangAttentionLoss, ZhangFeatureLoss, ZhangNonLocalLoss
 
 LOSSES: dict[str, type[DistillTerm]] = {
     "hinton_kd": HintonKD,
+    "mask_kd": MaskKD,
     "fitnet": FitNetHint,
     "chen_cls": ChenClassification,
     "chen_reg": ChenBoundedRegression,
