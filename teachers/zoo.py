@@ -453,12 +453,14 @@ class Detector(nn.Module):
             if self.has_masks:  # the mask head on the positive RoIs, as torchvision's RoIHeads trains it
                 pos = [torch.where(lab > 0)[0] for lab in roi_labels]
                 mask_boxes = [b[p] for b, p in zip(roi_boxes, pos)]
-                mask_logits = self._mask_forward(features, mask_boxes, image_list.image_sizes)
+                mask_feats = self._mask_features(features, mask_boxes, image_list.image_sizes)
+                mask_logits = self.model.roi_heads.mask_predictor(mask_feats)
                 out.losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_boxes, [t["masks"] for t in targets],
                                                         [t["labels"] for t in targets],
                                                         [m[p] for m, p in zip(roi_matched, pos)])
                 if "head" in want:
                     out.head["mask_boxes"] = mask_boxes
+                    out.head["mask_features"] = mask_feats  # [P, C, 14, 14]: the mask head's tower output
                     out.head["mask_logits"] = mask_logits
                     out.head["mask_labels"] = [lab[p] for lab, p in zip(roi_labels, pos)]
         if "head" in want:
@@ -486,13 +488,18 @@ class Detector(nn.Module):
                     det["mask_probs"] = p  # [D, 1, M, M] in each box (paste them at any resolution)
                     det["masks"] = paste_masks_in_image(p, det["boxes"], size)  # [D, 1, H, W] in input pixels
 
+    def _mask_features(self, features, boxes, image_sizes) -> Tensor:
+        """The mask head's tower output ``[R, C, m, m]`` on `boxes` (features under the backbone's own names)."""
+        roi = self.model.roi_heads
+        return roi.mask_head(roi.mask_roi_pool(features, boxes, image_sizes))
+
     def _mask_forward(self, features, boxes, image_sizes) -> Tensor:
         """Mask logits ``[R, K, M, M]`` of the mask head on `boxes` (features under the backbone's own names)."""
         roi = self.model.roi_heads
         if sum(len(b) for b in boxes) == 0:
             m = roi.mask_roi_pool.output_size[0] * 2
             return features[next(iter(features))].new_zeros((0, self.config.num_classes, m, m))
-        return roi.mask_predictor(roi.mask_head(roi.mask_roi_pool(features, boxes, image_sizes)))
+        return roi.mask_predictor(self._mask_features(features, boxes, image_sizes))
 
     def score_masks(self, features: "OrderedDict[str, Tensor]", boxes: list[Tensor],
                     image_sizes: list[tuple[int, int]]) -> Tensor:

@@ -56,6 +56,8 @@ TWO_STAGE = {
 MASK_RCNN = {  # a Mask R-CNN student and teacher: the mask term, and a feature loss on their FPN
     "mask_kd": {"name": "mask_kd"},
     "mgd": {"name": "mgd", "preset": "mask_rcnn"},
+    "chen_cls_roi": {"name": "chen_cls", "head": "roi"},  # the box head's terms, as on a Faster R-CNN
+    "tar_cls": {"name": "tar_cls", "gate": "none"},
 }
 # Gated terms may be exactly 0 on random detectors (no RoI where the teacher's box beats the proposal, ...).
 MAY_BE_ZERO = {"chen_reg_roi", "chen_reg_rpn", "tar_box"}

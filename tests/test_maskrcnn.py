@@ -50,6 +50,7 @@ def test_maskrcnn_records_masks_and_needs_them_to_train(shapes_root):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.model.roi_heads.mask_head.parameters())
     n_pos = sum(len(b) for b in out.head["mask_boxes"])
     assert out.head["mask_logits"].shape == (n_pos, ds.num_classes, 28, 28)
+    assert out.head["mask_features"].shape[0] == n_pos and out.head["mask_features"].shape[-2:] == (14, 14)
     # The mask head scores given boxes on recorded features (a cached teacher's, for a mask term).
     det.eval()
     logits = det.score_masks(out.features, out.head["mask_boxes"], out.image_sizes)
