@@ -26,6 +26,7 @@ from torchvision.models import get_model_builder
 
 from curriculum.config import CompressionConfig
 from curriculum.data import Resize
+from curriculum.export import detection_differences
 from teachers.cache import table_to_bytes
 from teachers.codec import encode_row
 from teachers.outputs import teacher_outputs
@@ -68,18 +69,9 @@ def structured_image(h: int, w: int, g: torch.Generator) -> torch.Tensor:
 
 def matched_differences(got: dict, want: dict, boxes: torch.Tensor) -> tuple[float, float]:
     """Largest box (original pixels) and score difference, each of ours matched to the reference detection of its
-    label nearest in box and score (boxes clipped at a border can coincide; tied scores can swap places)."""
-    worst_box = worst_score = 0.0
-    for b, s, l in zip(boxes, got["scores"], got["labels"]):
-        same = want["labels"] == l
-        if not same.any():
-            return float("inf"), float("inf")
-        d_box = (want["boxes"][same] - b).abs().amax(dim=1)
-        d_score = (want["scores"][same] - s).abs()
-        j = int((d_box + 1e3 * d_score).argmin())
-        worst_box = max(worst_box, float(d_box[j]))
-        worst_score = max(worst_score, float(d_score[j]))
-    return worst_box, worst_score
+    label nearest in box and score (`curriculum.export.detection_differences`)."""
+    return detection_differences([boxes.numpy(), got["scores"].numpy(), got["labels"].numpy()],
+                                 [want[k].numpy() for k in ("boxes", "scores", "labels")])
 
 
 def parity(builder: str, min_size: int, max_size: int, tmp: Path, images: list[torch.Tensor]) -> dict:

@@ -100,7 +100,7 @@ class View:
 
     def padded_size(self, divisor: int = SIZE_DIVISIBLE) -> tuple[int, int]:
         """``(h, w)`` of this view alone in a batch: the output size rounded up to a multiple of `divisor`."""
-        return -(-self.out_h // divisor) * divisor, -(-self.out_w // divisor) * divisor
+        return padded_hw(self.out_h, self.out_w, divisor)
 
     def key(self) -> str:
         """Short stable id of the output config (e.g. ``h128w128f1``), for cache keys.
@@ -195,6 +195,11 @@ class View:
         if self.flip:
             x = torch.flip(x, dims=(-1,))
         return x
+
+
+def padded_hw(h: int, w: int, divisor: int = SIZE_DIVISIBLE) -> tuple[int, int]:
+    """An input of ``h x w`` alone in a batch: padded at the bottom and right to multiples of `divisor`."""
+    return -(-int(h) // divisor) * divisor, -(-int(w) // divisor) * divisor
 
 
 RESIZE_MODES = ("fixed", "keep_ratio")

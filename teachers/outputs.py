@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from curriculum.data import SIZE_DIVISIBLE
+from curriculum.data import padded_hw
 from curriculum.errors import CacheError, DataError, ModelError
 from teachers.targets import FIELDS, PROPOSAL_BOXES, fields_of
 
@@ -80,7 +80,7 @@ def teacher_outputs(
     kept: list[tuple[list[int], Any]] = []
     for members in groups:
         out = _forward(detector, [images[i] for i in members], want)
-        for i, row in zip(members, _columns(detector, out, targets, levels)):
+        for i, row in zip(members, _columns(detector, out, targets, levels, members)):
             rows[i] = row
         kept.append((members, out))
     if keep is not None:
@@ -96,7 +96,7 @@ def _by_padded_size(images: Sequence[torch.Tensor]) -> list[list[int]]:
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
         h, w = im.shape[-2:]
-        groups.setdefault((-(-int(h) // SIZE_DIVISIBLE), -(-int(w) // SIZE_DIVISIBLE)), []).append(i)
+        groups.setdefault(padded_hw(h, w), []).append(i)
     return list(groups.values())
 
 
@@ -127,9 +127,10 @@ def _in_batch_order(kept: list[tuple[list[int], Any]], n: int) -> tuple[dict[str
     return features, sizes
 
 
-def _columns(detector: Any, out: Any, targets: Sequence[str], levels: Sequence[str] | None
-             ) -> list[dict[str, np.ndarray]]:
-    """Per image of one forward, ``column name -> numpy`` (the schema's cache columns)."""
+def _columns(detector: Any, out: Any, targets: Sequence[str], levels: Sequence[str] | None,
+             positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Per image of one forward, ``column name -> numpy`` (the schema's cache columns); `positions`: the images'
+    places in the caller's batch (what an error names)."""
     n = len(out.image_sizes)
     rows: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
 
@@ -169,5 +170,5 @@ def _columns(detector: Any, out: Any, targets: Sequence[str], levels: Sequence[s
         for name, a in row.items():
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise DataError(f"teacher {detector.config.name} output {name} is not finite for batch position "
-                                f"{i}: nothing is cached for it (a half-precision teacher overflowing?)")
+                                f"{positions[i]}: nothing is cached for it (a half-precision teacher overflowing?)")
     return rows

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from curriculum.cluster import ensure_ray
-from curriculum.data import SIZE_DIVISIBLE, View
+from curriculum.data import View, padded_hw
 from curriculum.errors import CurriculumError, DataError
 from teachers.outputs import actor_device, actor_threads, load_teacher, teacher_outputs
 from teachers.readers import collate_targets
@@ -74,7 +74,7 @@ def _sizes(images: Sequence[torch.Tensor] | np.ndarray | torch.Tensor) -> list[t
 
 
 def _padded(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    return [(-(-h // SIZE_DIVISIBLE) * SIZE_DIVISIBLE, -(-w // SIZE_DIVISIBLE) * SIZE_DIVISIBLE) for h, w in sizes]
+    return [padded_hw(h, w) for h, w in sizes]
 
 
 class ServeRequest:

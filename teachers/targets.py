@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curriculum.data import padded_hw
 from curriculum.errors import ConfigError, DataError
 
 RoIScorer = Callable[[list[Tensor]], tuple[Tensor, Tensor]]
@@ -206,7 +207,7 @@ class TeacherTargets:
         The teacher is put in eval mode and left there: a teacher is frozen (BatchNorm statistics included).
         """
         teacher.eval()
-        if len({(-(-im.shape[-2] // 32), -(-im.shape[-1] // 32)) for im in images}) > 1:
+        if len({padded_hw(*im.shape[-2:]) for im in images}) > 1:
             return cls._inline_by_view(teacher, images, image_ids, keep)
         with torch.no_grad():
             out = teacher(list(images), want=("features", "head"))
@@ -229,7 +230,7 @@ class TeacherTargets:
             scorer = lambda boxes: teacher.score_boxes(feats, list(boxes), sizes)  # noqa: E731
             if getattr(teacher, "has_masks", False):
                 masks = lambda boxes: teacher.score_masks(feats, list(boxes), sizes)  # noqa: E731
-        padded = [(-(-im.shape[-2] // 32) * 32, -(-im.shape[-1] // 32) * 32) for im in images]
+        padded = [padded_hw(*im.shape[-2:]) for im in images]
         ids = list(image_ids) if image_ids is not None else list(range(len(images)))
         tt = collate_targets(rows, ids, roi_scorer=scorer, sizes=padded).to(images[0].device)
         tt.mask_scorer = masks

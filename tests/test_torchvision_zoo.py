@@ -74,19 +74,12 @@ def identical_fraction(got: dict, want: dict, boxes: torch.Tensor) -> float:
 
 
 def detection_differences(got: dict, want: dict, view) -> tuple[float, float]:
-    """Largest box (original pixels) and score difference between matched detections: each of ours against the
-    reference detection of its label nearest in box and score."""
-    boxes = view.unmap_boxes(got["boxes"])
-    worst_box = worst_score = 0.0
-    for b, s, l in zip(boxes, got["scores"], got["labels"]):
-        same = want["labels"] == l
-        assert same.any(), f"no reference detection of label {int(l)}"
-        d_box = (want["boxes"][same] - b).abs().amax(dim=1)
-        d_score = (want["scores"][same] - s).abs()
-        j = int((d_box + 1e3 * d_score).argmin())  # nearest in box and score (clipped boxes can coincide)
-        worst_box = max(worst_box, float(d_box[j]))
-        worst_score = max(worst_score, float(d_score[j]))
-    return worst_box, worst_score
+    """Largest box (original pixels) and score difference between matched detections (`curriculum.export`'s
+    matching: each of ours against the reference detection of its label nearest in box and score)."""
+    from curriculum.export import detection_differences as matched
+
+    return matched([view.unmap_boxes(got["boxes"]).numpy(), got["scores"].numpy(), got["labels"].numpy()],
+                   [want[k].numpy() for k in ("boxes", "scores", "labels")])
 
 
 @pytest.mark.parametrize("builder", ["retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
