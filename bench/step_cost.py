@@ -212,7 +212,7 @@ def cache_spec(student: Detector, teacher: Detector, losses: list[dict[str, Any]
     """Target kinds and FPN levels the loss reads, as `curriculum run` decides them for its caches."""
     from curriculum.plan import cache_needs
 
-    stage = SimpleNamespace(teacher="t", losses=losses)
+    stage = SimpleNamespace(teachers=[SimpleNamespace(name="t")], losses=losses)
     return cache_needs([stage], student.level_channels, {"t": teacher.level_channels})["t"]
 
 

@@ -108,6 +108,8 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_iters: int = 100
     grad_clip: float = 10.0  # max gradient norm; 0 disables
+    # false: norms, biases and position tables get no weight decay (the usual transformer recipe)
+    decay_norm_and_bias: bool = True
     eval_every: int = 0  # evaluate on val every N epochs (0: only at the end)
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     seed: int = 0
@@ -489,6 +491,8 @@ class RunTeacherConfig(TeacherActors):
     class_map: a teacher trained on other classes than the student's data (`teachers.class_map`): `auto` pairs
       classes by name, a mapping {student class: teacher class} pairs them by hand (unnamed ones by name); teacher
       classes the student lacks count as background. null: the teacher's classes must be the student's.
+    train: keys of `teacher_train` that differ for this teacher (a transformer's recipe beside the CNNs'); they
+      enter its hash like the rest of its schedule.
     """
 
     name: str = "fcos_resnet_mini"
@@ -498,8 +502,11 @@ class RunTeacherConfig(TeacherActors):
     adapter: str | None = None
     adapter_args: dict[str, Any] = field(default_factory=dict)
     class_map: str | dict[str, str] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.train:
+            self.schedule(TrainConfig())  # unknown keys and bad values fail at load time
         if self.adapter is not None and (self.weights is not None or self.checkpoint is not None):
             raise ConfigError(f"teachers[] {self.name}: an adapter teacher brings its own model; drop checkpoint and "
                               "weights")
@@ -513,6 +520,13 @@ class RunTeacherConfig(TeacherActors):
                               "mapping {student class: teacher class}, or null (the teacher has the student's classes)")
         super().__post_init__()
 
+    def schedule(self, base: TrainConfig) -> TrainConfig:
+        """This teacher's training schedule: `base` (the run's `teacher_train`) with `train` applied."""
+        if not self.train:
+            return base
+        return config_from_dict(TrainConfig, {**dataclasses.asdict(base), **self.train},
+                                f"teachers[] {self.name}: train")
+
 
 @dataclass
 class StageConfig:
@@ -521,11 +535,39 @@ class StageConfig:
     losses: distiller entries (trainers/distill: `build_distiller`); null: the run's `losses`.
     lr: null keeps `train.lr`. Each stage is a full schedule: its optimizer, lr warm-up and schedule restart,
     as in Cao et al. 2023 (12 epochs per stage in their configs).
+    teachers: the stage's teachers by name (of the run's `teachers`), each a name or {name, weight}: several are
+      distilled from at once, each with its own adapters, their terms summed with their weights (default 1).
+      null: stage i distils from the i-th teacher of the order. Either every stage names its teachers or none.
     """
 
     epochs: int = 4
     losses: list[dict[str, Any]] | None = None
     lr: float | None = None
+    teachers: list[str | dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.teachers is not None:
+            if not self.teachers:
+                raise ConfigError("stages[].teachers: an empty list; name at least one teacher, or leave it out")
+            self.teacher_weights()  # bad entries fail at load time
+
+    def teacher_weights(self) -> list[tuple[str, float]]:
+        """[(teacher name, weight)] of `teachers` ([] when the stage does not name its teachers)."""
+        out = []
+        for entry in self.teachers or []:
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "weight"}:
+                raise ConfigError(f"stages[].teachers: {entry!r}; give a teacher's name or {{name: ..., weight: ...}}")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ConfigError(f"stages[].teachers: {entry['name']}: weight must be a positive number, got "
+                                  f"{weight!r}")
+            out.append((entry["name"], float(weight)))
+        names = [n for n, _ in out]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages[].teachers: {names} names a teacher twice")
+        return out
 
 
 @dataclass
@@ -666,7 +708,10 @@ class RunJobConfig:
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ConfigError(f"teachers: {names} names a teacher twice; each teacher is one stage")
-        if not self.stages or len(self.stages) not in (1, len(self.teachers)):
+        named = [s.teachers is not None for s in self.stages]
+        if any(named):
+            self._check_stage_teachers(names, named)
+        elif not self.stages or len(self.stages) not in (1, len(self.teachers)):
             raise ConfigError(f"stages: {len(self.stages)} entries for {len(self.teachers)} teachers; give one per "
                               "teacher or a single one used for every teacher")
         if self.kd_ratio is not None and self.kd_ratio <= 0:
@@ -676,6 +721,25 @@ class RunJobConfig:
         if not 0.0 < self.auto_order.holdout < 1.0 or self.auto_order.images < 2:
             raise ConfigError("auto_order: holdout must be in (0, 1) and images at least 2")
 
+    def _check_stage_teachers(self, names: list[str], named: list[bool]) -> None:
+        if not all(named):
+            raise ConfigError(f"stages: entries {[i for i, n in enumerate(named) if not n]} name no teachers while "
+                              "others do; name the teachers of every stage, or of none (one stage per teacher)")
+        if self.order != "given":
+            raise ConfigError("order: auto orders one teacher per stage; stages that name their teachers need "
+                              "order: given")
+        used = set()
+        for i, s in enumerate(self.stages):
+            for name, _ in s.teacher_weights():
+                if name not in names:
+                    raise ConfigError(f"stages[{i}].teachers: {name!r} is not one of the run's teachers {names}")
+                used.add(name)
+        unused = [n for n in names if n not in used]
+        if unused:
+            raise ConfigError(f"teachers: {unused} are in no stage's teachers; drop them or add them to a stage")
+
     def stage_settings(self) -> list[StageConfig]:
-        """One StageConfig per stage position (a single entry is used for every stage)."""
-        return list(self.stages) if len(self.stages) == len(self.teachers) else [self.stages[0]] * len(self.teachers)
+        """One StageConfig per stage (a single entry without teachers is used for every teacher)."""
+        if self.stages[0].teachers is not None or len(self.stages) == len(self.teachers):
+            return list(self.stages)
+        return [self.stages[0]] * len(self.teachers)

@@ -54,8 +54,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from curriculum.config import (
-    CacheConfig, CacheStorage, PrecomputeJobConfig, RunJobConfig, TeacherActors, TeacherSpec, TrainJobConfig,
-    dump_config, load_config, section_values,
+    CacheConfig, CacheStorage, PrecomputeJobConfig, RunJobConfig, TeacherActors, TeacherSpec, TrainConfig,
+    TrainJobConfig, dump_config, load_config, section_values,
 )
 from curriculum.errors import ConfigError, CurriculumError
 from curriculum.files import atomic_save, atomic_write_json, path_name
@@ -68,14 +68,32 @@ from curriculum.report import metrics_row, write_report
 
 log = logging.getLogger("curriculum.run")
 
-# `--preset NAME`: overrides applied on top of the config (shorter schedules for a first look).
-PRESETS: dict[str, list[str]] = {
-    "quick": [
-        "teacher_train.epochs=2", "teacher_train.max_iters_per_epoch=40",
-        "train.max_iters_per_epoch=30", "stages=[{epochs: 1}]",
-        "eval.max_images=100", "auto_order.images=16",
-    ],
+# `--preset NAME`: overrides applied on top of the config (shorter schedules for a first look). `teacher_train.*`
+# keys also replace a teacher's own `train` keys; `stage_epochs` is every stage's length.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "overrides": ["teacher_train.epochs=2", "teacher_train.max_iters_per_epoch=40",
+                      "train.max_iters_per_epoch=30", "eval.max_images=100", "auto_order.images=16"],
+        "stage_epochs": 1,
+    },
 }
+
+
+def _preset_overrides(preset: str, job: RunJobConfig) -> list[str]:
+    """The `key=value` overrides of `preset` for the loaded `job` (its teachers' own schedules, its stages)."""
+    spec = PRESETS[preset]
+    extra = list(spec["overrides"])
+    teacher_keys = [o.split("=", 1) for o in spec["overrides"] if o.startswith("teacher_train.")]
+    for i, t in enumerate(job.teachers):
+        if t.train:
+            extra += [f"teachers.{i}.train.{k.split('.', 1)[1]}={v}" for k, v in teacher_keys]
+    if "stage_epochs" in spec:
+        if job.stages[0].teachers is not None:  # stages that name their teachers keep them
+            extra += [f"stages.{i}.epochs={spec['stage_epochs']}" for i in range(len(job.stages))]
+        else:
+            extra.append(f"stages=[{{epochs: {spec['stage_epochs']}}}]")
+    extra.append(f"output_dir={job.output_dir.rstrip('/')}_{preset}")
+    return extra
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> RunJobConfig:
@@ -84,9 +102,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None, preset
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"--preset {preset!r} is unknown; presets: {sorted(PRESETS)}")
-        extra = list(PRESETS[preset])
-        out_dir = load_config(path, RunJobConfig, overrides).output_dir
-        extra.append(f"output_dir={out_dir.rstrip('/')}_{preset}")
+        extra = _preset_overrides(preset, load_config(path, RunJobConfig, overrides))
     job = load_config(path, RunJobConfig, extra + list(overrides or []))
     check_run_config(job, str(path))
     return job
@@ -127,11 +143,17 @@ class Phases:
             self.rows.append(row)
 
 
+def teacher_schedule(job: RunJobConfig, name: str) -> TrainConfig:
+    """The training schedule of teacher `name`: `teacher_train` with the teacher's own `train` keys."""
+    spec = next((t for t in job.teachers if t.name == name), None)
+    return spec.schedule(job.teacher_train) if spec is not None else job.teacher_train
+
+
 def teacher_train_job(job: RunJobConfig, name: str, out_dir: str) -> TrainJobConfig:
     from curriculum.config import ModelConfig
 
-    return TrainJobConfig(output_dir=out_dir, data=job.data, model=ModelConfig(name=name), train=job.teacher_train,
-                          eval=job.eval)
+    return TrainJobConfig(output_dir=out_dir, data=job.data, model=ModelConfig(name=name),
+                          train=teacher_schedule(job, name), eval=job.eval)
 
 
 _PATH_KEYS = ("root", "train_images", "train_annotations", "val_images", "val_annotations")
@@ -150,7 +172,8 @@ def teacher_checkpoint(job: RunJobConfig, name: str, given: str | None, data_fp:
     if spec is not None and spec.weights is not None:
         return loaded_teacher_checkpoint(job, spec)
     data = {k: v for k, v in dataclasses.asdict(job.data).items() if k not in _PATH_KEYS}
-    key = fingerprint({"name": name, "data": data, "data_fp": data_fp, "train": dataclasses.asdict(job.teacher_train)})
+    key = fingerprint({"name": name, "data": data, "data_fp": data_fp,
+                       "train": dataclasses.asdict(teacher_schedule(job, name))})
     return Path(job.teachers_dir) / f"{path_name(name)}-{key}" / "model.pt"
 
 
@@ -219,46 +242,29 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     build_student`, same seed), so the adapters measured are the adapters trained; the caller's random state is
     restored. Nothing is trained.
     """
-    if stage.kd_ratio is None or stage.teacher is None:
+    if stage.kd_ratio is None or not stage.teachers:
         return {}
     from curriculum.data import collate_fn
-    from teachers.class_map import ClassMap
-    from teachers.outputs import load_teacher
-    from teachers.readers import CacheReader
-    from trainers.distillation import InlineSource, build_student, feature_factors
+    from trainers.distillation import build_student, feature_factors, open_teacher, stage_class_maps, stage_source
     from trainers.train import build_dataset
 
     from teachers.zoo import needs_masks
 
     ds = build_dataset(job.data, "train", seed=job.train.seed, masks=needs_masks(job.student.name))
     ds.set_epoch(0)
-    if stage.cache:
-        reader = CacheReader(stage.cache, memory_bytes=job.cache.memory_bytes)
-        teacher_channels = reader.cache.manifest["teacher"]["level_channels"]
-        source = lambda images, targets: reader.targets_for(targets)  # noqa: E731
-    elif stage.adapter:  # a teacher of another library, on the same batches
-        from teachers.adapter import AdapterSource, load_adapter
-
-        with preserved_random_state():
-            adapter = load_adapter(stage.adapter["target"], stage.adapter["args"])
-        teacher_channels = adapter.level_channels
-        source = AdapterSource(adapter)
-    else:  # no cache (a sweep arm whose trials run the teacher inline): the teacher on the same batches
-        teacher = load_teacher(stage.teacher_checkpoint, stage.teacher)
-        teacher_channels = teacher.level_channels
+    # Each teacher from its cache; without one (a sweep arm whose trials run the teacher inline) on the same batches.
+    links = [open_teacher(dataclasses.asdict(m), memory_bytes=job.cache.memory_bytes) for m in stage.teachers]
     bs = job.train.batch_size
     data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
             for b in range(min(batches, max(1, len(ds) // bs)))]
     with preserved_random_state():
         student, distiller = build_student(job.student.name, ds.class_names, job.train.seed,
                                            image_size=job.data.image_size, overrides=job.student.overrides(),
-                                           init=init, losses=stage.losses, teacher_channels=teacher_channels)
-        if not stage.cache and not stage.adapter:
-            source = InlineSource(teacher, distiller.required_teacher_targets())
-        elif stage.cache and {"roi_scorer", "mask_scorer"} & distiller.required_teacher_targets():
-            reader.roi_head = load_teacher(stage.teacher_checkpoint, stage.teacher)  # heads on cached features
-        return feature_factors(student, distiller, data, source, stage.kd_ratio, job.train.seed,
-                               class_map=ClassMap.from_dict(stage.class_map) if stage.class_map else None)
+                                           init=init, losses=stage.losses, teachers=links)
+        for link in links:
+            link.bind_heads(distiller.required_teacher_targets(link.name if distiller.teachers else None))
+        return feature_factors(student, distiller, data, stage_source(links, distiller), stage.kd_ratio,
+                               job.train.seed, class_map=stage_class_maps(links))
 
 
 def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:
@@ -320,7 +326,7 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
     factors_file = sdir / "loss_factors.json"
     if factors_file.is_file():  # the factors of the first attempt: a resumed stage must not re-calibrate
         factors = json.loads(factors_file.read_text())
-    elif stage.kd_ratio is not None and stage.teacher is not None:
+    elif stage.kd_ratio is not None and stage.teachers:
         with phases(f"stage {stage.name}: calibrate"):
             factors = calibrate_factors(job, stage, str(init))
         atomic_write_json(factors, factors_file)
@@ -339,7 +345,8 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
                            storage_path=str((out / "ray").resolve()), name=stage.name, stage=stage.to_dict(),
                            init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
                            object_store=job.cache.object_store, loss_factors=factors, kd_ratio=stage.kd_ratio,
-                           eval_every=tr.eval_every, teacher_mode="cache" if stage.cache else "inline",
+                           eval_every=tr.eval_every,
+                           teacher_mode="cache" if all(m.cache or m.adapter for m in stage.teachers) else "inline",
                            tensorboard_dir=str((sdir / "tensorboard").resolve()),
                            progress=progress, worker_hooks=tr.worker_hooks)
     history = json.loads(state["history"])
@@ -419,8 +426,8 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
     """Data, teachers (trained when missing, evaluated once), the order, the plan and the teacher caches.
 
     `out` receives the teachers' evals, the order and the student's random init. `precompute_caches` False
-    leaves the stages without a cache (a sweep whose trials run their teachers inline). Each stage carries its
-    teacher's class map (`Stage.class_map`); `where` names the config in a class map's error.
+    leaves the stages without a cache (a sweep whose trials run their teachers inline). Each stage's teacher
+    carries its class map (`StageTeacher.class_map`); `where` names the config in a class map's error.
     """
     from curriculum.cluster import ensure_ray
     from teachers.outputs import load_teacher
@@ -489,7 +496,8 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
 
     # Teacher caches: the targets, levels and views the stages read (adapter teachers run inline).
     channels = {n: t.level_channels for n, t in teachers.items()}
-    zoo_stages = [s for s in stages + extra_stages if s.teacher not in adapters]
+    zoo_stages = [dataclasses.replace(s, teachers=[t for t in s.teachers if t.name not in adapters])
+                  for s in stages + extra_stages]
     needs = cache_needs(zoo_stages, student.level_channels, channels)
     specs = {s.name: s for s in job.teachers}
     ensure_ray(job.ray)
@@ -505,13 +513,13 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
             row["reused"] = not report.computed
             row["cache"] = report.cache
         caches[name] = report.cache
-    for s in stages + extra_stages:
-        s.cache = caches.get(s.teacher)
-        cmap = class_maps.get(s.teacher)
-        s.class_map = cmap.to_dict() if cmap is not None else None
-        if s.teacher in adapters:
-            spec = specs[s.teacher]
-            s.adapter = {"target": spec.adapter, "args": dict(spec.adapter_args)}
+    for m in (m for s in stages + extra_stages for m in s.teachers):
+        m.cache = caches.get(m.name)
+        cmap = class_maps.get(m.name)
+        m.class_map = cmap.to_dict() if cmap is not None else None
+        if m.name in adapters:
+            spec = specs[m.name]
+            m.adapter = {"target": spec.adapter, "args": dict(spec.adapter_args)}
     return Prepared(job=job, out=out, train_ds=train_ds, val_ds=val_ds, checkpoints=checkpoints, teachers=teachers,
                     teacher_evals=teacher_evals, order=order, costs=costs, stages=stages, extra_stages=extra_stages,
                     random_init=random_init)
@@ -613,7 +621,7 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
     order, costs, teacher_evals, random_init = prep.order, prep.costs, prep.teacher_evals, prep.random_init
     start_from = prep.start_from
 
-    init, inherited = start_from(stages[0].teacher, "curriculum")
+    init, inherited = start_from(stages[0].teachers[0].name, "curriculum")
     results: list[dict[str, Any]] = []
     summaries = []
     for st in stages:
@@ -638,7 +646,7 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
             m = evaluate_checkpoint(job, out / "stages" / b.name / "model.pt", f, val_ds, progress)
         others["baseline"] = {"summary": bsum, "val": metrics_row(m)}
     for d in extra_stages:
-        dinit, _ = start_from(d.teacher, "direct")
+        dinit, _ = start_from(d.teachers[0].name, "direct")
         dsum = run_stage(job, d, dinit, out, phases, progress)
         f = out / "stages" / d.name / "eval.json"
         with phases(f"{d.name}: eval", reused=f.is_file()):

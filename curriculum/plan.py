@@ -50,13 +50,28 @@ from teachers.targets import cache_kind
 
 
 @dataclass
+class StageTeacher:
+    """A teacher of a stage, its weight in the stage's loss, and where its targets come from (the pipeline fills
+    `cache`, `class_map` and `adapter`)."""
+
+    name: str  # zoo name (an adapter teacher: its label)
+    checkpoint: str | None
+    weight: float = 1.0  # its distillation terms are multiplied by this
+    cache: str | None = None
+    # `teachers.class_map.ClassMap.to_dict()` of a teacher on other classes than the student's; None: the student's
+    class_map: dict[str, Any] | None = None
+    # {"target": "module:Class", "args": {...}} of a `teachers.adapter.TeacherAdapter` teacher
+    adapter: dict[str, Any] | None = None
+
+
+@dataclass
 class Stage:
-    """One distillation stage (or, with `teacher` None, plain training: the baseline)."""
+    """One distillation stage: its teachers (one in a progressive stage; several are distilled from at once, each
+    with its own adapters, their terms summed with their weights), or none: plain training (the baseline)."""
 
     index: int
     name: str  # folder name of the stage, e.g. "1-fcos_resnet_mini"
-    teacher: str | None  # zoo name
-    teacher_checkpoint: str | None
+    teachers: list[StageTeacher]
     epochs: int
     losses: list[dict[str, Any]]
     lr: float | None
@@ -65,13 +80,15 @@ class Stage:
     decay_offset: int  # epochs done before this stage on the decay clock (0 when it restarts)
     decay_t_max: int
     kd_ratio: float | None = None
-    cache: str | None = None  # filled by the pipeline after precompute
-    # `teachers.class_map.ClassMap.to_dict()` of a teacher on other classes than the student's (filled by the
-    # pipeline); None: the teacher has the student's classes
-    class_map: dict[str, Any] | None = None
-    # {"target": "module:Class", "args": {...}} of a `teachers.adapter.TeacherAdapter` teacher (filled by the pipeline)
-    adapter: dict[str, Any] | None = None
     init: str | None = None  # checkpoint the student starts from (filled by the pipeline)
+
+    def __post_init__(self) -> None:
+        self.teachers = [t if isinstance(t, StageTeacher) else StageTeacher(**t) for t in self.teachers]
+
+    @property
+    def teacher(self) -> str | None:
+        """The stage's teacher as one label (several joined by '+'); None for plain training."""
+        return "+".join(t.name for t in self.teachers) or None
 
     def decay(self, epoch: int) -> float:
         """r(t) for 0-based `epoch` of this stage (t is 1-based, TAR's convention)."""
@@ -87,21 +104,29 @@ class Stage:
         return cls(**dict(d))
 
 
+def _stage_name(index: int, teachers: Sequence[str]) -> str:
+    return f"{index + 1}-{'+'.join(path_name(t) for t in teachers)}"
+
+
 def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequence[str]) -> list[Stage]:
-    """The stages of `job` for teachers in `order` (names), each read from `checkpoints[name]`."""
+    """The stages of `job` for teachers in `order` (names), each read from `checkpoints[name]`. Stages that name
+    their teachers (`stages[i].teachers`) keep them; otherwise stage i distils from the i-th teacher of `order`."""
     names = [t.name for t in job.teachers]
     if sorted(order) != sorted(names):
         raise ConfigError(f"teacher order {list(order)} is not a permutation of the configured teachers {names}")
     settings = job.stage_settings()
     total = sum(s.epochs for s in settings)
     stages, done = [], 0
-    for i, (name, s) in enumerate(zip(order, settings)):
+    for i, s in enumerate(settings):
+        members = s.teacher_weights() or [(order[i], 1.0)]
         losses = [dict(e) for e in (s.losses if s.losses is not None else job.losses)]
         if not losses:
-            raise ConfigError(f"stage {i + 1} ({name}): no distillation losses (set `losses` or stages[{i}].losses)")
+            raise ConfigError(f"stage {i + 1} ({'+'.join(n for n, _ in members)}): no distillation losses (set "
+                              f"`losses` or stages[{i}].losses)")
         stages.append(Stage(
-            index=i, name=f"{i + 1}-{path_name(name)}", teacher=name, teacher_checkpoint=checkpoints[name], epochs=s.epochs,
-            losses=losses, lr=s.lr, decay_kind=job.decay.kind, decay_params=dict(job.decay.params),
+            index=i, name=_stage_name(i, [n for n, _ in members]),
+            teachers=[StageTeacher(name=n, checkpoint=checkpoints[n], weight=w) for n, w in members],
+            epochs=s.epochs, losses=losses, lr=s.lr, decay_kind=job.decay.kind, decay_params=dict(job.decay.params),
             decay_offset=0 if job.decay.restart else done, decay_t_max=s.epochs if job.decay.restart else total,
             kd_ratio=job.kd_ratio,
         ))
@@ -113,16 +138,18 @@ def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequenc
 
 
 def direct_stage(job: RunJobConfig, stages: Sequence[Stage]) -> Stage:
-    """Direct distillation from the last (strongest) teacher alone for the total epochs of the curriculum."""
+    """Direct distillation from the last stage's teacher(s) (the strongest) alone for the total epochs of the
+    curriculum."""
     last = stages[-1]
     total = sum(s.epochs for s in stages)
-    return dataclasses.replace(last, index=0, name=f"direct-{path_name(last.teacher)}", epochs=total, decay_offset=0,
-                               decay_t_max=total, lr=stages[0].lr, cache=last.cache, init=None)
+    return dataclasses.replace(last, index=0, name=f"direct-{'+'.join(path_name(t.name) for t in last.teachers)}",
+                               teachers=[dataclasses.replace(t) for t in last.teachers], epochs=total,
+                               decay_offset=0, decay_t_max=total, lr=stages[0].lr, init=None)
 
 
 def baseline_stage(job: RunJobConfig, total_epochs: int) -> Stage:
     """The student without distillation, for `total_epochs` (the curriculum's length)."""
-    return Stage(index=0, name="baseline", teacher=None, teacher_checkpoint=None, epochs=total_epochs, losses=[],
+    return Stage(index=0, name="baseline", teachers=[], epochs=total_epochs, losses=[],
                  lr=None, decay_kind="constant", decay_params={}, decay_offset=0, decay_t_max=total_epochs)
 
 
@@ -267,10 +294,8 @@ def cache_needs(stages: Sequence[Stage], student_channels: Mapping[str, int],
     from trainers.distill import build_distiller
 
     out: dict[str, tuple[list[str], list[str] | None]] = {}
-    for st in stages:
-        if st.teacher is None:
-            continue
-        d = build_distiller(st.losses, student_channels, teacher_channels[st.teacher])
+    for st, name in ((st, t.name) for st in stages for t in st.teachers):
+        d = build_distiller(st.losses, student_channels, teacher_channels[name])
         kinds = sorted({cache_kind(f) for f in d.required_teacher_targets()})
         lvls: set[str] | None = set()
         for term in d.terms.values():
@@ -279,11 +304,11 @@ def cache_needs(stages: Sequence[Stage], student_channels: Mapping[str, int],
                 lvls |= set(term_levels)
         if "features" in kinds and not lvls:
             lvls = None
-        prev = out.get(st.teacher)
+        prev = out.get(name)
         if prev is not None:
             kinds = sorted(set(kinds) | set(prev[0]))
             lvls = None if lvls is None or prev[1] is None else lvls | set(prev[1])
-        out[st.teacher] = (kinds or ["features"], sorted(lvls) if lvls else None)
+        out[name] = (kinds or ["features"], sorted(lvls) if lvls else None)
     return out
 
 

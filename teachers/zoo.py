@@ -216,7 +216,8 @@ class DetectorOutput:
 class TimmFPNBackbone(nn.Module):
     """A timm `features_only` body feeding a torchvision FPN; the `backbone` torchvision's detectors expect.
 
-    Swin's feature maps come out NHWC from timm: they are permuted to NCHW here, once.
+    Swin's feature maps come out NHWC from timm: each gets a LayerNorm (as the Swin detection backbones of its
+    authors add one per output stage; timm's `features_only` has none) and is permuted to NCHW here, once.
     """
 
     def __init__(self, body: nn.Module, strides: tuple[int, ...], out_channels: int, extra: str) -> None:
@@ -231,6 +232,8 @@ class TimmFPNBackbone(nn.Module):
         self.level_names = [f"p{int(math.log2(s))}" for s in strides]
         self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")
         in_channels = [info.channels()[i] for i in self.indices]
+        # The unnormalised residual stream of a transformer stage: normalised before the FPN.
+        self.out_norms = nn.ModuleList([nn.LayerNorm(c) for c in in_channels]) if self.nhwc else None
         if extra == "p6p7":
             extra_blocks = LastLevelP6P7(out_channels, out_channels)
             self.extra_names = [f"p{int(math.log2(strides[-1])) + 1}", f"p{int(math.log2(strides[-1])) + 2}"]
@@ -244,9 +247,9 @@ class TimmFPNBackbone(nn.Module):
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         maps = self.body(x)
         picked = OrderedDict()
-        for name, i in zip(self.level_names, self.indices):
+        for k, (name, i) in enumerate(zip(self.level_names, self.indices)):
             m = maps[i]
-            picked[name] = m.permute(0, 3, 1, 2).contiguous() if self.nhwc else m
+            picked[name] = self.out_norms[k](m).permute(0, 3, 1, 2).contiguous() if self.nhwc else m
         out = self.fpn(picked)
         # torchvision names the extra levels 'p6','p7' or 'pool': give every level its stride name.
         return OrderedDict(zip(self.level_names + self.extra_names, out.values()))

@@ -79,7 +79,8 @@ def test_a_run_distils_from_an_adapter_teacher(tmp_path, shapes_root, ray_sessio
     job = config_from_dict(RunJobConfig, cfg)
     run_pipeline(job, progress=False)
     done = json.loads((tmp_path / "run" / "stages" / "1-other_library" / "done.json").read_text())
-    assert done["stage"]["adapter"]["target"] == "tests.adapters:ZooTeacher" and done["stage"]["cache"] is None
+    (member,) = done["stage"]["teachers"]
+    assert member["adapter"]["target"] == "tests.adapters:ZooTeacher" and member["cache"] is None
     losses = done["history"][-1]
     assert any(k.startswith("distill_") and v > 0 for k, v in losses.get("losses", losses).items()
                if isinstance(v, float)), losses

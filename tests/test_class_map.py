@@ -257,7 +257,7 @@ def test_pipeline_gives_each_stage_its_class_map(shapes_root, tmp_path, monkeypa
     })
     pipeline.run_pipeline(job, progress=False)
     (stage,) = calls
-    m = ClassMap.from_dict(stage["class_map"])
+    m = ClassMap.from_dict(stage["teachers"][0]["class_map"])
     assert m.student_names == ("__background__", "circle", "triangle", "square", "star", "cross", "ring")
     assert m.columns == (0, 3, 4, 5, 6, 7, 1)
     assert evals[0][1] == m  # the teacher's val detections are mapped too

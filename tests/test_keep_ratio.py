@@ -180,9 +180,10 @@ def test_a_run_on_keep_ratio_views(min_size, tmp_path, varied_root, ray_session)
     cfg["data"].update(resize="keep_ratio", min_size=min_size, max_size=224)
     run_pipeline(config_from_dict(RunJobConfig, cfg), progress=False)
     done = _json.loads((tmp_path / "run" / "stages" / "1-fcos_resnet_mini" / "done.json").read_text())
-    assert (done["stage"]["cache"] is None) == (len(min_size) > 1)
-    if done["stage"]["cache"]:
-        manifest = _json.loads((Path(done["stage"]["cache"]) / "manifest.json").read_text())
+    cache = done["stage"]["teachers"][0]["cache"]
+    assert (cache is None) == (len(min_size) > 1)
+    if cache:
+        manifest = _json.loads((Path(cache) / "manifest.json").read_text())
         assert manifest["key"]["views"]["resize"] == "keep_ratio"
     from helpers import tensorboard_scalars
 

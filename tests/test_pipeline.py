@@ -60,7 +60,7 @@ def test_ap_figure_draws_each_teacher_and_names_each_stage():
     from curriculum.plan import Stage
 
     def stage(i, teacher, epochs):
-        return Stage(index=i, name=f"{i + 1}-{teacher}", teacher=teacher, teacher_checkpoint=None, epochs=epochs,
+        return Stage(index=i, name=f"{i + 1}-{teacher}", teachers=[{"name": teacher, "checkpoint": None}], epochs=epochs,
                      losses=[], lr=None, decay_kind="constant", decay_params={}, decay_offset=0, decay_t_max=epochs)
 
     val = lambda ap: {"AP": ap, "AP50": 2 * ap}  # noqa: E731

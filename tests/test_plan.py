@@ -32,7 +32,7 @@ CKPTS = {"fcos_resnet_mini": "a/model.pt", "fcos_resnet18_half": "b/model.pt"}
 def test_stages_switch_teachers_and_losses_in_order():
     stages = build_plan(_job(), CKPTS, ["fcos_resnet_mini", "fcos_resnet18_half"])
     assert [s.teacher for s in stages] == ["fcos_resnet_mini", "fcos_resnet18_half"]
-    assert [s.teacher_checkpoint for s in stages] == ["a/model.pt", "b/model.pt"]
+    assert [[t.checkpoint for t in s.teachers] for s in stages] == [["a/model.pt"], ["b/model.pt"]]
     assert [s.name for s in stages] == ["1-fcos_resnet_mini", "2-fcos_resnet18_half"]
     assert [s.epochs for s in stages] == [2, 3] and stage_borders(stages) == [2]
     assert stages[0].losses == [{"name": "mgd", "preset": "retinanet"}]  # the run's default loss mix
@@ -170,8 +170,9 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
         "baseline": False, "eval": {"max_images": 2, "batch_size": 2},
     })
     report = pipeline.run_pipeline(job, progress=False)
-    assert [c["stage"]["teacher"] for c in calls] == ["fcos_resnet_mini", "fcos_resnet18_half"]
-    assert [c["stage"]["cache"] for c in calls] == ["cache-of-fcos_resnet_mini", "cache-of-fcos_resnet18_half"]
+    assert [[t["name"] for t in c["stage"]["teachers"]] for c in calls] == [["fcos_resnet_mini"], ["fcos_resnet18_half"]]
+    assert [c["stage"]["teachers"][0]["cache"] for c in calls] == ["cache-of-fcos_resnet_mini",
+                                                                   "cache-of-fcos_resnet18_half"]
     assert [c["epochs"] for c in calls] == [1, 2]
     # Stage 1 starts from the random student with the first teacher's FPN/head tensors where shapes match.
     first = calls[0]["init"]["model"]

@@ -89,10 +89,11 @@ def test_precompute_inspect_verify_rebuild_and_a_stage_on_s3(setup, s3, ray_sess
         "data": {"root": str(d), "builtin": "none", "train_images": images, "train_annotations": ann,
                  "val_images": images, "val_annotations": ann, "image_size": 128, "flip": "none"},
         "train": {"epochs": 1, "batch_size": 4, "max_iters_per_epoch": 2, "warmup_iters": 1}})
-    stage = {"index": 0, "name": "1-s3", "teacher": "retinanet_mobilenetv3_micro", "teacher_checkpoint":
-             str(d / "teacher.pt"), "epochs": 1, "losses": [{"name": "mgd", "preset": "retinanet"}], "lr": None,
+    stage = {"index": 0, "name": "1-s3", "teachers": [{"name": "retinanet_mobilenetv3_micro", "checkpoint":
+             str(d / "teacher.pt"), "weight": 1.0, "cache": report.cache, "class_map": None, "adapter": None}],
+             "epochs": 1, "losses": [{"name": "mgd", "preset": "retinanet"}], "lr": None,
              "decay_kind": "constant", "decay_params": {}, "decay_offset": 0, "decay_t_max": 1, "kd_ratio": None,
-             "cache": report.cache, "class_map": None, "adapter": None, "init": None}
+             "init": None}
     state = fit_on_ray(tjob, num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path / "ray"), name="s3",
                        stage=stage, progress=False)
     (record,) = json.loads(state["history"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import trainers.train as train_mod
-from curriculum.config import TrainJobConfig, config_from_dict
+from curriculum.config import TrainConfig, TrainJobConfig, config_from_dict
 from curriculum.errors import CurriculumError
 from trainers.train import NonFiniteLossError, build_dataset, make_loader, train_detector, train_one_epoch
 
@@ -113,3 +113,21 @@ def test_non_finite_loss_names_epoch_and_batch(shapes_root, tmp_path):
                         extra_loss=lambda out, t, im: {"distill": torch.tensor(float("nan"))})
     # The bad step was not applied: no weight moved (BatchNorm's running statistics do follow the forward pass).
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+
+
+def test_the_transformer_recipe_keeps_weight_decay_off_norms_biases_and_position_tables():
+    from teachers.zoo import build_detector
+    from trainers.train import make_optimizer
+
+    det = build_detector("fcos_swin_mini", 4)
+    named = dict(det.named_parameters())
+    t = TrainConfig(weight_decay=0.05, decay_norm_and_bias=False)
+    decayed, plain = make_optimizer(det.named_parameters(), t).param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    no_decay = {n for n, p in named.items() if any(p is q for q in plain["params"])}
+    assert any("relative_position_bias_table" in n for n in no_decay)
+    assert all(named[n].ndim <= 1 or "position_bias_table" in n for n in no_decay)
+    assert all(p.ndim > 1 for p in decayed["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(named)
+    (group,) = make_optimizer(det.named_parameters(), TrainConfig(weight_decay=0.05)).param_groups
+    assert group["weight_decay"] == 0.05 and len(group["params"]) == len(named)

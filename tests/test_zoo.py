@@ -90,6 +90,28 @@ def test_swin_features_are_nchw():
     assert feats["p3"].shape == (1, det.backbone.out_channels, 16, 16)
 
 
+def test_swin_stages_are_layer_normalised_before_the_fpn():
+    """Each Swin output stage gets its own LayerNorm (as its authors' detection backbones do) before the FPN."""
+    det = build_detector("fcos_swin_mini", K).eval()
+    bb = det.backbone
+    with torch.no_grad():
+        for norm in bb.out_norms:  # a non-trivial affine part, so the test sees it applied
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+        x = torch.rand(1, 3, 128, 128)
+        maps = bb.body(x)
+        seen = {}
+        hook = bb.fpn.register_forward_pre_hook(lambda m, args: seen.update(args[0]))
+        bb(x)
+        hook.remove()
+    for k, (name, i) in enumerate(zip(bb.level_names, bb.indices)):
+        m = maps[i]
+        mu, var = m.mean(-1, keepdim=True), m.var(-1, unbiased=False, keepdim=True)
+        ref = (m - mu) / torch.sqrt(var + 1e-5) * bb.out_norms[k].weight + bb.out_norms[k].bias
+        torch.testing.assert_close(seen[name], ref.permute(0, 3, 1, 2), rtol=1e-4, atol=1e-4)
+    assert build_detector("fcos_resnet_mini", K).backbone.out_norms is None  # CNN maps go to the FPN as they are
+
+
 def test_teacher_scores_given_boxes():
     """A two-stage teacher scores the student's proposals on its own features (proposal sharing)."""
     torch.manual_seed(0)

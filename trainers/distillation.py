@@ -5,6 +5,9 @@
 - `DistillStep`: the `extra_loss` of `trainers.train.train_one_epoch`: the batch's teacher targets from a source
   (a cache reader, serving actors, or the teacher run inline on the same batch), then the distiller's terms;
   detector terms a loss rescales (Chen's mu) replace the originals.
+- `open_teacher` / `stage_source`: a stage's teachers as a process reaches them (cache reader, object store,
+  the teacher inline, or an adapter) and the batch's targets from them: one `TeacherTargets`, or one per teacher
+  when a stage distils from several at once (`trainers.distill.build_joint_distiller`).
 - `feature_factors`: `kd_ratio` calibration: one factor for the feature terms so that they add up to kd_ratio x
   the detector loss on the first batches, with student and adapters as the stage starts.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,18 +28,19 @@ import torch
 from teachers.class_map import ClassMap
 from teachers.targets import TeacherTargets
 
-Source = Callable[[list[torch.Tensor], list[dict]], TeacherTargets]
+Source = Callable[[list[torch.Tensor], list[dict]], Any]  # TeacherTargets, or {teacher: TeacherTargets}
 
 
 def build_student(name: str, class_names: Sequence[str], seed: int, *, image_size: int, overrides: dict[str, Any],
                   init: str | dict[str, Any] | None = None, losses: Sequence[dict] | None = None,
-                  teacher_channels: dict[str, int] | None = None) -> tuple[Any, Any]:
+                  teacher_channels: dict[str, int] | None = None,
+                  teachers: Sequence[TeacherLink] | None = None) -> tuple[Any, Any]:
     """(student, distiller or None), built from `seed`: the global RNG is seeded, the student built and loaded
     from `init` (a plain checkpoint, path or dict), then the distiller built for `losses` against the teacher's
-    FPN channels. A teacher loaded before must not draw from the global RNG in between (`load_teacher` inside
-    `torch.random.fork_rng`)."""
+    FPN channels (`teachers`: a stage's teachers, each with its own adapters and weight). A teacher loaded before
+    must not draw from the global RNG in between (`load_teacher` inside `torch.random.fork_rng`)."""
     from teachers.zoo import build_detector
-    from trainers.distill import build_distiller
+    from trainers.distill import build_distiller, build_joint_distiller
     from curriculum.seeds import seed_everything
 
     seed_everything(seed)
@@ -43,7 +48,10 @@ def build_student(name: str, class_names: Sequence[str], seed: int, *, image_siz
     if init:
         load_plain(model, init)
     distiller = None
-    if losses:
+    if losses and teachers:
+        distiller = build_joint_distiller(list(losses), model.level_channels,
+                                          [(t.name, t.level_channels, t.weight) for t in teachers])
+    elif losses:
         distiller = build_distiller(list(losses), model.level_channels, dict(teacher_channels or {}))
     return model, distiller
 
@@ -57,6 +65,86 @@ def load_plain(model: torch.nn.Module, init: str | dict[str, Any]) -> None:
         raise RuntimeError(f"{init if isinstance(init, str) else 'the start checkpoint'} holds "
                            f"{ckpt['config']['name']}, the stage trains {model.config.name}")
     model.load_state_dict(ckpt["model"])
+
+
+@dataclass
+class TeacherLink:
+    """One teacher of a stage as a training process reaches it (`open_teacher`): its FPN channels, weight and class
+    map, and exactly one of a cache reader, the teacher run inline, or a `teachers.adapter` teacher."""
+
+    name: str
+    weight: float
+    level_channels: dict[str, int]
+    checkpoint: str | None = None
+    reader: Any = None
+    model: Any = None
+    adapter: Any = None
+    class_map: ClassMap | None = None
+
+    def source(self, keep: Any = None) -> Source:
+        """Where this teacher's targets of a batch come from (`keep`: the fields an inline teacher computes)."""
+        if self.reader is not None:
+            reader = self.reader
+            return lambda images, targets: reader.targets_for(targets)
+        if self.adapter is not None:
+            from teachers.adapter import AdapterSource
+
+            return AdapterSource(self.adapter)
+        return InlineSource(self.model, keep)
+
+    def bind_heads(self, required: set[str], device: Any = "cpu") -> None:
+        """Proposal sharing from a cache: the teacher's RoI and mask heads run here on the cached features."""
+        if self.reader is not None and {"roi_scorer", "mask_scorer"} & required:
+            from teachers.outputs import load_teacher
+
+            with torch.random.fork_rng(devices=[]):
+                self.reader.roi_head = load_teacher(self.checkpoint, self.name, device=str(device))
+
+
+def open_teacher(member: dict[str, Any], *, inline: bool = False, device: Any = "cpu",
+                 memory_bytes: int = 1 << 30, shard_store: str | None = None) -> TeacherLink:
+    """A stage's teacher (`curriculum.plan.StageTeacher` as a dict) reached from this process: an adapter teacher
+    always inline; a zoo teacher from its cache (`shard_store`: the name of the `ObjectStoreShards` actor holding
+    it decoded; else read from the Parquet shards) unless `inline` or it has none. Loading draws nothing from the
+    global RNG, so the student built next is built as anywhere else."""
+    class_map = ClassMap.from_dict(member["class_map"]) if member.get("class_map") else None
+    link = TeacherLink(member["name"], float(member.get("weight", 1.0)), {}, member.get("checkpoint"),
+                       class_map=class_map)
+    with torch.random.fork_rng(devices=[]):
+        if member.get("adapter"):
+            from teachers.adapter import load_adapter
+
+            link.adapter = load_adapter(member["adapter"]["target"], member["adapter"]["args"]).to(device)
+            link.level_channels = dict(link.adapter.level_channels)
+        elif inline or not member.get("cache"):
+            from teachers.outputs import load_teacher
+
+            link.model = load_teacher(member["checkpoint"], member["name"], device=str(device))
+            link.level_channels = dict(link.model.level_channels)
+        else:
+            from teachers.readers import CacheReader, ObjectStoreReader
+
+            link.reader = (ObjectStoreReader(shard_store) if shard_store
+                           else CacheReader(member["cache"], memory_bytes=memory_bytes))
+            link.level_channels = dict(link.reader.manifest["teacher"]["level_channels"])
+    return link
+
+
+def stage_source(links: Sequence[TeacherLink], distiller: Any) -> Source:
+    """The targets of a batch for `distiller`: one teacher's `TeacherTargets`, or {teacher: TeacherTargets} when
+    it distils from several at once."""
+    plain = getattr(distiller, "module", distiller)  # DDP-wrapped or not
+    if not plain.teachers:
+        return links[0].source(plain.required_teacher_targets())
+    sources = {link.name: link.source(plain.required_teacher_targets(link.name)) for link in links}
+    return lambda images, targets: {name: src(images, targets) for name, src in sources.items()}
+
+
+def stage_class_maps(links: Sequence[TeacherLink]) -> ClassMap | dict[str, ClassMap | None] | None:
+    """`DistillStep`'s `class_map` for these teachers."""
+    if len(links) == 1:
+        return links[0].class_map
+    return {link.name: link.class_map for link in links}
 
 
 class InlineSource:
@@ -75,14 +163,16 @@ class DistillStep:
     the distiller's terms at decay factor `decay` (MGD's masks drawn from `generator`).
 
     `class_map` (`teachers.class_map.ClassMap`): a teacher on other classes than the student's; its targets are
-    mapped into the student's labels as they come from the source.
+    mapped into the student's labels as they come from the source. Several teachers at once: the source gives
+    {teacher: TeacherTargets} and `class_map` is {teacher: ClassMap or None}.
     On a CUDA `device` the targets are moved there and the distiller runs under the student's bf16 autocast
     (the student's features come out of it, and fp32 adapters refuse bf16 inputs); its terms come back float32.
     """
 
     def __init__(self, source: Source, distiller: torch.nn.Module, decay: float = 1.0,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 scales: dict[str, float] | None = None, class_map: ClassMap | None = None) -> None:
+                 scales: dict[str, float] | None = None,
+                 class_map: ClassMap | dict[str, ClassMap | None] | None = None) -> None:
         self.source, self.distiller, self.decay, self.generator = source, distiller, decay, generator
         self.class_map = class_map
         self.device = torch.device(device) if device is not None else None
@@ -90,13 +180,20 @@ class DistillStep:
         plain = getattr(distiller, "module", distiller)  # DDP-wrapped or not
         self.scales = plain.detector_loss_scales() if scales is None else scales
 
-    def targets(self, images: list[torch.Tensor], targets: list[dict]) -> TeacherTargets:
+    def targets(self, images: list[torch.Tensor], targets: list[dict]) -> TeacherTargets | dict[str, TeacherTargets]:
         tt = self.source(images, targets)
-        if self.class_map is not None:  # before the move: the mapped targets are smaller
-            tt = self.class_map.apply(tt)
+        if isinstance(tt, dict):
+            maps = self.class_map or {}
+            return {name: self._ready(t, maps.get(name)) for name, t in tt.items()}
+        return self._ready(tt, self.class_map)
+
+    def _ready(self, tt: TeacherTargets, class_map: ClassMap | None) -> TeacherTargets:
+        if class_map is not None:  # before the move: the mapped targets are smaller
+            tt = class_map.apply(tt)
         return tt.to(self.device) if self.autocast else tt
 
-    def terms(self, out: Any, tt: TeacherTargets, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def terms(self, out: Any, tt: TeacherTargets | dict[str, TeacherTargets], targets: list[dict]
+              ) -> dict[str, torch.Tensor]:
         """The distillation terms of one forward `out` (`teachers.zoo.DetectorOutput`) against `tt`."""
         from trainers.distill.outputs import student_outputs_from
 
@@ -115,7 +212,8 @@ class DistillStep:
 
 
 def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batches: Sequence[tuple[list, list]],
-                    source: Source, kd_ratio: float, seed: int, class_map: ClassMap | None = None) -> dict[str, float]:
+                    source: Source, kd_ratio: float, seed: int,
+                    class_map: ClassMap | dict[str, ClassMap | None] | None = None) -> dict[str, float]:
     """One factor for the distiller's feature terms (by entry key; {} when it has none) so that, on `batches`,
     they add up to `kd_ratio` x the detector's loss, with the student and the distiller as they are now
     (`class_map`: as `DistillStep`'s, so the head terms computed alongside see the student's classes).
@@ -147,4 +245,5 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     return {k: factor for k in keys}
 
 
-__all__ = ["DistillStep", "InlineSource", "build_student", "feature_factors", "load_plain"]
+__all__ = ["DistillStep", "InlineSource", "TeacherLink", "build_student", "feature_factors", "load_plain",
+           "open_teacher", "stage_class_maps", "stage_source"]

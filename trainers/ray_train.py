@@ -288,9 +288,9 @@ class LoopConfig:
     job: a `TrainJobConfig` as a dict. stage: `curriculum.plan.Stage.to_dict()` (None: plain training).
     init: plain detector checkpoint the student starts from. loss_factors: multipliers of the distiller's entries
     (the calibrated feature weights), calibrated for `kd_ratio` (saved in every checkpoint, so a PBT clone with
-    another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_store: the name of the
-    `ObjectStoreShards` actor holding the decoded cache (None: each worker reads the Parquet shards itself,
-    `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
+    another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_stores: {teacher: the name of the
+    `ObjectStoreShards` actor holding its decoded cache} (a teacher not in it: each worker reads the Parquet
+    shards itself, `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
     `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in
     the worker). tensorboard_dir: rank 0 writes TensorBoard event files there (losses and lr per step; val
     metrics, decay and feature-loss factor per epoch).
@@ -307,7 +307,7 @@ class LoopConfig:
     use_gpu: bool = False
     progress: bool = True
     teacher_mode: str = "cache"
-    shard_store: str | None = None
+    shard_stores: dict[str, str] = dataclasses.field(default_factory=dict)
     worker_hooks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     framework_logs: bool = False
     tensorboard_dir: str | None = None
@@ -347,10 +347,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 def run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     """Plain training, or one distillation stage when `stage` is given; returns the final training state.
 
-    The same loop serves Ray Train workers (`TrainSession`) and Tune trials (`TuneSession`). A stage's teacher
-    targets come from its cache (`stage["cache"]`), or with `teacher_mode: inline` from the teacher run here;
-    `stage["class_map"]` (`ClassMap.to_dict()`, absent or None for a teacher on the student's classes) maps them
-    into the student's labels.
+    The same loop serves Ray Train workers (`TrainSession`) and Tune trials (`TuneSession`). Each teacher of a
+    stage (`stage["teachers"]`, `trainers.distillation.open_teacher`) gives its targets from its cache, or with
+    `teacher_mode: inline` from the teacher run here; its `class_map` (`ClassMap.to_dict()`, None for a teacher on
+    the student's classes) maps them into the student's labels. Several teachers: their terms are summed.
     Runs with `threads_per_worker` torch threads and restores the caller's count after (it may be called
     in-process).
     """
@@ -364,8 +364,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from curriculum.data import collate_fn
-    from teachers.outputs import load_teacher, teacher_forward_counts
-    from trainers.distillation import DistillStep, InlineSource, build_student
+    from teachers.outputs import teacher_forward_counts
+    from trainers.distillation import DistillStep, build_student, open_teacher, stage_class_maps, stage_source
     from teachers.zoo import needs_masks
     from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model, log_epoch,
                                 load_train_state, make_optimizer, make_scheduler, step_logger, tensorboard_writer,
@@ -373,57 +373,32 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
 
     job: TrainJobConfig = config_from_dict(TrainJobConfig, cfg.job)
     stage: dict[str, Any] | None = cfg.stage
-    distil = bool(stage and stage.get("teacher"))
+    distil = bool(stage and stage.get("teachers"))
     stage_index = stage["index"] if stage else 0
     t = job.train
     rank, world, device = session.rank, session.world, session.device
     ds = build_dataset(job.data, "train", seed=t.seed, masks=needs_masks(job.model.name))
-    source = teacher = reader = None
-    teacher_channels = None
-    adapter = None
-    if distil and stage.get("adapter"):  # a teacher of another library (`teachers.adapter`), always inline
-        from teachers.adapter import load_adapter
-
-        with torch.random.fork_rng(devices=[]):
-            adapter = load_adapter(stage["adapter"]["target"], stage["adapter"]["args"]).to(device)
-        teacher_channels = adapter.level_channels
-    elif distil and cfg.teacher_mode == "inline":
-        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the RNG the student is built from
-            teacher = load_teacher(stage["teacher_checkpoint"], stage["teacher"], device=str(device))
-        teacher_channels = teacher.level_channels
-    elif distil:
-        from teachers.readers import CacheReader, ObjectStoreReader
-
-        if cfg.shard_store:  # decoded shards in Ray's object store, shared by all workers
-            reader = ObjectStoreReader(cfg.shard_store)
-        else:  # this worker reads and decodes the Parquet shards itself
-            reader = CacheReader(stage["cache"], memory_bytes=cfg.memory_bytes)
-        teacher_channels = reader.manifest["teacher"]["level_channels"]
+    links = [open_teacher(m, inline=cfg.teacher_mode == "inline", device=device, memory_bytes=cfg.memory_bytes,
+                          shard_store=(cfg.shard_stores or {}).get(m["name"]))
+             for m in (stage["teachers"] if distil else [])]
     model, distiller = build_student(job.model.name, ds.class_names, t.seed, image_size=job.data.image_size,
                                      overrides=job.model.overrides(), init=cfg.init,
-                                     losses=stage["losses"] if distil else None, teacher_channels=teacher_channels)
-    if reader is not None and {"roi_scorer", "mask_scorer"} & distiller.required_teacher_targets():
-        # Proposal sharing from a cache: the teacher's RoI and mask heads run on the cached features here.
-        with torch.random.fork_rng(devices=[]):
-            reader.roi_head = load_teacher(stage["teacher_checkpoint"], stage["teacher"], device=str(device))
-    if teacher is not None:
-        source = InlineSource(teacher, distiller.required_teacher_targets())
-    if adapter is not None:
-        from teachers.adapter import AdapterSource
-
-        source = AdapterSource(adapter)
-    if reader is not None:
-        source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
+                                     losses=stage["losses"] if distil else None, teachers=links)
+    source = class_map = None
+    for link in links:
+        link.bind_heads(distiller.required_teacher_targets(link.name if distiller.teachers else None), device)
+    if links:
+        source = stage_source(links, distiller)
+        class_map = stage_class_maps(links)
+    readers = [link.reader for link in links if link.reader is not None]
+    if links and len(readers) == len(links):  # every teacher from a cache: read the next batch's targets ahead
+        source = TargetReadAhead(source)
+        reader = readers[0]  # caches of one data set share the image order and shard layout
         pos = {int(i): p for p, i in enumerate(reader.image_ids())}
         shard_of = [pos[int(i)] // reader.manifest["shard_size"] for i in ds.image_ids]
         sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
     else:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
-    class_map = None
-    if distil and stage.get("class_map"):  # a teacher on other classes: its targets in the student's labels
-        from teachers.class_map import ClassMap
-
-        class_map = ClassMap.from_dict(stage["class_map"])
     for key, factor in cfg.loss_factors.items() if distiller is not None else ():
         distiller.weights[key] *= factor
     per_worker = max(1, t.batch_size // world)  # batch_size is the global batch
@@ -431,7 +406,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                         num_workers=job.data.workers)
     iters = min(len(loader), t.max_iters_per_epoch or len(loader))
     ddp_model = session.prepare(model)
-    params = list(ddp_model.parameters())
+    params = list(ddp_model.named_parameters())
     ddp_distiller = None
     if distiller is not None:
         if any(True for _ in distiller.parameters()):
@@ -440,7 +415,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             # Feature terms use all their adapters every step; a gated head term may leave some without gradient.
             gated = not all(isinstance(term, FeatureTerm) for term in distiller.terms.values())
             ddp_distiller = session.prepare(distiller, find_unused=gated)
-            params += list(ddp_distiller.parameters())
+            params += [("distiller." + n, p) for n, p in ddp_distiller.named_parameters()]
         else:
             ddp_distiller = distiller.to(device)
     opt = make_optimizer(params, t)
@@ -555,11 +530,11 @@ def fit_on_ray(
 ) -> dict[str, Any]:
     """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history, ...).
 
-    stage: a `curriculum.plan.Stage` as a dict (`Stage.to_dict()`): with a teacher, a distillation stage reading
-    the cache `stage["cache"]`; `job.train.epochs` is the stage's length. init: plain detector checkpoint the
+    stage: a `curriculum.plan.Stage` as a dict (`Stage.to_dict()`): with teachers, a distillation stage reading
+    each teacher's cache (`stage["teachers"][i]["cache"]`); `job.train.epochs` is the stage's length. init: plain detector checkpoint the
     student starts from. loss_factors: multipliers of the distiller's entries (the calibrated weights).
     worker_hooks: callables run in every worker at epoch and batch starts (`load_worker_hooks`).
-    teacher_mode: `cache` (targets from `stage["cache"]`) or `inline` (every worker runs the teacher on its batch:
+    teacher_mode: `cache` (targets from the teachers' caches) or `inline` (every worker runs the teacher on its batch:
     the reference and the cost other frameworks pay). tensorboard_dir: rank 0's TensorBoard event files.
     object_store: the cached targets reach the workers through Ray's object store (`teachers.cache.
     ObjectStoreShards`: decoded once, zero copy, at most `memory_bytes` resident); False: every worker reads
@@ -576,18 +551,21 @@ def fit_on_ray(
     storage = storage_path or str(Path(job.output_dir).resolve() / "ray")
     # Ray Train's own INFO lines (controller and workers) only with --verbose, i.e. a driver logging at DEBUG.
     framework_logs = logging.getLogger().isEnabledFor(logging.DEBUG)
-    store = None
-    if stage and stage.get("teacher") and stage.get("cache") and teacher_mode == "cache" and object_store:
+    stores = {}
+    if stage and teacher_mode == "cache" and object_store:
         from teachers.readers import ObjectStoreShards
 
-        # Owned by this driver for the whole stage: restarted worker groups find it again.
-        store = ObjectStoreShards(stage["cache"], budget_bytes=memory_bytes)
+        # Owned by this driver for the whole stage: restarted worker groups find them again.
+        cached = [m for m in stage.get("teachers", []) if m.get("cache") and not m.get("adapter")]
+        stores = {m["name"]: ObjectStoreShards(m["cache"], budget_bytes=memory_bytes // max(1, len(cached)))
+                  for m in cached}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=LoopConfig(
             job=to_dict(job), stage=stage, init=init, threads_per_worker=threads_per_worker, memory_bytes=memory_bytes,
             loss_factors=dict(loss_factors or {}), kd_ratio=kd_ratio, eval_every=eval_every, use_gpu=use_gpu,
-            progress=progress, teacher_mode=teacher_mode, shard_store=store.name if store else None,
+            progress=progress, teacher_mode=teacher_mode,
+            shard_stores={name: store.name for name, store in stores.items()},
             worker_hooks=list(worker_hooks or []),
             framework_logs=framework_logs, tensorboard_dir=tensorboard_dir).to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -603,7 +581,7 @@ def fit_on_ray(
     try:
         result = trainer.fit()
     finally:
-        if store is not None:
+        for store in stores.values():
             store.close()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage}/{name} ended without a checkpoint: {result.error}")

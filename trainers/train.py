@@ -72,11 +72,24 @@ def _progress(iterable: Iterable, **kw: Any) -> tqdm:
 # ------------------------------------------------------------------------------------------------ optimisation
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.ndim <= 1 or "position_bias_table" in name or "pos_embed" in name
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, torch.nn.Parameter]],
+                   t: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable `params` (plain or named). ``t.decay_norm_and_bias: false`` needs names: norms,
+    biases and position tables then form a group without weight decay."""
+    named = [item if isinstance(item, tuple) else ("", item) for item in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if t.decay_norm_and_bias:
+        groups: list[dict[str, Any]] = [{"params": [p for _, p in named]}]
+    else:
+        groups = [{"params": [p for n, p in named if not _no_decay(n, p)]},
+                  {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def lr_factor(it: int, total: int, t: TrainConfig) -> float:
@@ -319,7 +332,7 @@ def _train_detector(job: TrainJobConfig, resume: bool, progress: bool) -> dict[s
                            class_names=tuple(train_ds.class_names), **job.model.overrides())
     loader = make_loader(train_ds, t.batch_size, shuffle=True, seed=t.seed, workers=job.data.workers)
     iters = min(len(loader), t.max_iters_per_epoch or len(loader))
-    opt = make_optimizer(model.parameters(), t)
+    opt = make_optimizer(model.named_parameters(), t)
     sched = make_scheduler(opt, t, iters * t.epochs)
     history: list[dict[str, Any]] = []
     start_epoch = 0

@@ -141,10 +141,10 @@ def _entry_default(base: dict[str, Any], key: str) -> Any:
     return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
-def _max_epochs(base: dict[str, Any], space: Space, teachers: int) -> int:
+def _max_epochs(base: dict[str, Any], space: Space, n_stages: int) -> int:
     """Most epochs a trial can run (ASHA's max_t): stage lengths at the top of their ranges."""
     stages = base.get("stages") or [{}]
-    per = [stages[i if len(stages) > 1 else 0].get("epochs", 4) for i in range(teachers)]
+    per = [stages[i if len(stages) > 1 else 0].get("epochs", 4) for i in range(n_stages)]
     for key, p in space.params.items():
         parts = key.split(".")
         if parts[0] == "stages" and len(parts) == 3 and parts[2] == "epochs" and parts[1].isdigit():
@@ -175,9 +175,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, ctx["threads"]))
     forwards0 = teacher_forward_counts()["teacher"]
     stages = build_plan(job, ctx["checkpoints"], ctx["order"])
-    for st in stages:
-        st.cache = ctx["caches"].get(st.teacher)
-        st.class_map = ctx["class_maps"].get(st.teacher)
+    for member in (m for st in stages for m in st.teachers):  # the cache, class map and adapter prepared once
+        for key, value in ctx["members"].get(member.name, {}).items():
+            setattr(member, key, value)
     resume = ray.tune.get_checkpoint()
     rstate = None
     if resume is not None:
@@ -207,7 +207,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             job=to_dict(tjob), threads_per_worker=max(1, ctx["threads"]), stage=st.to_dict(),
             init=None if own is not None else str(init), memory_bytes=job.cache.memory_bytes, loss_factors=factors,
             kd_ratio=st.kd_ratio, eval_every=1, progress=False, teacher_mode=ctx["teacher_mode"],
-            use_gpu=device == "cuda", shard_store=ctx["stores"].get(st.teacher),
+            use_gpu=device == "cuda",
+            shard_stores={m.name: ctx["stores"][m.name] for m in st.teachers if m.name in ctx["stores"]},
             tensorboard_dir=str(workdir / "tensorboard" / st.name))
         session = TuneSession(
             resume=resume if own is not None else None, device=device,
@@ -286,9 +287,11 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
     t0 = time.perf_counter()
     prep = prepare_run(dataclasses.replace(job, direct=False), out, phases, progress,
                        precompute_caches=cfg.teacher_mode == "cache")
-    init, _ = prep.start_from(prep.stages[0].teacher, "curriculum")
+    init, _ = prep.start_from(prep.stages[0].teachers[0].name, "curriculum")
     ensure_ray(job.ray)
-    caches = {s.teacher: s.cache for s in prep.stages if s.cache}
+    members = {m.name: {"cache": m.cache, "class_map": m.class_map, "adapter": m.adapter}
+               for s in prep.stages for m in s.teachers}
+    caches = {name: m["cache"] for name, m in members.items() if m["cache"] and not m["adapter"]}
     stores = {}
     if job.cache.object_store and cfg.teacher_mode == "cache":
         from teachers.readers import ObjectStoreShards
@@ -297,7 +300,7 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
         # decoded shards from Ray's object store.
         stores = {t: ObjectStoreShards(c, budget_bytes=job.cache.memory_bytes) for t, c in caches.items()}
     ctx = {"job": base, "space": space, "checkpoints": prep.checkpoints, "order": prep.order,
-           "caches": caches, "class_maps": {s.teacher: s.class_map for s in prep.stages},
+           "members": members,
            "stores": {t: st.name for t, st in stores.items()}, "init": str(init),
            "threads": cfg.threads_per_trial, "gpus": cfg.gpus_per_trial, "eval_images": cfg.eval_images,
            "teacher_mode": cfg.teacher_mode}
@@ -305,7 +308,7 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
     if cfg.gpus_per_trial:
         resources["GPU"] = cfg.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
-    max_t = _max_epochs(base, space, len(job.teachers))
+    max_t = _max_epochs(base, space, len(prep.stages))
     param_space = space.to_tune()
     try:
         grid = _fit(tune, trainable, param_space, storage, exp_name, resume, cfg, space, default, num_samples,

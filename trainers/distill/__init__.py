@@ -12,7 +12,7 @@ Modules (each states its paper, formula, the authors' defaults and the project's
 - ``registry``: ``build_distiller(config, student_channels, teacher_channels) -> Distiller``.
 """
 
-from .registry import LOSSES, Distiller, build_distiller, loss_options
+from .registry import LOSSES, Distiller, build_distiller, build_joint_distiller, loss_options
 from .schedules import DECAY_KINDS, DistillationDecay, decay_factor
 from teachers.targets import TeacherTargets
 
@@ -23,6 +23,7 @@ __all__ = [
     "Distiller",
     "TeacherTargets",
     "build_distiller",
+    "build_joint_distiller",
     "decay_factor",
     "loss_options",
 ]

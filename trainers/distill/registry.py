@@ -83,18 +83,21 @@ class Distiller(nn.Module):
         weights: Mapping[str, float],
         decays: Mapping[str, bool],
         check_finite: bool = True,
+        teachers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = dict(weights)
         self.decays = dict(decays)
         self.check_finite = check_finite
+        # Several teachers at once (`build_joint_distiller`): the teacher whose targets each term reads.
+        self.teachers = dict(teachers or {})
 
     # ------------------------------------------------------------------------------------------
     def forward(
         self,
         student_outputs: Mapping[str, Any],
-        targets: TeacherTargets,
+        targets: TeacherTargets | Mapping[str, TeacherTargets],
         gt: Sequence[Mapping[str, Any]] | None = None,
         decay: float = 1.0,
         *,
@@ -105,27 +108,39 @@ class Distiller(nn.Module):
         ``decay``: the distillation decay factor r(t) (``schedules.decay_factor``) applied to every
         entry with ``decay: true``. ``generator``: RNG for stochastic terms (MGD masks).
         Non-finite teacher targets raise DataError naming the image (``check_finite``).
+        Several teachers (``teachers`` set): ``targets`` maps each teacher to its ``TeacherTargets``.
         """
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
             raise ConfigError(f"distiller decay factor must be a finite number >= 0, got {decay!r}")
+        by_teacher: dict[str | None, Any] = dict(targets) if self.teachers and isinstance(targets, Mapping) else {
+            None: targets}
+        missing = sorted(set(self.teachers.values()) - set(by_teacher))
+        if missing:
+            raise ConfigError(f"the distiller reads teachers {sorted(set(self.teachers.values()))}; got targets of "
+                              f"{sorted(map(str, by_teacher))} (missing {missing})")
+        device = student_device(student_outputs)
+        contexts = {name: DistillContext(student_outputs, self._checked(tt, gt, device), gt, generator)
+                    for name, tt in by_teacher.items()}
+        out: dict[str, Tensor] = {}
+        for key, term in self.terms.items():
+            factor = self.weights[key] * (float(decay) if self.decays[key] else 1.0)
+            out[f"distill_{key}"] = term(contexts[self.teachers.get(key)]) * factor
+        return out
+
+    def _checked(self, targets: Any, gt: Sequence[Mapping[str, Any]] | None, device: Any) -> TeacherTargets:
         if not isinstance(targets, TeacherTargets):
             raise ConfigError(
                 f"the distiller needs a TeacherTargets, got {type(targets).__name__}; wrap the teacher "
                 f"outputs (cache, actors or inline teacher) in trainers.distill.TeacherTargets"
             )
         # Cached targets may sit on the CPU: bring them to the student's device (no-op when there).
-        targets = targets.to(student_device(student_outputs))
+        targets = targets.to(device)
         if self.check_finite:
             ids = targets.image_ids
             if ids is None and gt is not None and all("image_id" in g for g in gt):
                 ids = [int(g["image_id"]) for g in gt]
             targets.check_finite(ids)
-        ctx = DistillContext(student_outputs, targets, gt, generator)
-        out: dict[str, Tensor] = {}
-        for key, term in self.terms.items():
-            factor = self.weights[key] * (float(decay) if self.decays[key] else 1.0)
-            out[f"distill_{key}"] = term(ctx) * factor
-        return out
+        return targets
 
     # ------------------------------------------------------------------------------------------
     def detector_loss_scales(self) -> dict[str, float]:
@@ -134,14 +149,20 @@ class Distiller(nn.Module):
         Not affected by ``decay``. Two entries scaling the same term multiply.
         """
         scales: dict[str, float] = {}
-        for term in self.terms.values():
+        # Several teachers: each has the same entries; one set of factors (not one per teacher) applies.
+        first = next(iter(self.teachers.values()), None)
+        for key, term in self.terms.items():
+            if self.teachers.get(key) != first:
+                continue
             for name, s in term.detector_loss_scales().items():
                 scales[name] = scales.get(name, 1.0) * s
         return scales
 
-    def required_teacher_targets(self) -> set[str]:
-        """``TeacherTargets`` fields the configured terms read (``roi_scorer`` or stored RoI outputs)."""
-        return set().union(*(t.required_teacher() for t in self.terms.values())) if self.terms else set()
+    def required_teacher_targets(self, teacher: str | None = None) -> set[str]:
+        """``TeacherTargets`` fields the configured terms read (``roi_scorer`` or stored RoI outputs); with
+        several teachers, `teacher`'s terms only (None: all terms)."""
+        return set().union(set(), *(t.required_teacher() for k, t in self.terms.items()
+                                    if teacher is None or self.teachers.get(k) == teacher))
 
     @property
     def stochastic(self) -> bool:
@@ -149,6 +170,36 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}: weight={self.weights[k]:g}{'' if self.decays[k] else ', no decay'}" for k in self.terms)
+
+
+def build_joint_distiller(
+    config: Sequence[Mapping[str, Any]],
+    student_channels: Mapping[str, int] | None,
+    teachers: Sequence[tuple[str, Mapping[str, int] | None, float]],
+    *,
+    check_finite: bool = True,
+) -> Distiller:
+    """A ``Distiller`` for several teachers at once: every teacher ``(name, FPN channels, weight)`` gets the
+    entries of `config` with its own adapters; keys become ``<key>@<name>`` and weights are multiplied by the
+    teacher's. Its ``forward`` takes ``{name: TeacherTargets}``. One teacher: ``build_distiller`` with the weights
+    multiplied (keys unchanged, plain ``TeacherTargets``)."""
+    if len(teachers) == 1:
+        _, channels, weight = teachers[0]
+        d = build_distiller(config, student_channels, channels, check_finite=check_finite)
+        d.weights = {k: w * weight for k, w in d.weights.items()}
+        return d
+    terms: dict[str, DistillTerm] = {}
+    weights: dict[str, float] = {}
+    decays: dict[str, bool] = {}
+    owner: dict[str, str] = {}
+    for name, channels, weight in teachers:
+        if "." in name or name in owner.values():
+            raise ConfigError(f"teacher {name!r}: several teachers at once need distinct names without '.'")
+        d = build_distiller(config, student_channels, channels, check_finite=check_finite)
+        for k, term in d.terms.items():
+            key = f"{k}@{name}"
+            terms[key], weights[key], decays[key], owner[key] = term, d.weights[k] * weight, d.decays[k], name
+    return Distiller(terms, weights, decays, check_finite, teachers=owner)
 
 
 def build_distiller(

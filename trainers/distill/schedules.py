@@ -109,7 +109,7 @@ def stage_decay(stage: Mapping[str, Any], epoch: int) -> float:
     """r(t) for 0-based `epoch` of a curriculum stage given as its dict (`curriculum.plan.Stage.to_dict()`): the
     stage's schedule on the curriculum's clock (`decay_offset` epochs done before it; t is 1-based, TAR's
     convention); 0 for a stage without a teacher."""
-    if stage.get("teacher") is None:
+    if not stage.get("teachers"):
         return 0.0
     return decay_factor(stage["decay_kind"], stage["decay_offset"] + epoch + 1, stage["decay_t_max"],
                         **stage["decay_params"])
