@@ -1,0 +1,38 @@
+"""bench/curriculum_effect.py's table and goals, computed by hand on made-up APs (the runs themselves are the
+pipeline's, tested elsewhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_curriculum_effect", ROOT / "bench" / "curriculum_effect.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+RESULT = {
+    "student": "s", "ladder": ["a", "b"], "teachers": {"a": 0.10, "b": 0.20}, "epochs": 6, "seeds": [0, 1],
+    "arms": {"baseline": [0.05, 0.07], "direct": [0.10, 0.12], "progressive": [0.13, 0.13],
+             "progressive_auto": [0.12, 0.12], "all_at_once": [0.11, 0.15]},
+}
+
+
+def test_table_paired_differences_and_goals(tmp_path):
+    bench = _bench()
+    text = bench.summarize(RESULT)
+    assert "| progressive | 13.00 | 0.00 | 13.00 | 13.00 |" in text
+    assert "| direct | 11.00 | 1.41 | 10.00 | 12.00 |" in text  # stdev of (10, 12)
+    assert "- progressive - direct: +3.00, +1.00 (mean +2.00)" in text
+    # 13.00 >= 11.00 + 1.41; 13 >= 6 + 5; 13 >= 10 (the weakest teacher); auto 12 < 13
+    assert ("progressive >= direct + max(std): met; progressive >= baseline + 5 AP: met; "
+            "progressive >= weakest teacher: met; auto order >= given order: NOT met") in text
+    bench.plot(RESULT, tmp_path / "effect.png")
+    assert (tmp_path / "effect.png").stat().st_size > 10_000
