@@ -670,14 +670,15 @@ class RunJobConfig:
     """`curriculum run CONFIG`: teachers, cache, the progressive stages on Ray Train, baseline and report.
 
     order: `given` walks `teachers` as listed; `auto` orders them by measured adaptation cost, closest first.
-    stages: one per teacher (positionally, after ordering), or a single entry used for every teacher.
+    stages: one per teacher (positionally, after ordering), or a single entry used for every teacher; or stages
+      that name their teachers (`StageConfig.teachers`: several at once, weighted), as many as wanted.
     kd_ratio: null uses the loss weights as configured; a number rescales the feature terms of each stage once,
       at its start, so that they add up to kd_ratio x the detector loss on the first batches (the published
       weights were tuned for 800 px COCO inputs, see bench/distill_methods.py).
     inherit: the student starts with the first teacher's neck (FPN) and head weights wherever names and shapes
       match (as the code of Cao et al. 2023 does).
     baseline: also train the student without distillation for the same total epochs.
-    direct: also distil from the last teacher of the order alone for the same total epochs (one stage).
+    direct: also distil from the last stage's teacher(s) alone for the same total epochs (one stage).
     """
 
     output_dir: str = "runs/curriculum"
