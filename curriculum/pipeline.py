@@ -245,7 +245,8 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
     if stage.kd_ratio is None or not stage.teachers:
         return {}
     from curriculum.data import collate_fn
-    from trainers.distillation import build_student, feature_factors, open_teacher, stage_class_maps, stage_source
+    from trainers.distillation import (bind_teacher_heads, build_student, feature_factors, open_teacher,
+                                      stage_class_maps, stage_source)
     from trainers.train import build_dataset
 
     from teachers.zoo import needs_masks
@@ -261,8 +262,7 @@ def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int =
         student, distiller = build_student(job.student.name, ds.class_names, job.train.seed,
                                            image_size=job.data.image_size, overrides=job.student.overrides(),
                                            init=init, losses=stage.losses, teachers=links)
-        for link in links:
-            link.bind_heads(distiller.required_teacher_targets(link.name if distiller.teachers else None))
+        bind_teacher_heads(links, distiller)
         return feature_factors(student, distiller, data, stage_source(links, distiller), stage.kd_ratio,
                                job.train.seed, class_map=stage_class_maps(links))
 

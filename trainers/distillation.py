@@ -130,6 +130,13 @@ def open_teacher(member: dict[str, Any], *, inline: bool = False, device: Any = 
     return link
 
 
+def bind_teacher_heads(links: Sequence[TeacherLink], distiller: Any, device: Any = "cpu") -> None:
+    """`TeacherLink.bind_heads` for every teacher whose terms in `distiller` score boxes or masks on cached
+    features."""
+    for link in links:
+        link.bind_heads(distiller.required_teacher_targets(link.name if distiller.teachers else None), device)
+
+
 def stage_source(links: Sequence[TeacherLink], distiller: Any) -> Source:
     """The targets of a batch for `distiller`: one teacher's `TeacherTargets`, or {teacher: TeacherTargets} when
     it distils from several at once."""
@@ -245,5 +252,5 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     return {k: factor for k in keys}
 
 
-__all__ = ["DistillStep", "InlineSource", "TeacherLink", "build_student", "feature_factors", "load_plain",
+__all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "feature_factors", "load_plain",
            "open_teacher", "stage_class_maps", "stage_source"]

@@ -365,7 +365,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
 
     from curriculum.data import collate_fn
     from teachers.outputs import teacher_forward_counts
-    from trainers.distillation import DistillStep, build_student, open_teacher, stage_class_maps, stage_source
+    from trainers.distillation import (DistillStep, bind_teacher_heads, build_student, open_teacher, stage_class_maps,
+                                      stage_source)
     from teachers.zoo import needs_masks
     from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model, log_epoch,
                                 load_train_state, make_optimizer, make_scheduler, step_logger, tensorboard_writer,
@@ -385,9 +386,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                                      overrides=job.model.overrides(), init=cfg.init,
                                      losses=stage["losses"] if distil else None, teachers=links)
     source = class_map = None
-    for link in links:
-        link.bind_heads(distiller.required_teacher_targets(link.name if distiller.teachers else None), device)
     if links:
+        bind_teacher_heads(links, distiller, device)
         source = stage_source(links, distiller)
         class_map = stage_class_maps(links)
     readers = [link.reader for link in links if link.reader is not None]
