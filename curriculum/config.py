@@ -679,6 +679,9 @@ class RunJobConfig:
       match (as the code of Cao et al. 2023 does).
     baseline: also train the student without distillation for the same total epochs.
     direct: also distil from the last stage's teacher(s) alone for the same total epochs (one stage).
+    schedule: `per_stage`: every stage is a full schedule (a new optimizer, the lr warm-up and schedule restart), as
+      in Cao et al. 2023; `curriculum`: one lr warm-up and schedule over all stages, and the student's optimizer
+      state (momentum, Adam's moments) carries from stage to stage (the new stage's adapters start fresh).
     """
 
     output_dir: str = "runs/curriculum"
@@ -697,6 +700,7 @@ class RunJobConfig:
     inherit: bool = True
     baseline: bool = True
     direct: bool = False
+    schedule: Literal["per_stage", "curriculum"] = "per_stage"
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: RunCacheConfig = field(default_factory=RunCacheConfig)
     trainer: RayTrainConfig = field(default_factory=RayTrainConfig)

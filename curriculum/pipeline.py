@@ -309,6 +309,8 @@ def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, p
 
 # ------------------------------------------------------------------------------------------------ stages
 
+OPTIMIZER_FILE = "optimizer.pt"  # a stage's final student optimizer state by parameter name (schedule: curriculum)
+
 
 def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Phases, progress: bool
               ) -> dict[str, Any]:
@@ -356,6 +358,8 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
     atomic_save(ckpt, sdir / "model.pt")
     if state.get("distiller") is not None:
         atomic_save({"losses": stage.losses, "loss_factors": factors, "state": state["distiller"]}, sdir / "distiller.pt")
+    if job.schedule == "curriculum" and state.get("student_optimizer") is not None:
+        atomic_save(state["student_optimizer"], sdir / OPTIMIZER_FILE)
     summary = {"stage": stage.to_dict(), "history": history, "loss_factors": factors, "seconds": row["seconds"]}
     atomic_write_json(summary, done)
     return summary
@@ -624,10 +628,16 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
     init, inherited = start_from(stages[0].teachers[0].name, "curriculum")
     results: list[dict[str, Any]] = []
     summaries = []
+    carried = None  # schedule: curriculum: the previous stage's student optimizer state
     for st in stages:
-        summary = run_stage(job, st, init, out, phases, progress)
+        summary = run_stage(job, dataclasses.replace(st, optimizer_state=carried), init, out, phases, progress)
         summaries.append(summary)
         init = out / "stages" / st.name / "model.pt"
+        if job.schedule == "curriculum":
+            f = out / "stages" / st.name / OPTIMIZER_FILE
+            carried = str(f) if f.is_file() else None
+            if carried is None:  # a stage finished under `schedule: per_stage`, resumed under `curriculum`
+                log.warning("stage %s left no %s: the next stage starts a new optimizer", st.name, OPTIMIZER_FILE)
         f = out / "stages" / st.name / "eval.json"
         with phases(f"stage {st.name}: eval", reused=f.is_file()):
             metrics = evaluate_checkpoint(job, init, f, val_ds, progress)

@@ -7,8 +7,11 @@ or inspected on its own.
 Stage transitions (Cao et al. 2023, section 4 of shared/METHODS.md):
 
 - the student carries its weights from one stage to the next (stage i starts from stage i-1's final model);
-- the optimizer, the lr warm-up and schedule restart at every stage (each stage is a full schedule), and the
-  distiller's adapters are new at every stage (they map into the new teacher's channels);
+- `schedule: per_stage` (the paper's): the optimizer, the lr warm-up and schedule restart at every stage (each
+  stage is a full schedule); `schedule: curriculum`: one warm-up and one lr schedule run over all stages (stage i
+  starts at the iteration where stage i-1 ended) and the student's optimizer state carries over, by parameter
+  name (`optimizer_state`, filled by the pipeline);
+- the distiller's adapters are new at every stage (they map into the new teacher's channels);
 - the distillation weight r(t) (TAR's decay and its extensions, `trainers.distill.schedules`) either restarts at
   every stage (`decay.restart: true`: t counts the stage's epochs, t_max the stage's length) or runs over the
   whole curriculum (`restart: false`: t counts every epoch since the first stage, t_max all epochs);
@@ -81,6 +84,10 @@ class Stage:
     decay_t_max: int
     kd_ratio: float | None = None
     init: str | None = None  # checkpoint the student starts from (filled by the pipeline)
+    lr_offset: int = 0  # epochs done before this stage on the lr clock (0 when the schedule restarts)
+    lr_t_max: int | None = None  # epochs of the lr schedule (None: this stage's)
+    # the previous stage's student optimizer state by parameter name (`schedule: curriculum`; filled by the pipeline)
+    optimizer_state: str | None = None
 
     def __post_init__(self) -> None:
         self.teachers = [t if isinstance(t, StageTeacher) else StageTeacher(**t) for t in self.teachers]
@@ -129,6 +136,8 @@ def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequenc
             epochs=s.epochs, losses=losses, lr=s.lr, decay_kind=job.decay.kind, decay_params=dict(job.decay.params),
             decay_offset=0 if job.decay.restart else done, decay_t_max=s.epochs if job.decay.restart else total,
             kd_ratio=job.kd_ratio,
+            lr_offset=done if job.schedule == "curriculum" else 0,
+            lr_t_max=total if job.schedule == "curriculum" else None,
         ))
         done += s.epochs
     from trainers.distill.schedules import DistillationDecay
@@ -144,7 +153,8 @@ def direct_stage(job: RunJobConfig, stages: Sequence[Stage]) -> Stage:
     total = sum(s.epochs for s in stages)
     return dataclasses.replace(last, index=0, name=f"direct-{'+'.join(path_name(t.name) for t in last.teachers)}",
                                teachers=[dataclasses.replace(t) for t in last.teachers], epochs=total,
-                               decay_offset=0, decay_t_max=total, lr=stages[0].lr, init=None)
+                               decay_offset=0, decay_t_max=total, lr=stages[0].lr, init=None, lr_offset=0,
+                               lr_t_max=None, optimizer_state=None)
 
 
 def baseline_stage(job: RunJobConfig, total_epochs: int) -> Stage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,69 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
     assert [r["role"] for r in report["rows"]] == ["teacher", "teacher", "stage", "stage"]
     final = torch.load(tmp_path / "run" / "report" / "student.pt", weights_only=True)
     assert torch.equal(final["model"][k], second[k] + 1.0)
+
+
+def test_curriculum_schedule_puts_every_stage_on_one_lr_clock():
+    from curriculum.plan import direct_stage
+
+    per_stage = build_plan(_job(), CKPTS, list(CKPTS))
+    assert [(s.lr_offset, s.lr_t_max) for s in per_stage] == [(0, None), (0, None)]
+    cont = build_plan(_job(schedule="curriculum"), CKPTS, list(CKPTS))
+    assert [(s.lr_offset, s.lr_t_max) for s in cont] == [(0, 5), (2, 5)]
+    d = direct_stage(_job(schedule="curriculum"), cont)
+    assert (d.lr_offset, d.lr_t_max, d.optimizer_state, d.epochs) == (0, None, None, 5)
+    with pytest.raises(Exception, match="schedule"):
+        _job(schedule="cyclic")
+
+
+class _InProcessSession:
+    """One worker in this process: what `run_training` needs of a Ray Train session."""
+
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def prepare(self, module, find_unused=False):
+        return module
+
+    def checkpoint(self):
+        return None
+
+    def report(self, metrics, checkpoint_dir):
+        pass
+
+
+def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_optimizer(shapes_root, tmp_path):
+    """Two plain stages of 1 epoch (2 iterations) on one 3-epoch clock: their lrs are one warm-up + cosine over 6
+    iterations, cut at 2; stage 2's AdamW starts at step 2 with stage 1's moments (a fresh stage: step 0)."""
+    from curriculum.config import TrainConfig, TrainJobConfig, to_dict
+    from curriculum.plan import Stage
+    from helpers import tensorboard_scalars
+    from trainers.ray_train import LoopConfig, run_training
+    from trainers.train import lr_factor
+
+    train = {"epochs": 1, "batch_size": 4, "max_iters_per_epoch": 2, "lr": 0.01, "warmup_iters": 3,
+             "optimizer": "adamw", "lr_schedule": "cosine"}
+    job = config_from_dict(TrainJobConfig, {"output_dir": str(tmp_path), "model": {"name": "fcos_mobilenetv3_micro"},
+                                            "data": {"root": str(shapes_root), "builtin": "none"}, "train": train})
+
+    def stage(i, optimizer_state=None, init=None):
+        st = Stage(index=i, name=f"s{i}", teachers=[], epochs=1, losses=[], lr=None, decay_kind="constant",
+                   decay_params={}, decay_offset=0, decay_t_max=1, lr_offset=i, lr_t_max=3,
+                   optimizer_state=optimizer_state)
+        cfg = LoopConfig(job=to_dict(job), stage=st.to_dict(), init=init, progress=False,
+                         tensorboard_dir=str(tmp_path / f"tb{i}-{optimizer_state is not None}"))
+        return run_training(cfg, _InProcessSession()), Path(cfg.tensorboard_dir)
+
+    first, tb1 = stage(0)
+    init, carried = tmp_path / "after1.pt", tmp_path / "optimizer1.pt"
+    torch.save(first["model"], init)
+    torch.save(first["student_optimizer"], carried)
+    second, tb2 = stage(1, str(carried), str(init))
+    t = TrainConfig(**train)
+    lrs = [v for _, v in tensorboard_scalars(tb1)["lr"] + tensorboard_scalars(tb2)["lr"]]
+    # (each step logs the lr after its scheduler step: the next iteration's)
+    assert lrs == pytest.approx([0.01 * lr_factor(i + 1, 6, t) for i in range(4)])
+    name = "model.head.classification_head.cls_logits.weight"
+    assert int(first["student_optimizer"][name]["step"]) == 2
+    assert int(second["student_optimizer"][name]["step"]) == 4
+    fresh, _ = stage(1, None, str(init))
+    assert int(fresh["student_optimizer"][name]["step"]) == 2

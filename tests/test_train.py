@@ -131,3 +131,30 @@ def test_the_transformer_recipe_keeps_weight_decay_off_norms_biases_and_position
     assert len(decayed["params"]) + len(plain["params"]) == len(named)
     (group,) = make_optimizer(det.named_parameters(), TrainConfig(weight_decay=0.05)).param_groups
     assert group["weight_decay"] == 0.05 and len(group["params"]) == len(named)
+
+
+def test_optimizer_state_by_name_goes_on_in_an_optimizer_over_other_parameters():
+    """A student's AdamW moments, taken by name into a new optimizer that also holds a new adapter, make the
+    same update as the old optimizer going on; a parameter whose shape changed starts fresh."""
+    from trainers.train import load_optimizer_state_by_name, make_optimizer, optimizer_state_by_name
+
+    t = TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.01)
+    torch.manual_seed(0)
+    w, old_adapter = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    grads = [torch.randn(3) for _ in range(4)]
+    opt = make_optimizer([("w", w), ("adapter", old_adapter)], t)
+    for g in grads[:3]:
+        w.grad, old_adapter.grad = g.clone(), torch.ones(2)
+        opt.step()
+    states = optimizer_state_by_name(opt, [("w", w)])
+    assert set(states) == {"w"} and int(states["w"]["step"]) == 3
+    w2, new_adapter = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(torch.randn(5))
+    opt2 = make_optimizer([("w", w2), ("adapter", new_adapter)], t)
+    taken = load_optimizer_state_by_name(opt2, [("w", w2), ("adapter", new_adapter)],
+                                         {**states, "adapter": {"exp_avg": torch.zeros(2)}})
+    assert taken == ["w"]
+    w.grad, w2.grad, new_adapter.grad = grads[3].clone(), grads[3].clone(), torch.ones(5)
+    opt.step()
+    opt2.step()
+    torch.testing.assert_close(w2.detach(), w.detach(), rtol=0, atol=0)
+    assert int(opt2.state[new_adapter]["step"]) == 1

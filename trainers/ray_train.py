@@ -369,8 +369,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                                       stage_source)
     from teachers.zoo import needs_masks
     from trainers.train import (TRAIN_STATE_FORMAT, NonFiniteLossError, build_dataset, evaluate_model, log_epoch,
-                                load_train_state, make_optimizer, make_scheduler, step_logger, tensorboard_writer,
-                                train_one_epoch)
+                                load_optimizer_state_by_name, load_train_state, make_optimizer, make_scheduler,
+                                optimizer_state_by_name, step_logger, tensorboard_writer, train_one_epoch)
 
     job: TrainJobConfig = config_from_dict(TrainJobConfig, cfg.job)
     stage: dict[str, Any] | None = cfg.stage
@@ -419,7 +419,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         else:
             ddp_distiller = distiller.to(device)
     opt = make_optimizer(params, t)
-    sched = make_scheduler(opt, t, iters * t.epochs)
+    lr_epochs, lr_offset = (stage.get("lr_t_max") or t.epochs, stage.get("lr_offset", 0)) if stage else (t.epochs, 0)
+    sched = make_scheduler(opt, t, iters * lr_epochs, offset=iters * lr_offset)
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = session.checkpoint()
@@ -436,6 +437,12 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         sched.load_state_dict(state["scheduler"])
         history = json.loads(state["history"])
         start = state["epoch"] + 1
+    elif stage and stage.get("optimizer_state"):  # schedule: curriculum: the previous stage's moments go on
+        carried = torch.load(stage["optimizer_state"], map_location="cpu", weights_only=True)
+        taken = load_optimizer_state_by_name(opt, model.named_parameters(), carried)
+        if rank == 0:
+            log.info("stage %s: optimizer state of %d/%d student tensors taken over from the previous stage",
+                     stage["name"], len(taken), len(carried))
     train_model = _Autocast(ddp_model) if device.type == "cuda" else ddp_model
     val_ds = None
     hooks = load_worker_hooks(cfg.worker_hooks)
@@ -496,6 +503,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
                 }
+                if epoch == t.epochs - 1:  # what a next stage continuing the schedule takes over
+                    state["student_optimizer"] = optimizer_state_by_name(opt, model.named_parameters())
                 torch.save(state, Path(d) / STATE_FILE)
                 ckpt_dir = d
             session.report(metrics, ckpt_dir)

@@ -105,8 +105,33 @@ def lr_factor(it: int, total: int, t: TrainConfig) -> float:
     return warm * sched
 
 
-def make_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, total_iters, t))
+def make_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, total_iters: int, offset: int = 0
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule over `total_iters`, entered at iteration `offset` (a stage continuing a longer schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it + offset, total_iters, t))
+
+
+def optimizer_state_by_name(opt: torch.optim.Optimizer, named: Iterable[tuple[str, torch.nn.Parameter]]
+                            ) -> dict[str, dict[str, Any]]:
+    """The optimizer's per-parameter state (momentum, Adam's moments and step) of the `named` parameters, keyed by
+    name: what the next stage of a curriculum, whose optimizer holds other parameters too, can take over."""
+    return {n: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            for n, p in named if p in opt.state}
+
+
+def load_optimizer_state_by_name(opt: torch.optim.Optimizer, named: Iterable[tuple[str, torch.nn.Parameter]],
+                                 states: dict[str, dict[str, Any]]) -> list[str]:
+    """Give each of the `named` parameters its state from `states` (`optimizer_state_by_name`) where the name is
+    there and the shapes match; returns the names taken over."""
+    taken = []
+    for n, p in named:
+        st = states.get(n)
+        if st is None or any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in st.values()):
+            continue
+        opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v.clone() if torch.is_tensor(v)
+                        else v for k, v in st.items()}
+        taken.append(n)
+    return taken
 
 
 def tensorboard_writer(log_dir: str | os.PathLike | None) -> Any:

@@ -188,7 +188,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     device = "cuda" if ctx["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     planned = sum(st.epochs for st in stages)
     done = 0
+    carried = None  # schedule: curriculum: the previous stage's student optimizer state
     for st in stages:
+        st = dataclasses.replace(st, optimizer_state=carried)
         if rstate is not None and st.index < rstate["stage"]:
             done += st.epochs
             continue
@@ -221,6 +223,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         done += st.epochs
         init = workdir / f"student_after_stage{st.index + 1}.pt"
         atomic_save(state["model"], init)
+        if job.schedule == "curriculum" and state.get("student_optimizer") is not None:
+            carried = str(workdir / f"optimizer_after_stage{st.index + 1}.pt")
+            atomic_save(state["student_optimizer"], carried)
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
