@@ -12,7 +12,7 @@ import json
 import os
 import urllib.parse
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -62,6 +62,27 @@ def check_root(root: str, what: str = "cache root") -> None:
                          "?endpoint_override=host:port&scheme=http in the URI), the credentials and the bucket") from None
     if info.type == pafs.FileType.File:
         raise CacheError(f"{what} {redact_uri(root)!r} is a file; give a folder (or a bucket prefix)")
+
+
+# What pyarrow's object-store file systems read from the environment: the AWS SDK's variables (endpoint,
+# credentials, region, profile, CA bundle) and Google Cloud's credentials file.
+STORAGE_ENV_PREFIXES = ("AWS_",)
+STORAGE_ENV_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS",)
+
+
+def storage_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The object-store variables of this process's environment (`os.environ` by default). A Ray actor or worker
+    sees the environment its node was started with, not the driver's: every actor and worker this project starts
+    gets these (`storage_runtime_env`), so ``AWS_ENDPOINT_URL=... curriculum run`` reaches the cache from all of
+    them."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES}
+
+
+def storage_runtime_env(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """A Ray ``runtime_env`` passing on `env` (default: `storage_env()`); None when there is nothing to pass."""
+    env = storage_env() if env is None else dict(env)
+    return {"env_vars": dict(env)} if env else None
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

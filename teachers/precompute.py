@@ -44,6 +44,7 @@ from curriculum.config import (
 )
 from curriculum.data import CocoDetection, Resize, View
 from curriculum.errors import CacheError, CurriculumError, ModelError
+from curriculum.files import storage_runtime_env
 from teachers.cache import (
     VIEW_FLIPS, CacheKey, TeacherCache, data_fingerprint, rows_to_table, shard_entry, shard_ranges, table_to_bytes,
     target_spec, teacher_fingerprint, view_config, resize_of,
@@ -328,7 +329,7 @@ class _TeacherRun:
         cls = ray.remote(PrecomputeActor).options(
             num_cpus=self.spec.cpus_per_actor, num_gpus=self.spec.gpus_per_actor,
             max_restarts=0, max_task_retries=0,  # the driver replaces dead actors and re-queues their shards
-            max_concurrency=self.spec.shards_in_flight,
+            max_concurrency=self.spec.shards_in_flight, runtime_env=storage_runtime_env(),
         )
         return cls.remote(self.work, actor_threads(self.spec.cpus_per_actor, self.spec.threads), self.spec.io_workers)
 

@@ -26,6 +26,7 @@ import torch
 
 from curriculum.data import View
 from curriculum.errors import CacheError, CorruptShardError, CurriculumError, DataError, StaleCacheError
+from curriculum.files import storage_runtime_env
 from teachers.cache import VIEW_FLIPS, TeacherCache
 from teachers.codec import decode_row
 from teachers.targets import FIELDS, PROPOSAL_BOXES, TeacherTargets, fields_of
@@ -430,6 +431,7 @@ class ObjectStoreShards:
         cls = ray.remote(_ShardStoreActor).options(
             name=self.name, namespace=namespace, num_cpus=num_cpus, max_concurrency=max(1, max_concurrency),
             max_restarts=0,  # a restarted owner would not have the objects: readers are told instead
+            runtime_env=storage_runtime_env(),
         )
         self.actor = cls.remote(uri, self.budget_bytes, check_sha)
         ray.get(self.actor.info.remote())  # started, cache opened: workers find it by name from now on

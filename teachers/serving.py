@@ -21,6 +21,7 @@ import torch
 from curriculum.cluster import ensure_ray
 from curriculum.data import View, padded_hw
 from curriculum.errors import CurriculumError, DataError
+from curriculum.files import storage_runtime_env
 from teachers.outputs import actor_device, actor_threads, load_teacher, teacher_outputs
 from teachers.readers import collate_targets
 
@@ -127,7 +128,8 @@ class TeacherServer:
 
         ensure_ray()
         self._cls = ray.remote(ServeActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                                                   max_restarts=0, max_task_retries=0)
+                                                   max_restarts=0, max_task_retries=0,
+                                                   runtime_env=storage_runtime_env())
         self._args = (checkpoint, list(targets), list(levels) if levels else None,
                       actor_threads(cpus_per_actor, threads), gpus_per_actor)
         self.actors = [self._cls.remote(*self._args) for _ in range(actors)]

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from curriculum.errors import CacheError
-from curriculum.files import check_root, join_uri, redact_uri, resolve_fs
+from curriculum.files import check_root, join_uri, redact_uri, resolve_fs, storage_env, storage_runtime_env
 from teachers.cache import find_caches, format_inspect, inspect_cache
 from teachers.precompute import open_dataset, precompute, rebuild
 from teachers.readers import CacheReader
@@ -48,6 +48,15 @@ def uri_form(endpoint: str, prefix: str) -> str:
     return f"s3://testing:testing@cachebucket/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
+def test_the_object_store_environment_is_what_actors_are_given():
+    env = {"AWS_ENDPOINT_URL": "http://h:1", "AWS_SECRET_ACCESS_KEY": "s", "GOOGLE_APPLICATION_CREDENTIALS": "/k.json",
+           "HOME": "/root", "XAWS_NOT": "x"}
+    assert storage_env(env) == {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY",
+                                                    "GOOGLE_APPLICATION_CREDENTIALS")}
+    assert storage_runtime_env({"AWS_REGION": "eu"}) == {"env_vars": {"AWS_REGION": "eu"}}
+    assert storage_runtime_env({}) is None
+
+
 def test_join_uri_keeps_the_query_at_the_end():
     root = "s3://cachebucket/cache?endpoint_override=127.0.0.1:5055&scheme=http"
     assert join_uri(root, "fcos-ab12", "d-v-s/") == \
@@ -56,12 +65,25 @@ def test_join_uri_keeps_the_query_at_the_end():
     assert redact_uri("s3://key:secret@b/c?x=1") == "s3://***@b/c?x=1" and redact_uri("/tmp/a") == "/tmp/a"
 
 
-def test_precompute_inspect_verify_rebuild_and_a_stage_on_s3(setup, s3, ray_session, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("form", ["uri", "environment"])
+def test_precompute_inspect_verify_rebuild_and_a_stage_on_s3(setup, s3, ray_session, tmp_path, monkeypatch,  # noqa: F811
+                                                           form):
+    """Both forms of the endpoint. The environment form's variables are set after Ray started, as when a user
+    exports them in the shell of a driver that joins a running cluster: the actors and Ray Train workers get them
+    from the driver (`curriculum.files.storage_runtime_env`), not from their node."""
     d, images, ann = setup
-    root = uri_form(s3, "cache")
+    if form == "uri":
+        root = uri_form(s3, "cache")
+    else:
+        for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{s3}"}.items():
+            monkeypatch.setenv(k, v)
+        root = "s3://cachebucket/env-cache-ray"
     (report,) = precompute(job(d, images, ann, root), progress=False)
-    assert report.cache.startswith("s3://testing:testing@cachebucket/cache/") and report.cache.endswith(
-        f"?endpoint_override={s3}&scheme=http&region=us-east-1")
+    if form == "uri":
+        assert report.cache.startswith("s3://testing:testing@cachebucket/cache/") and report.cache.endswith(
+            f"?endpoint_override={s3}&scheme=http&region=us-east-1")
+    else:
+        assert report.cache.startswith(root + "/") and "?" not in report.cache
     assert len(report.computed) == 4  # 8 images, shards of 2
     info = inspect_cache(report.cache)
     assert info["complete"] and info["images"] == 8 and "complete" in format_inspect(info)

@@ -59,6 +59,7 @@ from typing import Any, Iterator
 import torch
 
 from curriculum.config import TrainJobConfig, config_from_dict, to_dict
+from curriculum.files import storage_runtime_env
 from curriculum.seeds import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -584,6 +585,7 @@ def fit_on_ray(
             storage_path=storage, name=name,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env=storage_runtime_env(),
             logging_config=ray.train.LoggingConfig(log_level="DEBUG" if framework_logs else "WARNING"),
         ),
     )

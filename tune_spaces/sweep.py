@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ import yaml
 
 from curriculum.config import (EvalConfig, RunJobConfig, TrainJobConfig, apply_overrides, config_from_dict, to_dict)
 from curriculum.errors import ConfigError, CurriculumError
+from curriculum.files import storage_env
 from tune_spaces import Space, format_value
 
 log = logging.getLogger("curriculum.tune")
@@ -169,6 +171,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from trainers.ray_train import STATE_FILE, LoopConfig, TuneSession, run_training
     from trainers.train import load_train_state
 
+    # A trial's process has its node's environment: the driver's object-store variables reach the caches from here
+    # (Tune has no runtime env per trial).
+    os.environ.update(ctx["storage_env"])
     space = ctx["space"]
     data = trial_config_dict(ctx["job"], space, config)
     job: RunJobConfig = config_from_dict(RunJobConfig, data, "trial config")
@@ -308,7 +313,7 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
            "members": members,
            "stores": {t: st.name for t, st in stores.items()}, "init": str(init),
            "threads": cfg.threads_per_trial, "gpus": cfg.gpus_per_trial, "eval_images": cfg.eval_images,
-           "teacher_mode": cfg.teacher_mode}
+           "teacher_mode": cfg.teacher_mode, "storage_env": storage_env()}
     resources = {"CPU": cfg.cpus_per_trial}
     if cfg.gpus_per_trial:
         resources["GPU"] = cfg.gpus_per_trial
