@@ -398,6 +398,7 @@ def collect_trials(grid: Any, space: Space, metric: str) -> list[dict[str, Any]]
             # what the last epoch trained with (after a PBT clone: the perturbed kd_ratio, the rescaled factor)
             "trained_kd_ratio": m.get("kd_ratio"), "loss_factor": m.get("loss_factor"),
             "params": cfg, "error": err, "history": hist, "path": result.path,
+            "seconds": m.get("time_total_s"),  # Tune's clock: from the trial's start to its last report
         })
     rows.sort(key=lambda r: (r["status"] != "finished", -(r[metric] if r[metric] is not None else -math.inf)))
     return rows
