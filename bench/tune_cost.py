@@ -140,6 +140,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.barh(i, v, left=left, color=colors[j], label=bars[1][2][j] if i == 1 else None)
             left += v
         ax.text(left, i, f" {left:.0f} s", va="center")
+    ax.set_xlim(0, 1.15 * max(sum(b[1]) for b in bars))
     ax.set_yticks(range(len(bars)), [b[0] for b in bars])
     ax.invert_yaxis()
     ax.set_xlabel("wall time (s)")
