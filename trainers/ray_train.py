@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -342,6 +343,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         for logger in (logging.getLogger(), logging.getLogger("ray.train")):
             for handler in logger.handlers:
                 handler.addFilter(chatter)
+    else:  # --verbose: the project's debug lines too (set-up times)
+        logging.getLogger(__name__).setLevel(logging.DEBUG)
     run_training(cfg, TrainSession(cfg.use_gpu))
 
 
@@ -373,6 +376,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
                                 load_optimizer_state_by_name, load_train_state, make_optimizer, make_scheduler,
                                 optimizer_state_by_name, step_logger, tensorboard_writer, train_one_epoch)
 
+    t_setup = time.perf_counter()
     job: TrainJobConfig = config_from_dict(TrainJobConfig, cfg.job)
     stage: dict[str, Any] | None = cfg.stage
     distil = bool(stage and stage.get("teachers"))
@@ -448,6 +452,9 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     val_ds = None
     hooks = load_worker_hooks(cfg.worker_hooks)
     writer = tensorboard_writer(cfg.tensorboard_dir) if rank == 0 else None
+    if rank == 0:
+        log.debug("%s: worker set-up (data, model, teachers, DDP) %.1f s", stage["name"] if stage else "training",
+                  time.perf_counter() - t_setup)
     for epoch in range(start, t.epochs):
         for h in hooks:
             h("epoch_start", stage=stage_index, epoch=epoch, rank=rank, batch=None)
@@ -562,6 +569,7 @@ def fit_on_ray(
     # Ray Train's own INFO lines (controller and workers) only with --verbose, i.e. a driver logging at DEBUG.
     framework_logs = logging.getLogger().isEnabledFor(logging.DEBUG)
     stores = {}
+    t_start = time.perf_counter()
     if stage and teacher_mode == "cache" and object_store:
         from teachers.readers import ObjectStoreShards
 
@@ -589,11 +597,15 @@ def fit_on_ray(
             logging_config=ray.train.LoggingConfig(log_level="DEBUG" if framework_logs else "WARNING"),
         ),
     )
+    t_fit = time.perf_counter()
     try:
         result = trainer.fit()
     finally:
+        t_closing = time.perf_counter()
         for store in stores.values():
             store.close()
+        log.debug("%s: shard stores %.1f s, fit %.1f s, stores closed %.1f s", name, t_fit - t_start,
+                  t_closing - t_fit, time.perf_counter() - t_closing)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {storage}/{name} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
