@@ -350,7 +350,8 @@ def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Ph
                            eval_every=tr.eval_every,
                            teacher_mode="cache" if all(m.cache or m.adapter for m in stage.teachers) else "inline",
                            tensorboard_dir=str((sdir / "tensorboard").resolve()),
-                           progress=progress, worker_hooks=tr.worker_hooks)
+                           progress=progress, worker_hooks=tr.worker_hooks,
+                           health_check_interval_s=tr.health_check_interval_s)
     history = json.loads(state["history"])
     ckpt = dict(state["model"])
     ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}

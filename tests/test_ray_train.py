@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from curriculum.config import TrainJobConfig, config_from_dict
@@ -61,3 +63,20 @@ def test_target_read_ahead_reads_the_next_batch_in_the_background_and_returns_th
     assert all(name.startswith("teacher-targets") for _, name in started)
     # A batch it did not read ahead (another list) is read on the spot, in the caller's thread.
     assert ahead([None], [{"image_id": 2}]) == "targets of 2" and started[-1][1] == threading.current_thread().name
+
+
+def test_the_controllers_poll_interval_reaches_ray_train_only_while_a_fit_starts(monkeypatch):
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from trainers.ray_train import HEALTH_CHECK_ENV, _controller_env
+
+    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
+    with _controller_env(0.5):
+        assert get_env_vars_to_propagate()[HEALTH_CHECK_ENV] == "0.5"  # what the controller actor is given
+    assert HEALTH_CHECK_ENV not in os.environ
+    monkeypatch.setenv(HEALTH_CHECK_ENV, "3")  # the user's own setting wins
+    with _controller_env(0.5):
+        assert os.environ[HEALTH_CHECK_ENV] == "3"
+    assert os.environ[HEALTH_CHECK_ENV] == "3"
+    with _controller_env(None):
+        assert os.environ[HEALTH_CHECK_ENV] == "3"

@@ -47,6 +47,7 @@ The driver evaluates afterwards: evaluation is a single pass that does not need 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -523,6 +524,23 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     return state
 
 
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray Train's controller, passed on from the driver
+
+
+@contextlib.contextmanager
+def _controller_env(health_check_interval_s: float | None) -> Iterator[None]:
+    """The controller's poll interval in the driver's environment while `fit` starts the controller (Ray Train passes
+    its own variables on to it); the environment as it was afterwards, and a value the user set is kept."""
+    if health_check_interval_s is None or HEALTH_CHECK_ENV in os.environ:
+        yield
+        return
+    os.environ[HEALTH_CHECK_ENV] = str(health_check_interval_s)
+    try:
+        yield
+    finally:
+        os.environ.pop(HEALTH_CHECK_ENV, None)
+
+
 def fit_on_ray(
     job: TrainJobConfig,
     num_workers: int = 2,
@@ -544,6 +562,7 @@ def fit_on_ray(
     teacher_mode: str = "cache",
     object_store: bool = True,
     tensorboard_dir: str | None = None,
+    health_check_interval_s: float | None = None,
 ) -> dict[str, Any]:
     """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history, ...).
 
@@ -557,7 +576,8 @@ def fit_on_ray(
     ObjectStoreShards`: decoded once, zero copy, at most `memory_bytes` resident); False: every worker reads
     and decodes the Parquet shards itself (a `CacheReader` bounded by `memory_bytes`).
     Resumes when a run with this `storage_path`/`name` exists (a killed job started again goes on from its
-    last reported epoch).
+    last reported epoch). health_check_interval_s: how often Ray Train's controller polls the workers (None:
+    Ray's default, 2 s; an interval set in the environment wins).
     """
     import ray
     import ray.train
@@ -599,7 +619,8 @@ def fit_on_ray(
     )
     t_fit = time.perf_counter()
     try:
-        result = trainer.fit()
+        with _controller_env(health_check_interval_s):
+            result = trainer.fit()
     finally:
         t_closing = time.perf_counter()
         for store in stores.values():
