@@ -405,9 +405,9 @@ class ObjectStoreShards:
     Budget (`budget_bytes`: decoded array bytes, e.g. ``cache.memory_bytes``). The actor holds at most
     ``max(budget_bytes, one shard)``: before a new shard goes in, the least recently used shards' references
     are dropped. A cache bigger than the budget is therefore streamed: a dropped shard is decoded again
-    when asked again. On top of that each reader pins the `keep_shards` shard(s) it is reading (default one)
-    until it moves on, so the object store holds at most budget + one shard per reader (for budgets above
-    one shard). Ray's object store must be big enough for that (``ray.init(object_store_memory=...)``);
+    when asked again. On top of that each reader pins the shards it read last (`keep_shards`, default one; or
+    as many as fit in its `memory_bytes`, as training workers do) until it moves on, so the object store holds
+    at most the budget plus what the readers pin (for budgets above one shard). Ray's object store must be big enough for that (``ray.init(object_store_memory=...)``);
     beyond it Ray spills to disk rather than fail.
 
     `num_cpus`: the actor's CPU reservation (default 0: it only decodes when workers wait for it, and on a
@@ -436,9 +436,11 @@ class ObjectStoreShards:
         self.actor = cls.remote(uri, self.budget_bytes, check_sha)
         ray.get(self.actor.info.remote())  # started, cache opened: workers find it by name from now on
 
-    def reader(self, roi_head: Any = None, keep_shards: int = 1) -> ObjectStoreReader:
+    def reader(self, roi_head: Any = None, keep_shards: int = 1, memory_bytes: int | None = None
+               ) -> ObjectStoreReader:
         """A reader on this store (in the driver; workers build theirs by name: `ObjectStoreReader(name)`)."""
-        return ObjectStoreReader(self.name, namespace=self.namespace, roi_head=roi_head, keep_shards=keep_shards)
+        return ObjectStoreReader(self.name, namespace=self.namespace, roi_head=roi_head, keep_shards=keep_shards,
+                                 memory_bytes=memory_bytes)
 
     def stats(self) -> dict[str, Any]:
         """loads, hits, evictions, resident_bytes, max_resident_bytes, max_shard_bytes, resident_shards."""
@@ -469,12 +471,15 @@ class ObjectStoreReader(_RowTargets):
     an `ObjectStoreShards` store, found by its name: what a training worker builds.
 
     Rows come out as read-only numpy views of Ray's shared memory (zero copy); `collate_targets` copies what
-    it stacks, so nothing writes into them. The reader keeps the references of its `keep_shards` most recent
-    shards (pinning them in the object store even after the store dropped them) and lets go of older ones.
+    it stacks, so nothing writes into them. The reader keeps the references of its most recent shards (pinning
+    them in the object store even after the store dropped them) and lets go of older ones: the `keep_shards`
+    most recent, or with `memory_bytes` as many as fit in it (at least one). A training worker reads its images
+    in random order across its shards (`trainers.ray_train.CacheShardSampler`): holding one shard, it fetched
+    and unpacked a shard again for nearly every image.
     """
 
     def __init__(self, store: str | Any, namespace: str = STORE_NAMESPACE, roi_head: Any = None,
-                 keep_shards: int = 1) -> None:
+                 keep_shards: int = 1, memory_bytes: int | None = None) -> None:
         import ray
 
         if isinstance(store, str):
@@ -493,6 +498,7 @@ class ObjectStoreReader(_RowTargets):
         self._shard_size = self._manifest["shard_size"]
         self.roi_head = roi_head
         self.keep_shards = max(1, keep_shards)
+        self.memory_bytes = memory_bytes
         self._local: OrderedDict[int, tuple[Any, dict[str, Any]]] = OrderedDict()  # shard -> (ref, payload)
         self.fetches = 0
 
@@ -530,9 +536,14 @@ class ObjectStoreReader(_RowTargets):
         payload = self._call(lambda: ray.get(ref))
         self.fetches += 1
         self._local[i] = (ref, payload)
-        while len(self._local) > self.keep_shards:  # let go: Ray frees it once the store dropped it too
+        while len(self._local) > 1 and self._over_budget():  # let go: Ray frees it once the store dropped it too
             self._local.popitem(last=False)
         return payload
+
+    def _over_budget(self) -> bool:
+        if self.memory_bytes is None:
+            return len(self._local) > self.keep_shards
+        return sum(p["nbytes"] for _, p in self._local.values()) > self.memory_bytes
 
     def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
         """Decoded rows (column -> read-only numpy) of each (image, view), in the given order."""

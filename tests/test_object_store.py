@@ -94,6 +94,25 @@ def test_object_store_serves_what_the_cache_reader_serves(cache, ray_session):
         assert fetches == 3 and store.stats()["loads"] == 3  # served from the store, not decoded again
 
 
+def test_a_reader_given_memory_keeps_the_shards_that_fit_when_images_come_in_random_order(cache, ray_session):
+    """A training worker's images come in random order across its shards: a reader holding one shard fetched a
+    shard again for nearly every image; one holding what fits in its memory fetches each shard once."""
+    c, ds = cache
+    keys = every_row(ds)
+    order = np.random.default_rng(0).permutation(len(keys))
+    sizes = [decode_shard(c, i)["nbytes"] for i in range(c.manifest["num_shards"])]
+    with ObjectStoreShards(c, budget_bytes=1 << 30) as store:
+        one, fits = store.reader(), store.reader(memory_bytes=sum(sizes))
+        two = store.reader(memory_bytes=max(sizes) + min(sizes))
+        for j in order:
+            iid, view = keys[j]
+            for r in (one, fits, two):
+                r.rows([iid], [view])
+        assert fits.fetches == len(sizes) == 3
+        assert one.fetches > 2 * len(sizes)
+        assert len(sizes) < two.fetches <= one.fetches and len(two._local) == 2  # the two it read last
+
+
 def test_a_cache_bigger_than_the_budget_is_streamed_within_it(cache, ray_session):
     c, ds = cache
     sizes = [decode_shard(c, i)["nbytes"] for i in range(c.manifest["num_shards"])]

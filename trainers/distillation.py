@@ -105,7 +105,8 @@ def open_teacher(member: dict[str, Any], *, inline: bool = False, device: Any = 
                  memory_bytes: int = 1 << 30, shard_store: str | None = None) -> TeacherLink:
     """A stage's teacher (`curriculum.plan.StageTeacher` as a dict) reached from this process: an adapter teacher
     always inline; a zoo teacher from its cache (`shard_store`: the name of the `ObjectStoreShards` actor holding
-    it decoded; else read from the Parquet shards) unless `inline` or it has none. Loading draws nothing from the
+    it decoded; else read from the Parquet shards; either way holding at most `memory_bytes` of it) unless
+    `inline` or it has none. Loading draws nothing from the
     global RNG, so the student built next is built as anywhere else."""
     class_map = ClassMap.from_dict(member["class_map"]) if member.get("class_map") else None
     link = TeacherLink(member["name"], float(member.get("weight", 1.0)), {}, member.get("checkpoint"),
@@ -124,7 +125,7 @@ def open_teacher(member: dict[str, Any], *, inline: bool = False, device: Any = 
         else:
             from teachers.readers import CacheReader, ObjectStoreReader
 
-            link.reader = (ObjectStoreReader(shard_store) if shard_store
+            link.reader = (ObjectStoreReader(shard_store, memory_bytes=memory_bytes) if shard_store
                            else CacheReader(member["cache"], memory_bytes=memory_bytes))
             link.level_channels = dict(link.reader.manifest["teacher"]["level_channels"])
     return link

@@ -293,7 +293,7 @@ class LoopConfig:
     (the calibrated feature weights), calibrated for `kd_ratio` (saved in every checkpoint, so a PBT clone with
     another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_stores: {teacher: the name of the
     `ObjectStoreShards` actor holding its decoded cache} (a teacher not in it: each worker reads the Parquet
-    shards itself, `memory_bytes` at most). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
+    shards itself; each teacher holds at most its share of `memory_bytes`). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
     `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in
     the worker). tensorboard_dir: rank 0 writes TensorBoard event files there (losses and lr per step; val
     metrics, decay and feature-loss factor per epoch).
@@ -385,9 +385,12 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     t = job.train
     rank, world, device = session.rank, session.world, session.device
     ds = build_dataset(job.data, "train", seed=t.seed, masks=needs_masks(job.model.name))
-    links = [open_teacher(m, inline=cfg.teacher_mode == "inline", device=device, memory_bytes=cfg.memory_bytes,
+    members = stage["teachers"] if distil else []
+    # each teacher's cache gets its share of the memory (the driver's shard stores split it the same way)
+    links = [open_teacher(m, inline=cfg.teacher_mode == "inline", device=device,
+                          memory_bytes=cfg.memory_bytes // max(1, len(members)),
                           shard_store=(cfg.shard_stores or {}).get(m["name"]))
-             for m in (stage["teachers"] if distil else [])]
+             for m in members]
     model, distiller = build_student(job.model.name, ds.class_names, t.seed, image_size=job.data.image_size,
                                      overrides=job.model.overrides(), init=cfg.init,
                                      losses=stage["losses"] if distil else None, teachers=links)
