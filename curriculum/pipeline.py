@@ -635,8 +635,8 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
         summaries.append(summary)
         init = out / "stages" / st.name / "model.pt"
         if job.schedule == "curriculum":
-            f = out / "stages" / st.name / OPTIMIZER_FILE
-            carried = str(f) if f.is_file() else None
+            opt_file = out / "stages" / st.name / OPTIMIZER_FILE
+            carried = str(opt_file) if opt_file.is_file() else None
             if carried is None:  # a stage finished under `schedule: per_stage`, resumed under `curriculum`
                 log.warning("stage %s left no %s: the next stage starts a new optimizer", st.name, OPTIMIZER_FILE)
         f = out / "stages" / st.name / "eval.json"

@@ -151,7 +151,7 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
         hist = [{"epoch": e + 1, "loss": 1.0, "decay": Stage.from_dict(kw["stage"]).decay(e)}
                 for e in range(job.train.epochs)]
         return {"model": model.checkpoint(), "history": json.dumps(hist), "epoch": job.train.epochs - 1,
-                "distiller": None}
+                "distiller": None, "student_optimizer": {"w": {"step": torch.tensor(float(len(calls)))}}}
 
     class FakeReport:
         def __init__(self, name):
@@ -168,13 +168,18 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
         "output_dir": str(tmp_path / "run"), "data": {"root": str(shapes_root), "builtin": "none", "flip": "none"},
         "teachers": [{"name": n, "checkpoint": str(p)} for n, p in ckpts.items()],
         "stages": [{"epochs": 1}, {"epochs": 2}], "decay": {"kind": "linear", "restart": False},
-        "baseline": False, "eval": {"max_images": 2, "batch_size": 2},
+        "baseline": False, "eval": {"max_images": 2, "batch_size": 2}, "schedule": "curriculum",
     })
     report = pipeline.run_pipeline(job, progress=False)
     assert [[t["name"] for t in c["stage"]["teachers"]] for c in calls] == [["fcos_resnet_mini"], ["fcos_resnet18_half"]]
     assert [c["stage"]["teachers"][0]["cache"] for c in calls] == ["cache-of-fcos_resnet_mini",
                                                                    "cache-of-fcos_resnet18_half"]
     assert [c["epochs"] for c in calls] == [1, 2]
+    # schedule: curriculum: stage 2 takes over stage 1's student optimizer state, on one lr clock of 3 epochs.
+    assert calls[0]["stage"]["optimizer_state"] is None
+    carried = torch.load(calls[1]["stage"]["optimizer_state"], weights_only=True)
+    assert carried["w"]["step"].item() == 1.0
+    assert [(c["stage"]["lr_offset"], c["stage"]["lr_t_max"]) for c in calls] == [(0, 3), (1, 3)]
     # Stage 1 starts from the random student with the first teacher's FPN/head tensors where shapes match.
     first = calls[0]["init"]["model"]
     teacher = torch.load(ckpts["fcos_resnet_mini"], weights_only=True)["model"]
