@@ -407,8 +407,8 @@ class ObjectStoreShards:
     are dropped. A cache bigger than the budget is therefore streamed: a dropped shard is decoded again
     when asked again. On top of that each reader pins the shards it read last (`keep_shards`, default one; or
     as many as fit in its `memory_bytes`, as training workers do) until it moves on, so the object store holds
-    at most the budget plus what the readers pin (for budgets above one shard). Ray's object store must be big enough for that (``ray.init(object_store_memory=...)``);
-    beyond it Ray spills to disk rather than fail.
+    at most the budget plus what the readers pin (for budgets above one shard). Ray's object store must be big
+    enough for that (``ray.init(object_store_memory=...)``); beyond it Ray spills to disk rather than fail.
 
     `num_cpus`: the actor's CPU reservation (default 0: it only decodes when workers wait for it, and on a
     small machine a reserved CPU would starve the training workers). `max_concurrency`: shards decoded in

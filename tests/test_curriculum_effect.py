@@ -3,19 +3,15 @@ pipeline's, tested elsewhere)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+
+from helpers import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_curriculum_effect", ROOT / "bench" / "curriculum_effect.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("curriculum_effect")
 
 
 RESULT = {

@@ -3,22 +3,18 @@ tests/test_tune.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_tune_cost", ROOT / "bench" / "tune_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("tune_cost")
 
 
 def test_the_sweep_is_set_against_n_times_the_student_alone_plus_the_precompute(tmp_path):

@@ -106,8 +106,8 @@ def open_teacher(member: dict[str, Any], *, inline: bool = False, device: Any = 
     """A stage's teacher (`curriculum.plan.StageTeacher` as a dict) reached from this process: an adapter teacher
     always inline; a zoo teacher from its cache (`shard_store`: the name of the `ObjectStoreShards` actor holding
     it decoded; else read from the Parquet shards; either way holding at most `memory_bytes` of it) unless
-    `inline` or it has none. Loading draws nothing from the
-    global RNG, so the student built next is built as anywhere else."""
+    `inline` or it has none. Loading draws nothing from the global RNG, so the student built next is built as
+    anywhere else."""
     class_map = ClassMap.from_dict(member["class_map"]) if member.get("class_map") else None
     link = TeacherLink(member["name"], float(member.get("weight", 1.0)), {}, member.get("checkpoint"),
                        class_map=class_map)
@@ -253,5 +253,5 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     return {k: factor for k in keys}
 
 
-__all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "feature_factors", "load_plain",
-           "open_teacher", "stage_class_maps", "stage_source"]
+__all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "feature_factors",
+           "load_plain", "open_teacher", "stage_class_maps", "stage_source"]

@@ -293,10 +293,10 @@ class LoopConfig:
     (the calibrated feature weights), calibrated for `kd_ratio` (saved in every checkpoint, so a PBT clone with
     another kd_ratio rescales them). teacher_mode: `cache` or `inline`. shard_stores: {teacher: the name of the
     `ObjectStoreShards` actor holding its decoded cache} (a teacher not in it: each worker reads the Parquet
-    shards itself; each teacher holds at most its share of `memory_bytes`). eval_every: rank 0 evaluates every so many epochs (0: never). worker_hooks:
-    `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray Train's own INFO lines (else dropped in
-    the worker). tensorboard_dir: rank 0 writes TensorBoard event files there (losses and lr per step; val
-    metrics, decay and feature-loss factor per epoch).
+    shards itself; each teacher holds at most its share of `memory_bytes`). eval_every: rank 0 evaluates every
+    so many epochs (0: never). worker_hooks: `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray
+    Train's own INFO lines (else dropped in the worker). tensorboard_dir: rank 0 writes TensorBoard event files
+    there (losses and lr per step; val metrics, decay and feature-loss factor per epoch).
     """
 
     job: dict[str, Any]

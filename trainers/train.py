@@ -123,13 +123,19 @@ def load_optimizer_state_by_name(opt: torch.optim.Optimizer, named: Iterable[tup
                                  states: dict[str, dict[str, Any]]) -> list[str]:
     """Give each of the `named` parameters its state from `states` (`optimizer_state_by_name`) where the name is
     there and the shapes match; returns the names taken over."""
+    def placed(v: Any, p: torch.nn.Parameter) -> Any:
+        if not torch.is_tensor(v):
+            return v
+        # per-element buffers go to the parameter's device; a 0-d `step` stays on the CPU, where torch's
+        # optimizers keep it (unless capturable)
+        return v.to(p.device) if v.dim() else v.clone()
+
     taken = []
     for n, p in named:
         st = states.get(n)
         if st is None or any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in st.values()):
             continue
-        opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v.clone() if torch.is_tensor(v)
-                        else v for k, v in st.items()}
+        opt.state[p] = {k: placed(v, p) for k, v in st.items()}
         taken.append(n)
     return taken
 
