@@ -381,6 +381,9 @@ class CompressionConfig:
       box_dilation of their size per side plus one cell, zero elsewhere); pooled (average pooling by `pool`).
     boxes: dense; sparse (one-stage bbox_regression / bbox_ctrness kept only at locations whose best class has
       sigmoid score >= score_threshold, the rest decode to a fill value: 0 for regression).
+    pca: 0 (off); r: FPN features stored as their top r principal components per level, fitted once per cache on
+      pca_images images (teachers/projection.py); they decode to the teacher's channels, less the variance
+      outside those r components (`curriculum cache inspect` prints its share per level).
     """
 
     dtype: Literal["fp32", "fp16", "int8"] = "fp16"
@@ -391,8 +394,16 @@ class CompressionConfig:
     box_dilation: float = 0.5
     pool: int = 2
     boxes: Literal["dense", "sparse"] = "dense"
+    pca: int = 0
+    pca_images: int = 64
 
     def __post_init__(self) -> None:
+        if self.pca < 0 or self.pca_images < 1:
+            raise ConfigError(f"compression.pca must be zero or more and pca_images at least 1, got {self.pca} and "
+                              f"{self.pca_images}")
+        if self.pca and self.features_region == "boxes":
+            raise ConfigError("compression.pca with features_region: boxes is not supported (a dropped cell would "
+                              "decode to the mean feature, not to 0); use features_region all or pooled")
         if self.topk < 1:
             raise ConfigError(f"compression.topk: must be at least 1, got {self.topk}")
         if not 0.0 < self.score_threshold < 1.0:

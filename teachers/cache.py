@@ -66,6 +66,7 @@ from curriculum.config import CacheConfig
 from curriculum.data import CocoDetection, Resize
 from curriculum.errors import CacheError, CorruptShardError, StaleCacheError
 from curriculum.files import atomic_write, exists, join_uri, path_name, read_bytes, resolve_fs
+from teachers.projection import FILE as PROJECTION_FILE, Projection, describe as describe_projection
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ def target_spec(cache: CacheConfig) -> dict[str, Any]:
         # Options added after caches were written are left out at their default, so that the keys (and so the
         # folders) of existing caches do not change and they are not recomputed.
         del comp["boxes"]
+    if not comp.get("pca"):
+        comp.pop("pca", None)
+        comp.pop("pca_images", None)
     return {
         "targets": sorted(cache.targets, key=TARGET_KINDS.index),
         "levels": list(cache.levels) if cache.levels is not None else None,
@@ -245,6 +249,7 @@ class TeacherCache:
         self.manifest = manifest
         self.uri = uri or path
         self._last_manifest_write = 0.0
+        self._projection: Projection | None = None
 
     # ---- opening / creating ------------------------------------------------------------------------
 
@@ -455,6 +460,34 @@ class TeacherCache:
             self.fs.delete_file(self.shard_path(i))
         self.write_manifest(force=True)
 
+    # ---- the feature projection (compression.pca) ------------------------------------------------------
+
+    def write_projection(self, projection: Projection) -> None:
+        """Store the fitted projection beside the shards, once, before any shard is encoded with it."""
+        data = projection.to_bytes()
+        atomic_write(self._p(PROJECTION_FILE), data, self.fs)
+        self.manifest["projection"] = {"file": PROJECTION_FILE, "bytes": len(data),
+                                       "sha256": hashlib.sha256(data).hexdigest(), **describe_projection(projection)}
+        self.write_manifest(force=True)
+        self._projection = projection
+
+    def projection(self) -> Projection | None:
+        """The cache's feature projection (None when its features are stored as they are), checksummed."""
+        entry = self.manifest.get("projection")
+        if entry is None or self._projection is not None:
+            return self._projection
+        p = self._p(entry["file"])
+        try:
+            data = read_bytes(self.fs, p)
+        except (FileNotFoundError, OSError) as e:
+            raise CacheError(f"{p}: the cache's feature projection cannot be read ({e}); delete the cache folder and "
+                             "precompute again") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CacheError(f"{p}: the feature projection does not match its checksum (corrupt); delete the cache "
+                             "folder and precompute again")
+        self._projection = Projection.from_bytes(data, p)
+        return self._projection
+
     # ---- reading ----------------------------------------------------------------------------------------
 
     def read_shard(self, i: int, check_sha: bool = True) -> pa.Table:
@@ -519,6 +552,7 @@ def inspect_cache(path: str) -> dict[str, Any]:
         "compression": m["key"]["spec"]["compression"], "images": m["num_images"], "images_done": images,
         "rows": rows, "shards": m["num_shards"], "shards_done": len(shards), "complete": cache.complete,
         "bytes": total, "bytes_per_image": total / max(1, images), "bytes_per_image_by_kind": per_image,
+        "projection": m.get("projection"),
     }
 
 
@@ -537,6 +571,10 @@ def format_inspect(info: dict[str, Any]) -> str:
     ]
     for k, v in info["bytes_per_image_by_kind"].items():
         lines.append(f"  {k:12s} {v / 1024:10.2f} KiB per image")
+    p = info.get("projection")
+    if p:
+        lines.append(f"projection features as {p['channels']} principal components per level ({p['bytes']} bytes); "
+                     "variance left out: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in p["residual"].items()))
     return "\n".join(lines)
 
 

@@ -28,19 +28,24 @@ Compression and its cost (``CompressionConfig``; see `bench/precompute.py` for m
   for the mask. Exact (up to dtype) inside the region.
 - ``features_region=pooled``: average pooling by ``pool`` (ceil mode): ``pool**2`` times smaller; the decoded
   map has the pooled size (the losses resize the student's map to the teacher's).
+- ``pca: r``: FPN feature maps are projected to their top r principal components per level before any of the
+  above (``teachers/projection.py``) and reconstructed on decode; the loss is the variance outside them.
 - Detections and proposal boxes are always fp32 (they are small).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from curriculum.config import CompressionConfig
 from curriculum.errors import DataError
+
+if TYPE_CHECKING:
+    from teachers.projection import Projection
 
 FP16_MAX = 65504.0
 
@@ -234,14 +239,19 @@ def region_mask(boxes: np.ndarray, hw: tuple[int, int], image_hw: tuple[int, int
 
 def encode_row(
     raw: dict[str, np.ndarray], comp: CompressionConfig, boxes: np.ndarray | None = None,
-    image_hw: tuple[int, int] | None = None,
+    image_hw: tuple[int, int] | None = None, projection: Projection | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Encode one (image, view)'s teacher outputs with the configured compression."""
+    """Encode one (image, view)'s teacher outputs with the configured compression (`projection`: the cache's,
+    needed when `comp.pca` is set)."""
     cells: dict[str, dict[str, Any]] = {}
     for name, a in raw.items():
         if name.startswith("detections/") or name == "proposals/boxes":
             cells[name] = encode(a, "i64" if a.dtype.kind in "iu" else "fp32")
         elif name.startswith("features/"):
+            if getattr(comp, "pca", 0):
+                if projection is None:
+                    raise ValueError("compression.pca needs the cache's fitted projection")
+                a = projection.project(name.split("/", 1)[1], a)
             if comp.features_region == "pooled" and comp.pool > 1:
                 t = torch.from_numpy(a)[None]
                 a = torch.nn.functional.avg_pool2d(t, comp.pool, comp.pool, ceil_mode=True)[0].numpy()
@@ -283,5 +293,12 @@ def _encode_sparse_box(name: str, a: np.ndarray, raw: dict[str, np.ndarray], com
     return encode(a, f"{comp.dtype}|rows", mask=keep, fill=fill)
 
 
-def decode_row(cells: dict[str, dict[str, Any]], where: str = "") -> dict[str, np.ndarray]:
-    return {name: decode(c, f"{name}{where}") for name, c in cells.items()}
+def decode_row(cells: dict[str, dict[str, Any]], where: str = "", projection: Projection | None = None
+               ) -> dict[str, np.ndarray]:
+    """Decode one row; with the cache's `projection`, feature maps come back in the teacher's channels."""
+    out = {name: decode(c, f"{name}{where}") for name, c in cells.items()}
+    if projection is not None:
+        for name, a in out.items():
+            if name.startswith("features/"):
+                out[name] = projection.reconstruct(name.split("/", 1)[1], a)
+    return out

@@ -50,6 +50,7 @@ from teachers.cache import (
     target_spec, teacher_fingerprint, view_config, resize_of,
 )
 from teachers.codec import encode_row
+from teachers.projection import Projection, fit_projection, sample_positions
 from teachers.lock import CacheWriterLock
 from teachers.outputs import actor_device, actor_threads, load_teacher, teacher_outputs
 
@@ -148,11 +149,32 @@ def load_samples(ds: CocoDetection, indexes: Sequence[int], view_name: str
     return out
 
 
-def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any]) -> pa.Table:
+def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any], projection: Projection | None = None
+                 ) -> pa.Table:
     """The Arrow table of `produce_shard`'s raw rows (what the precompute actor's I/O process runs)."""
     comp = CompressionConfig(**spec["compression"])
     return rows_to_table([{"image_id": r["image_id"], "view_key": r["view_key"], "view": r["view"],
-                           **encode_row(r["raw"], comp, r["boxes"], r["hw"])} for r in raw_rows])
+                           **encode_row(r["raw"], comp, r["boxes"], r["hw"], projection)} for r in raw_rows])
+
+
+def ensure_projection(cache: TeacherCache, detector: Any, ds: CocoDetection) -> Projection | None:
+    """`compression.pca`: the cache's projection of the teacher's features; fitted (on `pca_images` images spread
+    over the data set, plain view, the cache's levels) and stored when the cache has none yet. A resumed cache
+    keeps the one its first shards were encoded with."""
+    spec = cache.manifest["key"]["spec"]
+    r = spec["compression"].get("pca")
+    if not r or cache.projection() is not None:
+        return cache.projection()
+
+    def features(positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        samples = [view_sample(ds, i, "noflip") for i in positions]
+        return teacher_outputs(detector, [s[0] for s in samples], ["features"], spec["levels"])
+
+    t0 = time.perf_counter()
+    cache.write_projection(fit_projection(features, sample_positions(len(ds), spec["compression"]["pca_images"]), r))
+    log.info("%s: feature projection to %d channels fitted in %.1f s (variance left out per level: %s)", cache.uri,
+             r, time.perf_counter() - t0, cache.manifest["projection"]["residual"])
+    return cache.projection()
 
 
 # ================================================================================================ precompute
@@ -248,7 +270,7 @@ def _io_load(indexes: list[int], view_name: str) -> list:
 def _io_encode_and_write(i: int, raw_rows: list[dict[str, Any]], spec: dict[str, Any], span: tuple[int, int]
                          ) -> tuple[str, dict[str, Any]]:
     cache = _IO["cache"]
-    table = encode_shard(raw_rows, spec)
+    table = encode_shard(raw_rows, spec, cache.projection())
     data = table_to_bytes(table, cache.shard_meta(i))
     return cache.write_tmp(i, data), shard_entry(i, data, table.num_rows, span)
 
@@ -334,8 +356,10 @@ class _TeacherRun:
         return cls.remote(self.work, actor_threads(self.spec.cpus_per_actor, self.spec.threads), self.spec.io_workers)
 
 
-def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cache: dict) -> tuple[dict, CacheKey, Any]:
-    """The cache key and manifest header of one teacher over the data (fingerprints computed here, once)."""
+def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cache: dict
+             ) -> tuple[dict, CacheKey, Any, Any]:
+    """The cache key and manifest header of one teacher over the data (fingerprints computed here, once), the data
+    set and the teacher."""
     images, ann = data.split_paths(cache_cfg.split)
     resize = data.resize_spec("train" if cache_cfg.split == "train" else "val")
     views = view_config(resize, cache_cfg.views)
@@ -372,7 +396,7 @@ def _prepare(spec: TeacherSpec, data: DataConfig, cache_cfg: CacheConfig, ds_cac
         raise ModelError(f"teacher {spec.checkpoint} predicts {det.config.num_classes - 1} classes, the data "
                          f"{ann} has {ds.num_classes - 1}, and its checkpoint records no class names, so no class "
                          "map can pair them: retrain the teacher (checkpoints now record class_names)")
-    return header, key, ds
+    return header, key, ds, det
 
 
 def _work(cache: TeacherCache) -> dict[str, Any]:
@@ -410,7 +434,7 @@ def precompute(
     locks: list[CacheWriterLock] = []
     try:
         for spec in job.teachers:
-            header, key, ds = _prepare(spec, job.data, job.cache, ds_cache)
+            header, key, ds, det = _prepare(spec, job.data, job.cache, ds_cache)
             # One writer per cache folder: locked before its manifest is created or read, released however
             # this run ends (see teachers/cache.py, "One writer at a time").
             fs, path, uri = TeacherCache.location(job.cache.root, key)
@@ -419,6 +443,8 @@ def precompute(
             if cache.manifest["batch_size"] != spec.batch_size:
                 log.warning("%s: resuming with the batch size it was started with (%d, config says %d) so that "
                             "every shard is computed alike", cache.uri, cache.manifest["batch_size"], spec.batch_size)
+            ensure_projection(cache, det, ds)
+            del det
             runs.append((spec, cache))
         ensure_ray(job.ray)
         return _drive(runs, job.cache.max_attempts, progress, on_dispatch, on_commit)

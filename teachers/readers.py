@@ -283,7 +283,7 @@ class CacheReader(_RowTargets):
             names = [n for n in table.column_names if "/" in n]
             where = f" of image_id {iid} in shard {shard} ({self.cache.shard_path(shard)})"
             try:
-                out.append(decode_row(_cells_of(table, row, names), where))
+                out.append(decode_row(_cells_of(table, row, names), where, self.cache.projection()))
             except (DataError, ValueError) as e:
                 raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {self.cache.uri} --shard "
                                         f"{shard}`", shard, self.cache.shard_path(shard)) from None
@@ -297,13 +297,14 @@ def decode_shard(cache: TeacherCache, i: int, check_sha: bool = True) -> dict[st
     table = cache.read_shard(i, check_sha)
     names = [n for n in table.column_names if "/" in n]
     cols = {n: table.column(n).to_pylist() for n in names}  # one conversion per column, not per cell
+    projection = cache.projection()
     ids = [int(a) for a in table.column("image_id").to_pylist()]
     keys = table.column("view_key").to_pylist()
     rows = []
     for r in range(table.num_rows):
         where = f" of image_id {ids[r]} in shard {i} ({cache.shard_path(i)})"
         try:
-            rows.append(decode_row({n: cols[n][r] for n in names}, where))
+            rows.append(decode_row({n: cols[n][r] for n in names}, where, projection))
         except (DataError, ValueError) as e:
             raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {cache.uri} --shard {i}`", i,
                                     cache.shard_path(i)) from None

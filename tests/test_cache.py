@@ -13,7 +13,7 @@ import torch
 
 from curriculum.config import CacheConfig, CompressionConfig
 from curriculum.data import View
-from curriculum.errors import CacheError, CacheLockedError, CorruptShardError, DataError, StaleCacheError
+from curriculum.errors import CacheError, CacheLockedError, ConfigError, CorruptShardError, DataError, StaleCacheError
 from curriculum.files import resolve_fs
 from teachers.cache import (
     CacheKey, TeacherCache, data_fingerprint, format_inspect, inspect_cache, shard_entry, shard_ranges, table_to_bytes,
@@ -22,7 +22,9 @@ from teachers.cache import (
 from teachers.codec import decode, encode, region_mask, score_keep
 from teachers.lock import LOCK_NAME, CacheWriterLock
 from teachers.outputs import teacher_outputs
-from teachers.precompute import encode_shard, load_samples, open_dataset, produce_shard, shard_batches, view_sample
+from teachers.precompute import (
+    encode_shard, ensure_projection, load_samples, open_dataset, produce_shard, shard_batches, view_sample,
+)
 from teachers.readers import CacheReader
 from teachers.zoo import build_detector
 
@@ -61,12 +63,13 @@ def build_cache(root: Path, ckpt: Path, images: str, ann: str, cfg: CacheConfig,
     cache = TeacherCache.create_or_resume(str(root), key, header, ds.image_ids, cfg.shard_size)
     ranges = shard_ranges(len(ds), cfg.shard_size)
     spec = target_spec(cfg)
+    projection = ensure_projection(cache, det, ds)
     for i in (only if only is not None else cache.missing_shards()):
         s, e = ranges[i]
         with ThreadPoolExecutor(max_workers=1) as io:  # the actor's I/O process, as a thread
             rows = produce_shard(det, s, e, cfg.views, spec, batch_size,
                                  lambda idx, view: io.submit(load_samples, ds, idx, view))
-            table = encode_shard(rows, spec)
+            table = encode_shard(rows, spec, projection)
         data = table_to_bytes(table, cache.shard_meta(i))
         cache.commit(i, cache.write_tmp(i, data), shard_entry(i, data, table.num_rows, (s, e)))
     cache.write_manifest(force=True)  # the driver's `finally` (commits throttle manifest writes)
@@ -316,6 +319,66 @@ def test_compressed_cache_within_stated_rounding(tmp_path, subset, comp):
     assert info["complete"] and info["images_done"] == 6
     assert set(info["bytes_per_image_by_kind"]) >= {"features", "head", "detections"}
     assert "KiB per image" in format_inspect(info)
+
+
+def _hand_pca(maps: list[np.ndarray], r: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean, projector onto the top r principal directions and the variance share left out, by an SVD of the
+    centred cells (the code under test uses an eigendecomposition of accumulated second moments)."""
+    x = np.concatenate([m.reshape(m.shape[0], -1).T for m in maps]).astype(np.float64)  # cells x C
+    mu = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mu, full_matrices=False)
+    return mu, vt[:r].T @ vt[:r], float((s[r:] ** 2).sum() / (s ** 2).sum())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_pca_cache_keeps_the_teachers_features_in_the_fitted_subspace(tmp_path, subset, dtype):
+    """compression.pca: 4 of the teacher's channels stored per level, fitted on all 6 images; the features read
+    back are the live ones projected on the principal subspace of those images (by hand), in the teacher's
+    channels; verify's comparison space gives the stored maps back; a damaged projection file is named."""
+    images, ann = subset
+    det = save_teacher(tmp_path / "t.pt")
+    comp = CompressionConfig(dtype=dtype, pca=4, pca_images=6)
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=["features", "head"], views=["noflip", "flip"],
+                      shard_size=3, levels=["p3", "p4"], compression=comp)
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg, batch_size=3)
+    ref = reference_rows(det, images, ann, cfg, 3)
+    reader = CacheReader(TeacherCache.open(cache.uri))
+    p = reader.cache.projection()
+    for level in ("p3", "p4"):
+        mu, proj, left_out = _hand_pca([raw[f"features/{level}"] for raw, _, _, v in ref.values() if not v.flip], 4)
+        assert p.residual[level] == pytest.approx(left_out, rel=1e-4, abs=1e-7)
+        assert np.allclose(p.mean[level], mu, atol=1e-5)
+        for (iid, _), (raw, _, _, view) in ref.items():
+            a = raw[f"features/{level}"]
+            want = (mu[:, None] + proj @ (a.reshape(a.shape[0], -1) - mu[:, None])).reshape(a.shape)
+            got = reader.rows([iid], [view])[0][f"features/{level}"]
+            assert got.shape == a.shape  # the teacher's channels, not 4
+            z = p.project(level, a)
+            step = np.abs(z).max(axis=(1, 2)).max() / 127 if dtype == "int8" else 0.0
+            # int8 rounds the stored components by half a step each; the basis' columns have unit norm
+            assert np.abs(got - want).max() <= 2 * step + 1e-4 * max(1.0, np.abs(a).max()), (level, iid)
+            assert np.allclose(p.project(level, got), p.project(level, p.reconstruct(level, z)), atol=2 * step + 1e-4)
+    assert "pca" not in target_spec(CacheConfig())["compression"]  # keys (so folders) of existing caches kept
+    info = inspect_cache(cache.uri)
+    assert info["projection"]["channels"] == 4 and "variance left out: p3" in format_inspect(info)
+    # The stored maps have 4 channels: smaller than the plain cache of the same dtype.
+    plain = build_cache(tmp_path / "plain", tmp_path / "t.pt", images, ann,
+                        CacheConfig(**{**cfg.__dict__, "compression": CompressionConfig(dtype=dtype)}), batch_size=3)
+    assert inspect_cache(cache.uri)["bytes_per_image_by_kind"]["features"] < \
+        0.5 * inspect_cache(plain.uri)["bytes_per_image_by_kind"]["features"]
+    path = Path(cache.uri) / "projection.npz"
+    path.write_bytes(path.read_bytes()[:-8] + b"garbage!")
+    with pytest.raises(CacheError, match="projection.npz: the feature projection does not match its checksum"):
+        CacheReader(TeacherCache.open(cache.uri)).rows([iid], [view])
+
+
+def test_pca_needs_fewer_channels_than_the_teacher_and_is_refused_with_box_regions():
+    from teachers.projection import fit_projection
+
+    with pytest.raises(CacheError, match="compression.pca: 8 channels is not fewer than the teacher's 8 at p3"):
+        fit_projection(lambda pos: [{"features/p3": np.ones((8, 2, 2), np.float32)} for _ in pos], [0], 8)
+    with pytest.raises(ConfigError, match="features_region: boxes is not supported"):
+        CompressionConfig(pca=4, features_region="boxes")
 
 
 # ------------------------------------------------------------------------------------------------ stale, corrupt

@@ -267,6 +267,39 @@ def test_verify_passes_a_sound_fp16_cache_from_other_threads_and_catches_a_chang
     assert not v["ok"] and "teacher checkpoint changed" in v["problems"][0], v
 
 
+def test_a_projected_cache_from_the_actors_verifies_rebuilds_alike_and_a_changed_component_is_caught(
+        setup, tmp_path, ray_session):
+    """compression.pca on Ray: the driver fits the projection once, the actors' I/O processes encode with it,
+    verify compares in the stored components, and a rebuilt shard is byte for byte the one it replaces."""
+    import shutil
+
+    d, images, ann = setup
+    comp = CompressionConfig(dtype="int8", pca=4, pca_images=8)
+    (report,) = precompute(job(d, images, ann, str(tmp_path / "pca"), targets=["features"], compression=comp),
+                           progress=False)
+    cache = TeacherCache.open(report.cache)
+    assert cache.projection().channels == 4 and set(cache.manifest["projection"]["residual"]) == {
+        "p3", "p4", "p5", "p6", "p7"}
+    v = verify_cache(report.cache, sample=4)
+    assert v["ok"] and v["checked"] == 8, v
+    files = shard_files(report.cache)
+    copy = tmp_path / "copy"
+    shutil.copytree(report.cache, copy)
+    (copy / "shards" / "shard-00001.parquet").unlink()
+    TeacherCache.open(str(copy)).invalidate(1)
+    rebuild(str(copy), [1])
+    assert shard_files(str(copy)) == files
+
+    def bump(z):  # one stored component, by far more than its int8 step
+        z = z.copy()
+        z.flat[int(np.argmax(np.abs(z)))] *= 1.2
+        return z
+
+    _rewrite_cell(copy, 1, "features/p3", bump)
+    v = verify_cache(str(copy), sample=8)
+    assert not v["ok"] and all("features/p3" in p for p in v["problems"]), v
+
+
 def test_second_writer_is_refused_and_a_stale_lock_taken_over(setup, reference, tmp_path, caplog):
     import shutil
     import socket
