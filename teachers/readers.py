@@ -272,6 +272,10 @@ class CacheReader(_RowTargets):
             self._lru_bytes -= old.nbytes
         return table, index
 
+    def shard_nbytes(self, i: int) -> int:
+        """Bytes shard i takes in this reader's memory budget (it is read and kept)."""
+        return int(self._shard(i)[0].nbytes)
+
     def rows(self, image_ids: Sequence[int], views: Sequence[View | str]) -> list[dict[str, np.ndarray]]:
         """Decoded rows (column -> numpy) of each (image, view), in the given order."""
         out = []
@@ -475,8 +479,8 @@ class ObjectStoreReader(_RowTargets):
     it stacks, so nothing writes into them. The reader keeps the references of its most recent shards (pinning
     them in the object store even after the store dropped them) and lets go of older ones: the `keep_shards`
     most recent, or with `memory_bytes` as many as fit in it (at least one). A training worker reads its images
-    in random order across its shards (`trainers.ray_train.CacheShardSampler`): holding one shard, it fetched
-    and unpacked a shard again for nearly every image.
+    in random order across the shards of its window (`trainers.ray_train.CacheShardSampler`, sized from the same
+    budget): holding one shard of them, it would fetch and unpack a shard again for nearly every image.
     """
 
     def __init__(self, store: str | Any, namespace: str = STORE_NAMESPACE, roi_head: Any = None,
@@ -540,6 +544,10 @@ class ObjectStoreReader(_RowTargets):
         while len(self._local) > 1 and self._over_budget():  # let go: Ray frees it once the store dropped it too
             self._local.popitem(last=False)
         return payload
+
+    def shard_nbytes(self, i: int) -> int:
+        """Bytes shard i takes in this reader's memory budget (it is fetched and kept)."""
+        return int(self._shard(i)["nbytes"])
 
     def _over_budget(self) -> bool:
         if self.memory_bytes is None:

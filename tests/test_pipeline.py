@@ -101,6 +101,54 @@ def test_cache_shard_sampler_gives_each_worker_whole_shards():
     assert list(one) != list(two)
 
 
+def test_a_window_of_shards_lets_a_reader_holding_that_many_read_each_shard_once_per_epoch():
+    """A cache bigger than the memory budget: each rank's images shuffled within runs of `window` shards. An LRU
+    reader of `window` shards then fetches each of its shards once; shuffled over the whole slice it refetches
+    for most images. A window covering the slice is the whole-slice order itself."""
+    from collections import OrderedDict
+
+    from trainers.ray_train import CacheShardSampler, cache_window
+
+    def fetches(order, keep):
+        lru, n = OrderedDict(), 0
+        for i in order:
+            s = shard_of[i]
+            if s in lru:
+                lru.move_to_end(s)
+                continue
+            n += 1
+            lru[s] = True
+            if len(lru) > keep:
+                lru.popitem(last=False)
+        return n
+
+    shard_of = [i // 10 for i in range(400)]  # 40 shards of 10 images
+    for rank in range(2):
+        whole = CacheShardSampler(shard_of, 2, rank, seed=3)
+        windowed = CacheShardSampler(shard_of, 2, rank, seed=3, window=2)
+        whole.set_epoch(1)
+        windowed.set_epoch(1)
+        mine = list(windowed)
+        assert sorted(mine) == sorted(whole) and len(mine) == len(windowed) == 200
+        assert mine != list(whole)
+        assert fetches(mine, keep=2) == len({shard_of[i] for i in mine}) == 20
+        assert fetches(list(whole), keep=2) > 150
+        wide = CacheShardSampler(shard_of, 2, rank, seed=3, window=20)
+        wide.set_epoch(1)
+        assert list(wide) == list(whole)
+
+    class Reader:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+        def shard_nbytes(self, i):
+            return self.nbytes
+
+    # a teacher's share 500 bytes, two ranks each holding its window: 500 // (2 x 100) = 2 (the larger shards count)
+    assert cache_window([Reader(100), Reader(50)], 2, 1000) == 2
+    assert cache_window([Reader(10 ** 6)], 2, 1000) == 1  # at least one shard
+
+
 def test_cli_run_refuses_a_bad_config(tmp_path, capsys):
     from curriculum.cli import main
 

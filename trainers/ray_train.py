@@ -28,7 +28,8 @@ How the cached targets are read:
   through the driver or Ray's object store. `CacheShardSampler` gives each worker, every epoch, a contiguous run
   of whole cache shards (the shards' order is reshuffled every epoch, the images shuffled within the worker's
   part), so a worker reads about 1/num_workers of the cache per epoch instead of all of it, and with
-  `memory_bytes` >= the cache / num_workers nothing is decoded twice in an epoch.
+  `memory_bytes` >= the cache / num_workers nothing is decoded twice in an epoch. A cache bigger than that (COCO
+  scale) is shuffled within runs of as many shards as fit (`cache_window`), so it still is not.
 - The batch's targets are looked up by `(image_id, View)`: each sample records the view (size, flip) it was made
   with, and the cache holds the teacher's output for that exact view, so a worker can never pair an image with
   another view's targets (a missing view is an error, not a silent mismatch).
@@ -56,7 +57,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -77,11 +78,17 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
     N mod num_replicas images of the order are left out that epoch, as `DistributedSampler(drop_last=True)` does);
     the slice is shuffled (seed, epoch, rank). Every rank gets the same number of images, so DDP's collectives
     stay in step, and a rank touches about N / (num_replicas * shard_size) + 1 shards.
+
+    `window` (0: the whole slice): the slice is shuffled within runs of `window` shards instead, taken one run
+    after the other, so that a reader holding `window` decoded shards reads each of its shards once per epoch
+    however large the cache (`cache_window` sizes it from the memory budget). A window covering the slice
+    gives exactly the whole-slice order.
     """
 
-    def __init__(self, shard_of: list[int], num_replicas: int, rank: int, seed: int = 0) -> None:
+    def __init__(self, shard_of: list[int], num_replicas: int, rank: int, seed: int = 0, window: int = 0) -> None:
         self.shard_of = list(shard_of)
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.window = max(0, window)
         self.epoch = 0
         self.members: dict[int, list[int]] = {}
         for i, s in enumerate(self.shard_of):
@@ -98,13 +105,39 @@ class CacheShardSampler(torch.utils.data.Sampler[int]):
         flat = [i for s in order for i in self.members[s]]
         mine = flat[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         g.manual_seed(derive_seed(self.seed, "shard images", self.epoch, self.rank))
-        return [mine[int(j)] for j in torch.randperm(len(mine), generator=g)]
+        out: list[int] = []
+        for run in self._runs(mine):
+            out += [run[int(j)] for j in torch.randperm(len(run), generator=g)]
+        return out
+
+    def _runs(self, mine: list[int]) -> list[list[int]]:
+        """`mine` (in shard order) cut into runs of at most `window` shards."""
+        if not self.window:
+            return [mine]
+        runs: list[list[int]] = [[]]
+        seen: set[int] = set()
+        for i in mine:
+            s = self.shard_of[i]
+            if s not in seen and len(seen) == self.window:
+                runs.append([])
+                seen = set()
+            seen.add(s)
+            runs[-1].append(i)
+        return runs
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices())
 
     def __len__(self) -> int:
         return self.per_rank
+
+
+def cache_window(readers: Sequence[Any], num_replicas: int, memory_bytes: int) -> int:
+    """How many shards of each reader's cache a rank may shuffle together: the shards of every rank's window must
+    fit in a teacher's share of `memory_bytes` (a shard store serves all ranks from that share), measured on the
+    first shard as the reader holds it."""
+    share = memory_bytes // max(1, len(readers))
+    return max(1, min(share // max(1, num_replicas * r.shard_nbytes(0)) for r in readers))
 
 
 class _DeviceLoader:
@@ -405,7 +438,9 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
         reader = readers[0]  # caches of one data set share the image order and shard layout
         pos = {int(i): p for p, i in enumerate(reader.image_ids())}
         shard_of = [pos[int(i)] // reader.manifest["shard_size"] for i in ds.image_ids]
-        sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed)
+        window = cache_window(readers, world, cfg.memory_bytes)
+        sampler = CacheShardSampler(shard_of, world, rank, seed=t.seed, window=window)
+        log.debug("rank %d: images shuffled within runs of %d cache shards", rank, window)
     else:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
     for key, factor in cfg.loss_factors.items() if distiller is not None else ():
