@@ -617,6 +617,17 @@ class RunCacheConfig(CacheStorage):
     # memory_bytes resident; a bigger cache is streamed), or false: each worker decodes its own (an LRU of
     # memory_bytes per worker).
     object_store: bool = True
+    # With compression.pca: the feature losses target the teacher's features as read back in its own channels
+    # (teacher), or the stored principal components themselves (components: the adapters and MGD's generation
+    # blocks output r channels, r/C of their compute; MGD and FitNet only, whose loss is a squared error that the
+    # projection's orthonormal basis keeps within the components).
+    features: Literal["teacher", "components"] = "teacher"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.features == "components" and not self.compression.pca:
+            raise ConfigError("cache.features: components needs compression.pca (the number of components to "
+                              "store); set it, or cache.features: teacher")
 
 
 @dataclass

@@ -520,6 +520,7 @@ def prepare_run(job: RunJobConfig, out: Path, phases: Phases, progress: bool = T
         caches[name] = report.cache
     for m in (m for s in stages + extra_stages for m in s.teachers):
         m.cache = caches.get(m.name)
+        m.components = m.cache is not None and job.cache.features == "components"
         cmap = class_maps.get(m.name)
         m.class_map = cmap.to_dict() if cmap is not None else None
         if m.name in adapters:
@@ -550,6 +551,15 @@ def check_run_config(job: RunJobConfig, where: str = "the run config") -> None:
             if job.order == "auto":
                 raise ConfigError(f"{where}: order: auto measures the adaptation cost on zoo teachers; teachers[{i}] "
                                   f"({t.name}) is an adapter: use order: given")
+    if job.cache.features == "components":
+        from trainers.distill.registry import COMPONENT_LOSSES
+
+        used = {e.get("name") for e in job.losses} | {e.get("name") for s in job.stages for e in (s.losses or [])}
+        bad = sorted(str(n) for n in used - COMPONENT_LOSSES)
+        if bad:
+            raise ConfigError(f"{where}: cache.features: components: {bad} read the teacher's own feature channels; "
+                              f"only {sorted(COMPONENT_LOSSES)} can target the principal components. Use "
+                              "cache.features: teacher (the components read back in the teacher's channels)")
     # Class maps of the teachers whose checkpoint is already there (a teacher the run trains has the data's
     # classes); prepare_run builds them again from the loaded data set and teachers.
     given = [(i, t) for i, t in enumerate(job.teachers) if t.checkpoint and Path(t.checkpoint).is_file()]

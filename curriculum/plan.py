@@ -65,6 +65,8 @@ class StageTeacher:
     class_map: dict[str, Any] | None = None
     # {"target": "module:Class", "args": {...}} of a `teachers.adapter.TeacherAdapter` teacher
     adapter: dict[str, Any] | None = None
+    # read its cached features as stored principal components (`cache.features: components`)
+    components: bool = False
 
 
 @dataclass

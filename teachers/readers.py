@@ -151,6 +151,28 @@ class _RowTargets:
     roi_head: Any = None
     _pos: dict[int, int]
     _shard_size: int
+    # A `compression.pca` cache holds its features as principal components (decoded as stored, in the shards'
+    # memory); `rows` gives them back in the teacher's channels, or as they are with `components`.
+    projection: Any = None
+    components: bool = False
+
+    def _set_projection(self, projection: Any, components: bool) -> None:
+        if components and projection is None:
+            raise CacheError(f"teacher cache {self.uri} stores its features as they are (no compression.pca): it "
+                             "has no principal components to read; drop cache.features: components")
+        self.projection, self.components = projection, components
+
+    def _teacher_space(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.projection is None or self.components:
+            return row
+        return {n: self.projection.reconstruct(n.split("/", 1)[1], a) if n.startswith("features/") else a
+                for n, a in row.items()}
+
+    def feature_channels(self) -> dict[str, int]:
+        """Channels of the feature maps `rows` gives, per FPN level (the teacher's, or the components')."""
+        if self.components:
+            return {level: self.projection.channels for level in self.projection.basis}
+        return dict(self.manifest["teacher"]["level_channels"])
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -237,10 +259,11 @@ class CacheReader(_RowTargets):
     """
 
     def __init__(self, cache: TeacherCache | str, memory_bytes: int = 1 << 30, check_sha: bool = True,
-                 roi_head: Any = None) -> None:
+                 roi_head: Any = None, components: bool = False) -> None:
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache.open(cache)
         self.cache.require_complete()
         self.uri = self.cache.uri
+        self._set_projection(self.cache.projection(), components)
         m = self.cache.manifest
         self.memory_bytes = memory_bytes
         self.check_sha = check_sha
@@ -287,7 +310,7 @@ class CacheReader(_RowTargets):
             names = [n for n in table.column_names if "/" in n]
             where = f" of image_id {iid} in shard {shard} ({self.cache.shard_path(shard)})"
             try:
-                out.append(decode_row(_cells_of(table, row, names), where, self.cache.projection()))
+                out.append(self._teacher_space(decode_row(_cells_of(table, row, names), where)))
             except (DataError, ValueError) as e:
                 raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {self.cache.uri} --shard "
                                         f"{shard}`", shard, self.cache.shard_path(shard)) from None
@@ -295,20 +318,19 @@ class CacheReader(_RowTargets):
 
 
 def decode_shard(cache: TeacherCache, i: int, check_sha: bool = True) -> dict[str, Any]:
-    """Every row of shard i decoded: ``{"index": {(image_id, view_key): row}, "views": [View dict per row],
+    """Every row of shard i decoded as stored (a `compression.pca` cache's features as components): ``{"index": {(image_id, view_key): row}, "views": [View dict per row],
     "rows": [{column: float32/int64 numpy}], "nbytes": decoded array bytes}`` (what `ObjectStoreShards` puts
     into the object store)."""
     table = cache.read_shard(i, check_sha)
     names = [n for n in table.column_names if "/" in n]
     cols = {n: table.column(n).to_pylist() for n in names}  # one conversion per column, not per cell
-    projection = cache.projection()
     ids = [int(a) for a in table.column("image_id").to_pylist()]
     keys = table.column("view_key").to_pylist()
     rows = []
     for r in range(table.num_rows):
         where = f" of image_id {ids[r]} in shard {i} ({cache.shard_path(i)})"
         try:
-            rows.append(decode_row({n: cols[n][r] for n in names}, where, projection))
+            rows.append(decode_row({n: cols[n][r] for n in names}, where))
         except (DataError, ValueError) as e:
             raise CorruptShardError(f"{e}; rebuild it with `curriculum cache rebuild {cache.uri} --shard {i}`", i,
                                     cache.shard_path(i)) from None
@@ -343,7 +365,7 @@ class _ShardStoreActor:
         self._stats = {"loads": 0, "hits": 0, "evictions": 0, "max_resident_bytes": 0, "max_shard_bytes": 0}
 
     def info(self) -> dict[str, Any]:
-        return {"uri": self.cache.uri, "manifest": self.cache.manifest,
+        return {"uri": self.cache.uri, "manifest": self.cache.manifest, "projection": self.cache.projection(),
                 "image_ids": [int(i) for i in self.cache.image_ids()], "pid": os.getpid()}
 
     def shard(self, i: int) -> list[Any]:
@@ -441,11 +463,11 @@ class ObjectStoreShards:
         self.actor = cls.remote(uri, self.budget_bytes, check_sha)
         ray.get(self.actor.info.remote())  # started, cache opened: workers find it by name from now on
 
-    def reader(self, roi_head: Any = None, keep_shards: int = 1, memory_bytes: int | None = None
-               ) -> ObjectStoreReader:
+    def reader(self, roi_head: Any = None, keep_shards: int = 1, memory_bytes: int | None = None,
+               components: bool = False) -> ObjectStoreReader:
         """A reader on this store (in the driver; workers build theirs by name: `ObjectStoreReader(name)`)."""
         return ObjectStoreReader(self.name, namespace=self.namespace, roi_head=roi_head, keep_shards=keep_shards,
-                                 memory_bytes=memory_bytes)
+                                 memory_bytes=memory_bytes, components=components)
 
     def stats(self) -> dict[str, Any]:
         """loads, hits, evictions, resident_bytes, max_resident_bytes, max_shard_bytes, resident_shards."""
@@ -484,7 +506,7 @@ class ObjectStoreReader(_RowTargets):
     """
 
     def __init__(self, store: str | Any, namespace: str = STORE_NAMESPACE, roi_head: Any = None,
-                 keep_shards: int = 1, memory_bytes: int | None = None) -> None:
+                 keep_shards: int = 1, memory_bytes: int | None = None, components: bool = False) -> None:
         import ray
 
         if isinstance(store, str):
@@ -498,6 +520,7 @@ class ObjectStoreReader(_RowTargets):
         info = self._call(lambda: ray.get(self.actor.info.remote()))
         self.uri = info["uri"]
         self._manifest = info["manifest"]
+        self._set_projection(info["projection"], components)
         self._ids = info["image_ids"]
         self._pos = {iid: p for p, iid in enumerate(self._ids)}
         self._shard_size = self._manifest["shard_size"]
@@ -561,5 +584,5 @@ class ObjectStoreReader(_RowTargets):
             iid = int(iid)
             payload = self._shard(self._shard_of(iid))
             row = self._row_of(payload["index"], iid, view, lambda r: payload["views"][r])
-            out.append(dict(payload["rows"][row]))
+            out.append(self._teacher_space(dict(payload["rows"][row])))
         return out

@@ -372,6 +372,49 @@ def test_pca_cache_keeps_the_teachers_features_in_the_fitted_subspace(tmp_path, 
         CacheReader(TeacherCache.open(cache.uri)).rows([iid], [view])
 
 
+def test_a_student_distils_from_the_principal_components_with_adapters_of_as_many_channels(tmp_path, subset):
+    """cache.features: components: the reader gives the stored components (r channels, the live features
+    projected, within half int8's step), the link says r channels, MGD's generation blocks are built with r outputs,
+    and its loss on a real batch against the components trains them."""
+    from trainers.distillation import DistillStep, build_student, open_teacher, stage_source
+
+    images, ann = subset
+    det = save_teacher(tmp_path / "t.pt")
+    cfg = CacheConfig(root=str(tmp_path / "cache"), targets=["features"], views=["noflip"], shard_size=6,
+                      levels=["p3", "p4"], compression=CompressionConfig(dtype="int8", pca=4, pca_images=6))
+    cache = build_cache(tmp_path / "cache", tmp_path / "t.pt", images, ann, cfg, batch_size=3)
+    reader = CacheReader(cache.uri, components=True)
+    p = reader.projection
+    (iid, _), (raw, _, _, view) = next(iter(reference_rows(det, images, ann, cfg, 3).items()))
+    z = reader.rows([iid], [view])[0]["features/p3"]
+    live = p.project("p3", raw["features/p3"])
+    assert z.shape == live.shape == (4, 16, 16)
+    assert np.abs(z - live).max() <= np.abs(live).max(axis=(1, 2)).max() / 127 * 0.5 * (1 + 1e-5) + 1e-6
+    assert reader.feature_channels() == {"p3": 4, "p4": 4}
+    with pytest.raises(CacheError, match="no compression.pca"):
+        plain = build_cache(tmp_path / "plain", tmp_path / "t.pt", images, ann,
+                            CacheConfig(**{**cfg.__dict__, "compression": CompressionConfig(dtype="fp16")}))
+        CacheReader(plain.uri, components=True)
+
+    link = open_teacher({"name": det.config.name, "checkpoint": str(tmp_path / "t.pt"), "cache": cache.uri,
+                         "components": True})
+    assert link.level_channels == {"p3": 4, "p4": 4}
+    student, distiller = build_student("fcos_mobilenetv3_micro", det.config.class_names or ["bg"] + ["c"] * (K - 1),
+                                       0, image_size=128, overrides={}, losses=[{"name": "mgd", "levels": ["p3"]}],
+                                       teachers=[link])
+    term = next(iter(distiller.terms.values()))
+    assert term.generation["p3"][-1].out_channels == 4
+    ds = open_dataset(images, ann, 128)
+    image, target = ds[0]
+    step = DistillStep(stage_source([link], distiller), distiller, generator=torch.Generator().manual_seed(0))
+    out = student([image], [target], want=("losses", "features", "head"))
+    terms = step(out, [target], [image])
+    (name,) = [k for k in terms if k.startswith("distill_")]
+    assert torch.isfinite(terms[name]) and terms[name] > 0
+    terms[name].backward()
+    assert term.generation["p3"][-1].weight.grad.abs().sum() > 0
+
+
 def test_pca_needs_fewer_channels_than_the_teacher_and_is_refused_with_box_regions():
     from teachers.projection import fit_projection
 

@@ -119,3 +119,16 @@ def test_every_shipped_config_loads_and_passes_the_early_checks(path):
             assert [t.weights for t in job.teachers] == ["torchvision", "torchvision"]
     else:
         load_config(path, TrainJobConfig)
+
+
+def test_reading_the_principal_components_needs_them_and_a_loss_that_can_use_them():
+    from curriculum.config import RunCacheConfig
+    from curriculum.pipeline import check_run_config, load_run_config
+
+    with pytest.raises(ConfigError, match="cache.features: components needs compression.pca"):
+        RunCacheConfig(features="components")
+    root = Path(__file__).resolve().parents[1]
+    sets = ["cache.features=components", "cache.compression={dtype: int8, pca: 32}"]
+    check_run_config(load_run_config(root / "configs" / "run_default.yaml", sets))  # MGD: fine
+    with pytest.raises(ConfigError, match=r"\['zhang_attention'\] read the teacher's own feature channels"):
+        load_run_config(root / "configs" / "run_default.yaml", sets + ["losses=[{name: mgd}, {name: zhang_attention}]"])

@@ -282,6 +282,16 @@ def test_a_projected_cache_from_the_actors_verifies_rebuilds_alike_and_a_changed
         "p3", "p4", "p5", "p6", "p7"}
     v = verify_cache(report.cache, sample=4)
     assert v["ok"] and v["checked"] == 8, v
+    # Through Ray's object store the shards are held as components; readers give either space.
+    from teachers.readers import ObjectStoreShards
+
+    ids, view = cache.image_ids()[:3], ["h128w128f0"] * 3
+    with ObjectStoreShards(report.cache, budget_bytes=1 << 24) as store:
+        teacher_space = store.reader().rows(ids, view)
+        components = store.reader(components=True).rows(ids, view)
+    for a, b, c in zip(CacheReader(report.cache).rows(ids, view), teacher_space, components):
+        assert np.array_equal(a["features/p3"], b["features/p3"]) and c["features/p3"].shape[0] == 4
+        assert np.allclose(cache.projection().reconstruct("p3", c["features/p3"]), a["features/p3"], atol=1e-6)
     files = shard_files(report.cache)
     copy = tmp_path / "copy"
     shutil.copytree(report.cache, copy)

@@ -125,9 +125,11 @@ def open_teacher(member: dict[str, Any], *, inline: bool = False, device: Any = 
         else:
             from teachers.readers import CacheReader, ObjectStoreReader
 
-            link.reader = (ObjectStoreReader(shard_store, memory_bytes=memory_bytes) if shard_store
-                           else CacheReader(member["cache"], memory_bytes=memory_bytes))
-            link.level_channels = dict(link.reader.manifest["teacher"]["level_channels"])
+            components = bool(member.get("components"))
+            link.reader = (ObjectStoreReader(shard_store, memory_bytes=memory_bytes, components=components)
+                           if shard_store else CacheReader(member["cache"], memory_bytes=memory_bytes,
+                                                           components=components))
+            link.level_channels = link.reader.feature_channels()
     return link
 
 

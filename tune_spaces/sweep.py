@@ -299,8 +299,8 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
                        precompute_caches=cfg.teacher_mode == "cache")
     init, _ = prep.start_from(prep.stages[0].teachers[0].name, "curriculum")
     ensure_ray(job.ray)
-    members = {m.name: {"cache": m.cache, "class_map": m.class_map, "adapter": m.adapter}
-               for s in prep.stages for m in s.teachers}
+    members = {m.name: {"cache": m.cache, "class_map": m.class_map, "adapter": m.adapter,
+                        "components": m.components} for s in prep.stages for m in s.teachers}
     caches = {name: m["cache"] for name, m in members.items() if m["cache"] and not m["adapter"]}
     stores = {}
     if job.cache.object_store and cfg.teacher_mode == "cache":

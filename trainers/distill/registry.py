@@ -64,6 +64,11 @@ LOSSES: dict[str, type[DistillTerm]] = {
     "tar_box": TARBoxLoss,
     "mgd": MGDLoss,
 }
+# Losses whose feature term is a squared error between an adapted student map and the teacher's map: on a
+# `compression.pca` cache's principal components it keeps its meaning (the basis is orthonormal, so distances
+# within the components are distances between the maps they stand for), so they may read them
+# (`cache.features: components`). The others read the teacher's feature magnitudes (attention, masks, RoI heads).
+COMPONENT_LOSSES = frozenset({"mgd", "fitnet"})
 ENTRY_KEYS = ("name", "weight", "key", "decay")
 _INTERNAL = {"self", "entry", "student_channels", "teacher_channels"}
 
