@@ -228,13 +228,14 @@ def build_cache(ckpt: str, data: DataConfig, kinds: list[str], levels: list[str]
         teachers=[TeacherSpec(checkpoint=ckpt, actors=1, cpus_per_actor=args.serve_cpus, gpus_per_actor=gpus,
                               threads=args.serve_threads, batch_size=args.batch_size)],
         cache=CacheConfig(root=str(out / "cache"), targets=kinds, levels=levels, views=views,
-                          shard_size=args.shard_size, compression=CompressionConfig(dtype=args.cache_dtype)),
+                          shard_size=args.shard_size,
+                          compression=CompressionConfig(dtype=args.cache_dtype, pca=args.pca)),
         ray=RayInitConfig(num_cpus=args.ray_cpus),
     )
     (rep,) = precompute(job, progress=False)
     shards = TeacherCache.open(rep.cache).manifest["shards"].values()
     return {"path": rep.cache, "targets": kinds, "levels": levels, "views": views, "dtype": args.cache_dtype,
-            "shard_size": args.shard_size, "bytes": sum(int(s.get("bytes", 0)) for s in shards),
+            "pca": args.pca, "components": args.components, "shard_size": args.shard_size, "bytes": sum(int(s.get("bytes", 0)) for s in shards),
             "precompute_s": round(rep.seconds, 2), "reused": not rep.computed}
 
 
@@ -411,13 +412,17 @@ class TeacherSetup:
 def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch], device: torch.device,
             args: argparse.Namespace, sync_parts: bool) -> dict[str, Any]:
     n = args.warmup + args.steps
-    s = new_learner(template, None if arm == "a" else t.detector.level_channels, device, args)
+    channels = None if arm == "a" else t.detector.level_channels
+    if arm == "b":
+        from teachers.readers import CacheReader
+
+        reader = CacheReader(t.reader_path, memory_bytes=1 << 30, components=args.components)  # cold LRU
+        channels = reader.feature_channels()  # the components' with --components
+    s = new_learner(template, channels, device, args)
     if arm == "a":
         feed = plain_feed(batches, n)
     elif arm == "b":
-        from teachers.readers import CacheReader
-
-        feed = cache_feed(batches, n, CacheReader(t.reader_path, memory_bytes=1 << 30))  # cold LRU, as a new run
+        feed = cache_feed(batches, n, reader)
     elif arm == "c":
         feed = serve_feed(batches, n, t.server, args.prefetch_depth)
     else:
@@ -576,6 +581,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch-depth", type=int, default=1, help="batches kept in flight ahead of the step")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of a local Ray (actors schedule on 2 cores)")
     p.add_argument("--cache-dtype", choices=("fp32", "fp16", "int8"), default="fp16")
+    p.add_argument("--pca", type=int, default=0, help="cache the features as this many principal components")
+    p.add_argument("--components", action="store_true",
+                   help="with --pca: arm (b)'s losses target the components (cache.features: components)")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--data-root", default="data/shapes", help="built-in shapes data set (generated when missing)")
     p.add_argument("--seed", type=int, default=0)

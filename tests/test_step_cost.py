@@ -40,3 +40,16 @@ def test_step_cost_smoke(shapes_root, tmp_path, ray_session):
     assert abs(sum(b[k] for k in parts) - b["step"]) < 1e-6
     table = (out / "step_cost_cpu.md").read_text()
     assert "(b) from the cache" in table and "Where the time of (b) goes" in table
+
+
+def test_step_cost_from_principal_components(shapes_root, tmp_path, ray_session):
+    """--pca R --components: the cache is projected and arm (b) distils from its components."""
+    bench = _bench()
+    out = tmp_path / "out"
+    argv = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1", "--teacher", "fcos_resnet_mini",
+            "--serve-cpus", "0.5", "--shard-size", "8", "--data-root", str(shapes_root), "--out", str(out),
+            "--arms", "a,b", "--pca", "8", "--components"]
+    assert bench.main(argv) == 0
+    (res,) = json.loads((out / "step_cost_cpu.json").read_text())["results"]
+    assert res["cache"]["pca"] == 8 and res["cache"]["components"] is True
+    assert set(res["arms"]) == {"a", "b"} and res["ratios"]["b"] > 0
