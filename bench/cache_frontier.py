@@ -24,6 +24,7 @@ cut-short benchmark keeps its rows) and a PNG of the frontier; prints the table.
 
     python bench/cache_frontier.py                                  # every setting, MGD and FitNet, seeds 0 1
     python bench/cache_frontier.py --settings fp32 int8+pool2 --losses mgd --seeds 0
+    python bench/cache_frontier.py --seeds 0 1 --settings-other-seeds int8 int8+pca32   # seed 1: fewer settings
 """
 
 from __future__ import annotations
@@ -130,6 +131,33 @@ def frontier_rows(runs: dict[tuple[str, str], dict[str, Any]], baseline: dict[in
     return rows
 
 
+def variance_left_out(checkpoints: list[str], data: Any, ranks: tuple[int, ...] = (16, 32, 64), images: int = 64
+                      ) -> dict[str, dict[str, Any]]:
+    """Share of each FPN level's variance outside r principal components (`compression.pca`'s fit, on `images`
+    training images), for other teachers than the benchmark's: how far its r carries over to wider FPNs."""
+    import torch
+
+    from teachers.outputs import load_teacher, teacher_outputs
+    from teachers.precompute import open_dataset, view_sample
+    from teachers.projection import fit_projection, sample_positions
+
+    images_dir, ann = data.split_paths("train")
+    ds = open_dataset(str(images_dir), str(ann), data.resize_spec("train"), data.on_bad_box)
+    out: dict[str, dict[str, Any]] = {}
+    for ckpt in checkpoints:
+        det = load_teacher(ckpt)
+        channels = max(det.level_channels.values())
+
+        def features(pos: Any) -> Any:
+            return teacher_outputs(det, [view_sample(ds, i, "noflip")[0] for i in pos], ["features"], None)
+
+        with torch.no_grad():
+            out[det.config.name] = {"checkpoint": str(ckpt), "channels": channels, "left_out": {
+                str(r): fit_projection(features, sample_positions(len(ds), images), r).residual
+                for r in ranks if r < channels}}
+    return out
+
+
 def recommend(rows: list[dict[str, Any]], loss: str, kept: float = 0.9, budget: float = MIB) -> dict[str, Any] | None:
     """The smallest setting of `loss` that keeps at least `kept` of the gain and fits `budget` at COCO size; else
     the smallest one keeping the gain (None when there is none)."""
@@ -151,6 +179,9 @@ def summarize(result: dict[str, Any]) -> str:
                      f"{r['bytes_per_image_coco'] / MIB:.2f} | {100 * r['ap']:.2f} | {kept} | "
                      + ", ".join(f"{100 * v:.2f}" for v in r["aps"]) + " |")
     lines.append("")
+    for name, v in result.get("variance_left_out", {}).items():
+        lines.append(f"- {name} ({v['channels']} channels): variance outside r components, per level: " + "; ".join(
+            f"r {r}: " + ", ".join(f"{k} {100 * x:.1f}%" for k, x in lv.items()) for r, lv in v["left_out"].items()))
     for loss in sorted({r["loss"] for r in result["rows"]}):
         best = recommend(result["rows"], loss)
         if best is None:
@@ -201,9 +232,14 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--settings-other-seeds", nargs="+", choices=list(SETTINGS), metavar="SETTING",
+                    help="the settings run on the seeds after the first (default: all of --settings); a setting "
+                         "run on fewer seeds is set against fp32 on the same seeds")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_cache_frontier"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "cache_frontier.json"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run config")
+    ap.add_argument("--variance-teachers", nargs="*", default=[], metavar="CHECKPOINT",
+                    help="also the variance other teachers leave outside 16, 32, 64 components (e.g. an R50's)")
     args = ap.parse_args()
 
     import logging
@@ -218,9 +254,10 @@ def main() -> int:
     baseline: dict[int, float] = {}
     runs: dict[tuple[str, str], dict[str, Any]] = {}
     result: dict[str, Any] = {}
+    later = set(args.settings_other_seeds or settings) | {"fp32"}
     for seed in args.seeds:
         for loss in args.losses:
-            for setting in settings:
+            for setting in settings if seed == args.seeds[0] else [s for s in settings if s in later]:
                 first = loss == args.losses[0] and setting == "fp32"
                 job = load_run_config(args.config, list(args.set) + run_overrides(
                     args.config, loss, setting, seed, workdir, baseline=first))
@@ -238,6 +275,9 @@ def main() -> int:
                           "config": str(Path(args.config).name), "overrides": list(args.set),
                           "wall_s": round(time.perf_counter() - t0, 1)}
                 out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.variance_teachers:
+        result["variance_left_out"] = variance_left_out(args.variance_teachers, job.data)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(summarize(result))
     print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['wall_s']:.0f} s")
