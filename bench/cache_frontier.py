@@ -135,11 +135,8 @@ def variance_left_out(checkpoints: list[str], data: Any, ranks: tuple[int, ...] 
                       ) -> dict[str, dict[str, Any]]:
     """Share of each FPN level's variance outside r principal components (`compression.pca`'s fit, on `images`
     training images), for other teachers than the benchmark's: how far its r carries over to wider FPNs."""
-    import torch
-
-    from teachers.outputs import load_teacher, teacher_outputs
-    from teachers.precompute import open_dataset, view_sample
-    from teachers.projection import fit_projection, sample_positions
+    from teachers.outputs import load_teacher
+    from teachers.precompute import fit_teacher_projection, open_dataset
 
     images_dir, ann = data.split_paths("train")
     ds = open_dataset(str(images_dir), str(ann), data.resize_spec("train"), data.on_bad_box)
@@ -147,14 +144,8 @@ def variance_left_out(checkpoints: list[str], data: Any, ranks: tuple[int, ...] 
     for ckpt in checkpoints:
         det = load_teacher(ckpt)
         channels = max(det.level_channels.values())
-
-        def features(pos: Any) -> Any:
-            return teacher_outputs(det, [view_sample(ds, i, "noflip")[0] for i in pos], ["features"], None)
-
-        with torch.no_grad():
-            out[det.config.name] = {"checkpoint": str(ckpt), "channels": channels, "left_out": {
-                str(r): fit_projection(features, sample_positions(len(ds), images), r).residual
-                for r in ranks if r < channels}}
+        out[det.config.name] = {"checkpoint": str(ckpt), "channels": channels, "left_out": {
+            str(r): fit_teacher_projection(det, ds, r, images).residual for r in ranks if r < channels}}
     return out
 
 

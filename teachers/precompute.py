@@ -157,6 +157,18 @@ def encode_shard(raw_rows: list[dict[str, Any]], spec: dict[str, Any], projectio
                            **encode_row(r["raw"], comp, r["boxes"], r["hw"], projection)} for r in raw_rows])
 
 
+def fit_teacher_projection(detector: Any, ds: CocoDetection, channels: int, images: int,
+                           levels: Sequence[str] | None = None) -> Projection:
+    """The teacher's features projected to `channels` principal components per level, fitted on `images` images
+    spread over the data set (plain view)."""
+
+    def features(positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        samples = [view_sample(ds, i, "noflip") for i in positions]
+        return teacher_outputs(detector, [s[0] for s in samples], ["features"], levels)
+
+    return fit_projection(features, sample_positions(len(ds), images), channels)
+
+
 def ensure_projection(cache: TeacherCache, detector: Any, ds: CocoDetection) -> Projection | None:
     """`compression.pca`: the cache's projection of the teacher's features; fitted (on `pca_images` images spread
     over the data set, plain view, the cache's levels) and stored when the cache has none yet. A resumed cache
@@ -165,13 +177,8 @@ def ensure_projection(cache: TeacherCache, detector: Any, ds: CocoDetection) -> 
     r = spec["compression"].get("pca")
     if not r or cache.projection() is not None:
         return cache.projection()
-
-    def features(positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        samples = [view_sample(ds, i, "noflip") for i in positions]
-        return teacher_outputs(detector, [s[0] for s in samples], ["features"], spec["levels"])
-
     t0 = time.perf_counter()
-    cache.write_projection(fit_projection(features, sample_positions(len(ds), spec["compression"]["pca_images"]), r))
+    cache.write_projection(fit_teacher_projection(detector, ds, r, spec["compression"]["pca_images"], spec["levels"]))
     log.info("%s: feature projection to %d channels fitted in %.1f s (variance left out per level: %s)", cache.uri,
              r, time.perf_counter() - t0, cache.manifest["projection"]["residual"])
     return cache.projection()
