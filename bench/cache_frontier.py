@@ -197,7 +197,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
                       key=lambda r: r["bytes_per_image_coco"])
         x = [r["bytes_per_image_coco"] / MIB for r in rows]
         y = [100 * r["ap_gain_kept"] for r in rows]
-        ax.plot(x, y, "o-" if i == 0 else "s--", color=f"C{i}", label=loss)
+        every = [len(r["seeds"]) == len(result["seeds"]) for r in rows]
+        marker = "o" if i == 0 else "s"
+        ax.scatter([a for a, e in zip(x, every) if e], [b for b, e in zip(y, every) if e], marker=marker,
+                   color=f"C{i}", label=f"{loss} (all seeds)", zorder=3)
+        ax.scatter([a for a, e in zip(x, every) if not e], [b for b, e in zip(y, every) if not e], marker=marker,
+                   facecolors="none", edgecolors=f"C{i}", label=f"{loss} (first seed only)", zorder=3)
+        front, best = [], float("-inf")  # the frontier: the most gain kept at or under each size
+        for xi, yi in zip(x, y):
+            if yi > best:
+                front.append((xi, yi))
+                best = yi
+        ax.step([a for a, _ in front], [b for _, b in front], where="post", color=f"C{i}", lw=1, alpha=0.6)
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(r["setting"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(90, color="k", lw=0.8, ls=":")
