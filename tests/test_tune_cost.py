@@ -33,8 +33,9 @@ def test_the_sweep_is_set_against_n_times_the_student_alone_plus_the_precompute(
     assert "tune.max_concurrent=1" in o and "tune.threads_per_trial=3" in o and o[0].startswith("teachers=[{name: t")
 
 
-def test_the_committed_result_has_the_issues_fields():
-    r = json.loads((ROOT / "bench" / "results" / "tune_cost.json").read_text())
+@pytest.mark.parametrize("name", ["tune_cost", "tune_cost_pca32_components"])
+def test_the_committed_result_has_the_issues_fields(name):
+    r = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
     fields = {"trials", "teacher", "student", "sweep_s", "precompute_s", "student_alone_s", "inline_sweep_s",
               "ratio_vs_floor", "inline_over_cached"}
     assert fields <= set(r)
