@@ -248,7 +248,7 @@ def encode_row(
         if name.startswith("detections/") or name == "proposals/boxes":
             cells[name] = encode(a, "i64" if a.dtype.kind in "iu" else "fp32")
         elif name.startswith("features/"):
-            if getattr(comp, "pca", 0):
+            if comp.pca:
                 if projection is None:
                     raise ValueError("compression.pca needs the cache's fitted projection")
                 a = projection.project(name.split("/", 1)[1], a)
@@ -293,12 +293,6 @@ def _encode_sparse_box(name: str, a: np.ndarray, raw: dict[str, np.ndarray], com
     return encode(a, f"{comp.dtype}|rows", mask=keep, fill=fill)
 
 
-def decode_row(cells: dict[str, dict[str, Any]], where: str = "", projection: Projection | None = None
-               ) -> dict[str, np.ndarray]:
-    """Decode one row; with the cache's `projection`, feature maps come back in the teacher's channels."""
-    out = {name: decode(c, f"{name}{where}") for name, c in cells.items()}
-    if projection is not None:
-        for name, a in out.items():
-            if name.startswith("features/"):
-                out[name] = projection.reconstruct(name.split("/", 1)[1], a)
-    return out
+def decode_row(cells: dict[str, dict[str, Any]], where: str = "") -> dict[str, np.ndarray]:
+    """Decode one row as stored (a `pca` cache's features as their components: `Projection.teacher_space`)."""
+    return {name: decode(c, f"{name}{where}") for name, c in cells.items()}

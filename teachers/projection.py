@@ -6,8 +6,9 @@ covariance (over every cell of every sample image), a feature map ``F`` [C, H, W
 ``Z = W_l^T (F - mu_l)`` [r, H, W] (then rounded by the dtype, pooled or not, as any map) and read back as
 ``mu_l + W_l Z`` [C, H, W], so the losses, adapters and masks see the teacher's own channels. What is lost is the
 part of F outside the r-dimensional subspace; its share of the sample's variance is recorded per level
-(``residual``) and printed by `curriculum cache inspect`. Because W_l has orthonormal columns,
-``W_l^T (decoded - mu_l)`` gives the stored Z back exactly: `curriculum cache verify` compares caches there.
+(``residual``) and printed by `curriculum cache inspect`. `curriculum cache verify` compares the stored Z with the
+live teacher's, projected and rounded alike; readers can also hand Z itself to the losses (``cache.features:
+components``).
 
 Cost: r/C of the dense bytes, plus one [C, r] basis and one [C] mean per level per cache (kilobytes); decoding is a
 [C, r] x [r, HW] product per map; the fit runs the teacher on ``pca_images`` images in the precompute's driver.
@@ -50,6 +51,10 @@ class Projection:
         w, mu = self.basis[level], self.mean[level]
         r, h, wd = z.shape
         return np.ascontiguousarray((w @ z.reshape(r, -1) + mu[:, None]).reshape(w.shape[0], h, wd), dtype=np.float32)
+
+    def teacher_space(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A decoded row with its `features/<level>` maps reconstructed in the teacher's channels."""
+        return {n: self.reconstruct(n.split("/", 1)[1], a) if n.startswith("features/") else a for n, a in row.items()}
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

@@ -163,10 +163,7 @@ class _RowTargets:
         self.projection, self.components = projection, components
 
     def _teacher_space(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.projection is None or self.components:
-            return row
-        return {n: self.projection.reconstruct(n.split("/", 1)[1], a) if n.startswith("features/") else a
-                for n, a in row.items()}
+        return row if self.projection is None or self.components else self.projection.teacher_space(row)
 
     def feature_channels(self) -> dict[str, int]:
         """Channels of the feature maps `rows` gives, per FPN level (the teacher's, or the components')."""
@@ -318,9 +315,9 @@ class CacheReader(_RowTargets):
 
 
 def decode_shard(cache: TeacherCache, i: int, check_sha: bool = True) -> dict[str, Any]:
-    """Every row of shard i decoded as stored (a `compression.pca` cache's features as components): ``{"index": {(image_id, view_key): row}, "views": [View dict per row],
-    "rows": [{column: float32/int64 numpy}], "nbytes": decoded array bytes}`` (what `ObjectStoreShards` puts
-    into the object store)."""
+    """Every row of shard i decoded as stored (a `compression.pca` cache's features as components):
+    ``{"index": {(image_id, view_key): row}, "views": [View dict per row], "rows": [{column: float32/int64 numpy}],
+    "nbytes": decoded array bytes}`` (what `ObjectStoreShards` puts into the object store)."""
     table = cache.read_shard(i, check_sha)
     names = [n for n in table.column_names if "/" in n]
     cols = {n: table.column(n).to_pylist() for n in names}  # one conversion per column, not per cell
