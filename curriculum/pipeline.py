@@ -15,11 +15,13 @@ Phases, in order (each timed; the report lists the wall time of every phase and 
 4. cache: `teachers.precompute.precompute` writes (or finishes, or reuses: complete shards are never recomputed) each
    teacher's cache with the targets, FPN levels and views the stages read (views follow `data.flip`: `random`
    caches both the plain and the flipped view of every image, so every epoch's flips have their targets).
-5. stages: one Ray Train run per stage (`trainers.ray_train.fit_on_ray`, storage `<output_dir>/ray`, run name
-   = the stage's name). Workers read their shard of the images and of the cached targets themselves
-   (see trainers/ray_train.py). The student carries its weights from stage to stage; after each stage its
-   model is written to `stages/<i>-<teacher>/model.pt` and evaluated on val.
-6. baseline (`baseline: true`): the student alone, same schedule and total epochs, on Ray Train as well.
+5. stages: every stage, then the baseline and the direct arm, in one Ray Train run (`trainers.ray_train.
+   fit_sequence_on_ray`, storage `<output_dir>/ray`, run name `stages`): the worker group starts once, each
+   stage's feature factors are calibrated in the workers as it starts, and rank 0 writes each stage's
+   `stages/<i>-<teacher>/` (model.pt, distiller.pt, done.json) as it ends. Workers read their shard of the
+   images and of the cached targets themselves (see trainers/ray_train.py). The student carries its weights
+   from stage to stage. Each stage's model is then evaluated on val.
+6. baseline (`baseline: true`): the student alone, same schedule and total epochs, in the same run.
    direct (`direct: true`): distillation from the last teacher alone for the total epochs.
 7. report (`<output_dir>/report/`): `results.md` / `results.json` (val AP, AP50, AP75, APs, APm, APl of the
    baseline, each teacher, the student after each stage, direct; adaptation costs; wall time of each phase),
@@ -27,9 +29,9 @@ Phases, in order (each timed; the report lists the wall time of every phase and 
    zoo checkpoint (`teachers.zoo.load_detector` rebuilds it without the adapters and without Ray).
 
 Resume. Without `--resume` an output folder holding stages refuses to start. With it, finished stages (their
-`done.json`) are kept and the unfinished one goes on from its last epoch checkpoint: `fit_on_ray` with the same
-storage and name makes Ray Train hand the workers that checkpoint (stage, epoch, student, adapters, optimizer,
-scheduler, history). Random state is re-seeded per epoch, so a resumed stage matches an uninterrupted one (see
+`done.json`) are kept and the unfinished one goes on from its last epoch checkpoint: the run with the same
+storage and name makes Ray Train hand the workers that checkpoint (entry, stage, epoch, student, adapters,
+optimizer, scheduler, history). Random state is re-seeded per epoch, so a resumed stage matches an uninterrupted one (see
 tests/test_pipeline.py for the tolerance).
 
 Paths. Relative paths of the config are made absolute against `--base-dir` (default: the current directory) before
@@ -55,11 +57,10 @@ import torch
 
 from curriculum.config import (
     CacheConfig, CacheStorage, PrecomputeJobConfig, RunJobConfig, TeacherActors, TeacherSpec, TrainConfig,
-    TrainJobConfig, dump_config, load_config, section_values,
+    TrainJobConfig, dump_config, load_config, section_values, to_dict,
 )
 from curriculum.errors import ConfigError, CurriculumError
 from curriculum.files import atomic_save, atomic_write_json, path_name
-from curriculum.seeds import preserved_random_state
 from curriculum.plan import (
     Stage, baseline_stage, build_plan, cache_needs, direct_stage, fingerprint, inherit_weights,
     measure_adaptation_costs, order_by_cost, total_epochs,
@@ -141,6 +142,18 @@ class Phases:
                     atomic_write_json(self.done, self.path)
                 log.info("[%s] done in %.1f s", name, row["seconds"])
             self.rows.append(row)
+
+    def add(self, name: str, seconds: float, reused: bool = False) -> None:
+        """A phase timed elsewhere (a stage, timed by its training worker)."""
+        row = {"phase": name, "seconds": round(seconds, 2), "reused": reused}
+        if reused:
+            row["computed_s"] = self.done.get(name, row["seconds"])
+        else:
+            row["computed_s"] = self.done[name] = row["seconds"]
+            if self.path is not None:
+                atomic_write_json(self.done, self.path)
+            log.info("[%s] %.1f s", name, seconds)
+        self.rows.append(row)
 
 
 def teacher_schedule(job: RunJobConfig, name: str) -> TrainConfig:
@@ -233,40 +246,6 @@ def _student(job: RunJobConfig, class_names: Sequence[str]) -> Any:
                           class_names=tuple(class_names), **job.student.overrides())
 
 
-def calibrate_factors(job: RunJobConfig, stage: Stage, init: str, batches: int = 4) -> dict[str, float]:
-    """`kd_ratio`: one factor for the stage's feature terms so they add up to kd_ratio x the detector loss on the
-    first `batches` training batches (data-set order, epoch 0 views), with the student as the stage starts
-    (`trainers.distillation.feature_factors`).
-
-    Student and distiller are built as the stage's training worker builds them (`trainers.distillation.
-    build_student`, same seed), so the adapters measured are the adapters trained; the caller's random state is
-    restored. Nothing is trained.
-    """
-    if stage.kd_ratio is None or not stage.teachers:
-        return {}
-    from curriculum.data import collate_fn
-    from trainers.distillation import (bind_teacher_heads, build_student, feature_factors, open_teacher,
-                                      stage_class_maps, stage_source)
-    from trainers.train import build_dataset
-
-    from teachers.zoo import needs_masks
-
-    ds = build_dataset(job.data, "train", seed=job.train.seed, masks=needs_masks(job.student.name))
-    ds.set_epoch(0)
-    # Each teacher from its cache; without one (a sweep arm whose trials run the teacher inline) on the same batches.
-    links = [open_teacher(dataclasses.asdict(m), memory_bytes=job.cache.memory_bytes) for m in stage.teachers]
-    bs = job.train.batch_size
-    data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
-            for b in range(min(batches, max(1, len(ds) // bs)))]
-    with preserved_random_state():
-        student, distiller = build_student(job.student.name, ds.class_names, job.train.seed,
-                                           image_size=job.data.image_size, overrides=job.student.overrides(),
-                                           init=init, losses=stage.losses, teachers=links)
-        bind_teacher_heads(links, distiller)
-        return feature_factors(student, distiller, data, stage_source(links, distiller), stage.kd_ratio,
-                               job.train.seed, class_map=stage_class_maps(links))
-
-
 def _own_eval_matches(job: RunJobConfig, checkpoint: Path) -> bool:
     """Whether the eval.json beside a teacher's model.pt was made on this run's val data with its eval settings."""
     import yaml
@@ -309,61 +288,64 @@ def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, p
 
 # ------------------------------------------------------------------------------------------------ stages
 
-OPTIMIZER_FILE = "optimizer.pt"  # a stage's final student optimizer state by parameter name (schedule: curriculum)
-
-
-def run_stage(job: RunJobConfig, stage: Stage, init: Path, out: Path, phases: Phases, progress: bool
-              ) -> dict[str, Any]:
-    """One stage on Ray Train (or reuse its finished result); writes `<out>/<stage.name>/` and returns its summary."""
-    from trainers.ray_train import fit_on_ray
+def stage_entry(job: RunJobConfig, stage: Stage, init: Path | None, out: Path, progress: bool,
+                continues: bool = False) -> Any:
+    """`stage` as an entry of the run's sequence (`trainers.ray_train.SequenceEntry`): its schedule, how its targets
+    arrive, and its outputs in `<out>/stages/<stage.name>/` (model.pt, distiller.pt, optimizer.pt, done.json).
+    init: the checkpoint it starts from; continues: from the previous entry's model (and, under `schedule:
+    curriculum`, with its optimizer state) instead."""
+    from trainers.ray_train import LoopConfig, SequenceEntry
 
     sdir = out / "stages" / stage.name
-    done = sdir / "done.json"
-    if done.is_file() and (sdir / "model.pt").is_file():
-        with phases(f"stage {stage.name}: train", reused=True):
-            pass
-        return json.loads(done.read_text())
     sdir.mkdir(parents=True, exist_ok=True)
-    stage = dataclasses.replace(stage, init=str(init))
-    factors_file = sdir / "loss_factors.json"
-    if factors_file.is_file():  # the factors of the first attempt: a resumed stage must not re-calibrate
-        factors = json.loads(factors_file.read_text())
-    elif stage.kd_ratio is not None and stage.teachers:
-        with phases(f"stage {stage.name}: calibrate"):
-            factors = calibrate_factors(job, stage, str(init))
-        atomic_write_json(factors, factors_file)
-    else:
-        factors = {}
     train = dataclasses.replace(job.train, epochs=stage.epochs, lr=stage.lr or job.train.lr)
     tjob = TrainJobConfig(output_dir=str(sdir), data=job.data, model=job.student, train=train, eval=job.eval)
     tr = job.trainer
-    with phases(f"stage {stage.name}: train") as row:
-        log.info("stage %s: %s, %d epochs, losses %s, decay %s%s", stage.name,
-                 f"teacher {stage.teacher}" if stage.teacher else "no teacher", stage.epochs,
-                 [e["name"] for e in stage.losses], stage.decay_kind,
-                 f", feature terms x {next(iter(factors.values())):.3g} (kd_ratio)" if factors else "")
-        state = fit_on_ray(tjob, num_workers=tr.num_workers, use_gpu=tr.use_gpu, cpus_per_worker=tr.cpus_per_worker,
-                           threads_per_worker=tr.threads_per_worker, max_failures=tr.max_failures,
-                           storage_path=str((out / "ray").resolve()), name=stage.name, stage=stage.to_dict(),
-                           init=str(Path(init).resolve()), memory_bytes=job.cache.memory_bytes,
-                           object_store=job.cache.object_store, loss_factors=factors, kd_ratio=stage.kd_ratio,
-                           eval_every=tr.eval_every,
-                           teacher_mode="cache" if all(m.cache or m.adapter for m in stage.teachers) else "inline",
-                           tensorboard_dir=str((sdir / "tensorboard").resolve()),
-                           progress=progress, worker_hooks=tr.worker_hooks,
-                           health_check_interval_s=tr.health_check_interval_s)
-    history = json.loads(state["history"])
-    ckpt = dict(state["model"])
-    ckpt["curriculum"] = {"stage": stage.name, "teacher": stage.teacher}
-    ckpt["resize"] = job.data.resize_spec("val").to_dict()  # how `curriculum predict` makes its inputs
-    atomic_save(ckpt, sdir / "model.pt")
-    if state.get("distiller") is not None:
-        atomic_save({"losses": stage.losses, "loss_factors": factors, "state": state["distiller"]}, sdir / "distiller.pt")
-    if job.schedule == "curriculum" and state.get("student_optimizer") is not None:
-        atomic_save(state["student_optimizer"], sdir / OPTIMIZER_FILE)
-    summary = {"stage": stage.to_dict(), "history": history, "loss_factors": factors, "seconds": row["seconds"]}
-    atomic_write_json(summary, done)
-    return summary
+    loop = LoopConfig(
+        job=to_dict(tjob), stage=stage.to_dict(), init=None if init is None else str(Path(init).resolve()),
+        threads_per_worker=tr.threads_per_worker, memory_bytes=job.cache.memory_bytes, kd_ratio=stage.kd_ratio,
+        eval_every=tr.eval_every, use_gpu=tr.use_gpu, progress=progress,
+        teacher_mode="cache" if all(m.cache or m.adapter for m in stage.teachers) else "inline",
+        worker_hooks=list(tr.worker_hooks), tensorboard_dir=str((sdir / "tensorboard").resolve()))
+    return SequenceEntry(
+        loop=loop.to_dict(), out_dir=str(sdir), continues=continues,
+        save_optimizer=job.schedule == "curriculum" and stage.teachers != [],
+        model_info={"curriculum": {"stage": stage.name, "teacher": stage.teacher},
+                    "resize": job.data.resize_spec("val").to_dict()})  # how `curriculum predict` makes its inputs
+
+
+SEQUENCE_RUN = "stages"  # the Ray Train run (under <output_dir>/ray) that trains every stage of a run
+
+
+def run_stages(job: RunJobConfig, entries: Sequence[Any], out: Path, phases: Phases) -> list[dict[str, Any]]:
+    """Train the entries not done yet in one Ray Train run (`trainers.ray_train.fit_sequence_on_ray`); returns
+    each entry's summary (its done.json). Phases: one row per stage with the seconds its worker trained it
+    (calibration included), and one with the rest of the fit: starting and stopping Ray Train, paid once."""
+    from trainers.ray_train import fit_sequence_on_ray
+
+    done_before = [e.done() for e in entries]
+    t0 = time.perf_counter()
+    if not all(done_before):
+        tr = job.trainer
+        for e, before in zip(entries, done_before):
+            stage = e.loop["stage"]
+            teacher = "+".join(m["name"] for m in stage["teachers"]) or "none"
+            log.info("stage %s: teacher %s, %d epochs, losses %s, decay %s%s", stage["name"], teacher, e.epochs,
+                     [x["name"] for x in stage["losses"]], stage["decay_kind"], " (done)" if before else "")
+        fit_sequence_on_ray(entries, num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+                            cpus_per_worker=tr.cpus_per_worker, max_failures=tr.max_failures,
+                            storage_path=str((out / "ray").resolve()), name=SEQUENCE_RUN,
+                            memory_bytes=job.cache.memory_bytes, object_store=job.cache.object_store,
+                            health_check_interval_s=tr.health_check_interval_s)
+    wall = time.perf_counter() - t0
+    summaries = [json.loads((Path(e.out_dir) / "done.json").read_text()) for e in entries]
+    trained = 0.0
+    for e, before, summary in zip(entries, done_before, summaries):
+        phases.add(f"stage {e.name}: train", summary["seconds"], reused=before)
+        trained += 0.0 if before else summary["seconds"]
+    if not all(done_before):
+        phases.add("stages: Ray Train start and stop", max(0.0, wall - trained))
+    return summaries
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -636,39 +618,37 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
     order, costs, teacher_evals, random_init = prep.order, prep.costs, prep.teacher_evals, prep.random_init
     start_from = prep.start_from
 
+    # Every stage, then the baseline and the direct arm, in one Ray Train run.
     init, inherited = start_from(stages[0].teachers[0].name, "curriculum")
+    entries = [stage_entry(job, st, init if i == 0 else None, out, progress, continues=i > 0)
+               for i, st in enumerate(stages)]
+    b = baseline_stage(job, total_epochs(stages)) if job.baseline else None
+    if b is not None:
+        entries.append(stage_entry(job, b, random_init, out, progress))
+    entries += [stage_entry(job, d, start_from(d.teachers[0].name, "direct")[0], out, progress) for d in extra_stages]
+    all_summaries = run_stages(job, entries, out, phases)
+    summaries = all_summaries[:len(stages)]
+
     results: list[dict[str, Any]] = []
-    summaries = []
-    carried = None  # schedule: curriculum: the previous stage's student optimizer state
     for st in stages:
-        summary = run_stage(job, dataclasses.replace(st, optimizer_state=carried), init, out, phases, progress)
-        summaries.append(summary)
-        init = out / "stages" / st.name / "model.pt"
-        if job.schedule == "curriculum":
-            opt_file = out / "stages" / st.name / OPTIMIZER_FILE
-            carried = str(opt_file) if opt_file.is_file() else None
-            if carried is None:  # a stage finished under `schedule: per_stage`, resumed under `curriculum`
-                log.warning("stage %s left no %s: the next stage starts a new optimizer", st.name, OPTIMIZER_FILE)
         f = out / "stages" / st.name / "eval.json"
         with phases(f"stage {st.name}: eval", reused=f.is_file()):
-            metrics = evaluate_checkpoint(job, init, f, val_ds, progress)
+            metrics = evaluate_checkpoint(job, out / "stages" / st.name / "model.pt", f, val_ds, progress)
         results.append({"name": f"student after stage {st.index + 1} ({st.teacher})", "role": "stage",
                         "stage": st.name, "epochs": st.epochs, "val": metrics_row(metrics)})
         log.info("after stage %s: val AP %.2f AP50 %.2f", st.name, 100 * metrics["AP"], 100 * metrics["AP50"])
-    final = init
+    final = out / "stages" / stages[-1].name / "model.pt"
 
     others: dict[str, dict[str, Any]] = {}
-    total = total_epochs(stages)
-    if job.baseline:
-        b = baseline_stage(job, total)
-        bsum = run_stage(job, b, random_init, out, phases, progress)
+    rest = iter(all_summaries[len(stages):])
+    if b is not None:
+        bsum = next(rest)
         f = out / "stages" / b.name / "eval.json"
         with phases("baseline: eval", reused=f.is_file()):
             m = evaluate_checkpoint(job, out / "stages" / b.name / "model.pt", f, val_ds, progress)
         others["baseline"] = {"summary": bsum, "val": metrics_row(m)}
     for d in extra_stages:
-        dinit, _ = start_from(d.teachers[0].name, "direct")
-        dsum = run_stage(job, d, dinit, out, phases, progress)
+        dsum = next(rest)
         f = out / "stages" / d.name / "eval.json"
         with phases(f"{d.name}: eval", reused=f.is_file()):
             m = evaluate_checkpoint(job, out / "stages" / d.name / "model.pt", f, val_ds, progress)
@@ -722,5 +702,6 @@ def main_run(config: str, resume: bool = False, preset: str | None = None, overr
     return 0
 
 
-__all__ = ["PRESETS", "check_run_config", "load_run_config", "run_pipeline", "run_stage", "teacher_checkpoint",
+__all__ = ["PRESETS", "check_run_config", "load_run_config", "run_pipeline", "run_stages", "stage_entry",
+           "teacher_checkpoint",
            "teacher_class_maps", "main_run"]

@@ -412,6 +412,16 @@ class _ShardStoreActor:
             return {**self._stats, "budget_bytes": self.budget, "resident_bytes": self._resident,
                     "resident_shards": list(self._lru)}
 
+    def release(self) -> int:
+        """Drop every shard's reference (a sequence's later stages do not read this teacher); returns how many.
+        A shard asked again is decoded again."""
+        with self._lock:
+            n = len(self._lru)
+            self._stats["evictions"] += n
+            self._lru.clear()
+            self._resident = 0
+            return n
+
 
 class ObjectStoreShards:
     """Hot teacher targets for the training workers through Ray's object store, within a memory budget.
@@ -488,6 +498,17 @@ class ObjectStoreShards:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def release_shard_store(name: str, namespace: str = STORE_NAMESPACE) -> int:
+    """Empty the shard store `name` (`ObjectStoreShards.name`) from any process of its Ray cluster: the actor drops
+    its decoded shards and stays up; returns how many it held (0 when the store is gone)."""
+    import ray
+
+    try:
+        return int(ray.get(ray.get_actor(name, namespace=namespace).release.remote()))
+    except ValueError:  # no such actor: nothing held
+        return 0
 
 
 class ObjectStoreReader(_RowTargets):

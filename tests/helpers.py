@@ -37,3 +37,41 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+class LocalSession:
+    """A training session in this process (one rank, no Ray): what `trainers.ray_train.run_sequence` needs of a Ray
+    Train worker's or a Tune trial's session. Keeps the reported metrics."""
+
+    rank, world = 0, 1
+
+    def __init__(self, resume=None):
+        import torch
+
+        self.resume, self.device, self.reports = resume, torch.device("cpu"), []
+
+    def prepare(self, module, find_unused=False):
+        return module
+
+    def checkpoint(self):
+        return self.resume
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(metrics)
+
+    def barrier(self):
+        pass
+
+    def broadcast(self, obj):
+        return obj
+
+
+def sequence_without_ray(monkeypatch, train):
+    """Ray Train replaced by the real sequence runner in this process (`run_sequence` with a `LocalSession`), each
+    entry trained by `train(loop_config) -> final state` instead of `run_training`: a pipeline's wiring
+    (inits, carried optimizer state, written stage outputs) tested without workers."""
+    import trainers.ray_train as ray_train
+
+    monkeypatch.setattr(ray_train, "run_training", lambda cfg, session: train(cfg))
+    monkeypatch.setattr(ray_train, "fit_sequence_on_ray",
+                        lambda entries, **kw: ray_train.run_sequence(entries, LocalSession()))

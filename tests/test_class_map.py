@@ -224,7 +224,7 @@ def test_pipeline_gives_each_stage_its_class_map(shapes_root, tmp_path, monkeypa
     import curriculum.cluster
     import curriculum.pipeline as pipeline
     import teachers.precompute
-    import trainers.ray_train
+    from helpers import sequence_without_ray
     from curriculum.config import RunJobConfig, config_from_dict
     from teachers.zoo import build_detector, read_checkpoint
 
@@ -234,9 +234,9 @@ def test_pipeline_gives_each_stage_its_class_map(shapes_root, tmp_path, monkeypa
     torch.save(build_detector("fcos_resnet_mini", len(t_names), class_names=t_names).checkpoint(), ckpt)
     calls, evals = [], []
 
-    def fake_fit(job, **kw):
-        calls.append(kw["stage"])
-        init = read_checkpoint(kw["init"])
+    def fake_train(cfg):
+        calls.append(cfg.stage)
+        init = read_checkpoint(cfg.init)
         return {"model": init, "history": json.dumps([{"epoch": 1, "loss": 1.0}]), "epoch": 0, "distiller": None}
 
     class FakeReport:
@@ -246,7 +246,7 @@ def test_pipeline_gives_each_stage_its_class_map(shapes_root, tmp_path, monkeypa
         evals.append((Path(path).name, class_map))
         return {m: 0.0 for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
-    monkeypatch.setattr(trainers.ray_train, "fit_on_ray", fake_fit)
+    sequence_without_ray(monkeypatch, fake_train)
     monkeypatch.setattr(teachers.precompute, "precompute", lambda job, progress: [FakeReport()])
     monkeypatch.setattr(curriculum.cluster, "ensure_ray", lambda cfg=None: None)
     monkeypatch.setattr(pipeline, "evaluate_checkpoint", fake_eval)

@@ -174,29 +174,41 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_resume_mid_stage_equals_uninterrupted(ray_session, shapes_root, shared, tmp_path, monkeypatch):
-    stage = "1-fcos_resnet_mini"
+    """Two stages in one Ray Train run, killed in the second: the resumed run keeps the first stage's outputs,
+    goes on from the second's epoch checkpoint with the factors calibrated in the workers, and ends where the
+    uninterrupted run ends."""
+    first, stage = "1-fcos_resnet_mini", "2-fcos_resnet_mini"
+    two = {"stages": [{"epochs": 2, "teachers": ["fcos_resnet_mini"]}, {"epochs": 2, "teachers": ["fcos_resnet_mini"]}]}
     # Uninterrupted.
     a = tmp_path / "a"
-    run_pipeline(config_from_dict(RunJobConfig, tiny(shapes_root, shared, a)), progress=False)
+    run_pipeline(config_from_dict(RunJobConfig, tiny(shapes_root, shared, a, **two)), progress=False)
     ref = _weights(a, stage)
     hist_a = json.loads((a / "stages" / stage / "done.json").read_text())["history"]
 
-    # Killed mid-stage: rank 0 dies at the start of epoch 2, after epoch 1's checkpoint; no retries: the job fails.
+    # Killed mid-stage: rank 0 dies at the start of stage 2's epoch 2, after its epoch 1 checkpoint; no retries.
     b = tmp_path / "b"
     trainer = {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 0,
-               "worker_hooks": [die_once_hook(tmp_path / "fault_b", at_epoch=1)]}
-    job_b = config_from_dict(RunJobConfig, tiny(shapes_root, shared, b, trainer=trainer))
+               "worker_hooks": [die_once_hook(tmp_path / "fault_b", at_stage=1, at_epoch=1)]}
+    job_b = config_from_dict(RunJobConfig, tiny(shapes_root, shared, b, trainer=trainer, **two))
     with pytest.raises(Exception):
         run_pipeline(job_b, progress=False)
     assert (tmp_path / "fault_b").exists() and not (b / "stages" / stage / "done.json").exists()
-    assert list((b / "ray" / stage).glob("checkpoint_*")), "epoch 1's checkpoint should be there to resume from"
+    assert (b / "stages" / first / "done.json").exists()  # written by rank 0 as stage 1 ended
+    first_mtime = (b / "stages" / first / "model.pt").stat().st_mtime
+    assert list((b / "ray" / "stages").glob("checkpoint_*")), "epoch 1's checkpoint should be there to resume from"
     with pytest.raises(Exception, match="--resume"):
         run_pipeline(job_b, progress=False)  # never overwritten silently
     run_pipeline(job_b, resume=True, progress=False)
+    assert (b / "stages" / first / "model.pt").stat().st_mtime == first_mtime  # stage 1 not trained again
     hist_b = json.loads((b / "stages" / stage / "done.json").read_text())["history"]
     assert [h["epoch"] for h in hist_b] == [1, 2]  # epoch 1 came from the checkpoint, not trained twice
     assert _max_diff(ref, _weights(b, stage)) <= TOL
     assert [h["loss"] for h in hist_b] == pytest.approx([h["loss"] for h in hist_a], rel=1e-5)
+    # Each stage calibrated once, in the workers, with the student it started from (stage 2: stage 1's model).
+    factors = [json.loads((a / "stages" / s / "loss_factors.json").read_text()) for s in (first, stage)]
+    assert factors[0] and factors[1] and factors[0] != factors[1]
+    for s, f in zip((first, stage), factors):
+        assert json.loads((b / "stages" / s / "loss_factors.json").read_text()) == pytest.approx(f, rel=1e-6)
 
     # The final student is a plain zoo checkpoint: no adapters, no Ray.
     from teachers.zoo import load_detector
@@ -204,11 +216,13 @@ def test_resume_mid_stage_equals_uninterrupted(ray_session, shapes_root, shared,
     student = load_detector(b / "report" / "student.pt")
     assert set(student.state_dict()) == set(ref)
     report = json.loads((b / "report" / "results.json").read_text())
-    assert [r["role"] for r in report["rows"]] == ["teacher", "stage"]
+    assert [r["role"] for r in report["rows"]] == ["teacher", "stage", "stage"]
     assert all(set(r["val"]) >= {"AP", "AP50", "APs", "APm", "APl"} for r in report["rows"])
     phases = {p["phase"]: p for p in report["phases"]}
     assert phases["teacher fcos_resnet_mini: train"]["reused"]  # trained once (run a), then found by its hash
+    assert phases[f"stage {first}: train"]["reused"]
     assert not phases[f"stage {stage}: train"]["reused"] and phases[f"stage {stage}: train"]["seconds"] > 0
+    assert phases["stages: Ray Train start and stop"]["seconds"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ ray job submit

@@ -128,7 +128,7 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
     import curriculum.pipeline as pipeline
     import curriculum.cluster
     import teachers.precompute
-    import trainers.ray_train
+    from helpers import sequence_without_ray
     from teachers.zoo import read_checkpoint
 
     ckpts = {}
@@ -139,25 +139,25 @@ def test_pipeline_carries_the_student_from_stage_to_stage(shapes_root, tmp_path,
         torch.save(build_detector(name, K).checkpoint(), ckpts[name])
     calls = []
 
-    def fake_fit(job, **kw):
-        """Stands in for Ray Train: 'training' adds 1 to every float tensor of the student it was given."""
-        init = read_checkpoint(kw["init"])
-        calls.append({"init": init, "stage": kw["stage"], "epochs": job.train.epochs})
+    def fake_train(cfg):
+        """Stands in for a stage's training: 'training' adds 1 to every float tensor of the student it was given."""
+        init = read_checkpoint(cfg.init)
+        calls.append({"init": init, "stage": cfg.stage, "epochs": cfg.job["train"]["epochs"]})
         model = build_detector(init["config"]["name"], init["config"]["num_classes"])
         model.load_state_dict(init["model"])
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
-        hist = [{"epoch": e + 1, "loss": 1.0, "decay": Stage.from_dict(kw["stage"]).decay(e)}
-                for e in range(job.train.epochs)]
-        return {"model": model.checkpoint(), "history": json.dumps(hist), "epoch": job.train.epochs - 1,
+        epochs = cfg.job["train"]["epochs"]
+        hist = [{"epoch": e + 1, "loss": 1.0, "decay": Stage.from_dict(cfg.stage).decay(e)} for e in range(epochs)]
+        return {"model": model.checkpoint(), "history": json.dumps(hist), "epoch": epochs - 1,
                 "distiller": None, "student_optimizer": {"w": {"step": torch.tensor(float(len(calls)))}}}
 
     class FakeReport:
         def __init__(self, name):
             self.cache, self.computed = f"cache-of-{name}", [0]
 
-    monkeypatch.setattr(trainers.ray_train, "fit_on_ray", fake_fit)
+    sequence_without_ray(monkeypatch, fake_train)
     monkeypatch.setattr(teachers.precompute, "precompute", lambda job, progress: [FakeReport(job.teachers[0].name)])
     monkeypatch.setattr(curriculum.cluster, "ensure_ray", lambda cfg=None: None)
     # Evaluation is not what this test is about (and these untrained, shifted detectors may predict label 0).

@@ -8,11 +8,11 @@
 - `open_teacher` / `stage_source`: a stage's teachers as a process reaches them (cache reader, object store,
   the teacher inline, or an adapter) and the batch's targets from them: one `TeacherTargets`, or one per teacher
   when a stage distils from several at once (`trainers.distill.build_joint_distiller`).
-- `feature_factors`: `kd_ratio` calibration: one factor for the feature terms so that they add up to kd_ratio x
-  the detector loss on the first batches, with student and adapters as the stage starts.
+- `feature_factors` / `calibrate_factors`: `kd_ratio` calibration: one factor for the feature terms so that they
+  add up to kd_ratio x the detector loss on the first batches, with student and adapters as the stage starts.
 
-The Ray Train loop and Tune trials (`trainers.ray_train.run_training`), the pipeline's calibration before a stage
-(`curriculum.pipeline.calibrate_factors`), and the benches (bench/step_cost.py, bench/distill_methods.py) all use
+The Ray Train loop and Tune trials (`trainers.ray_train.run_sequence`, which calibrates each stage as it starts),
+and the benches (bench/step_cost.py, bench/distill_methods.py) all use
 these, so the step that is measured is the step that is trained.
 """
 
@@ -255,5 +255,38 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     return {k: factor for k in keys}
 
 
-__all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "feature_factors",
+def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_bytes: int,
+                      batches: int = 4) -> dict[str, float]:
+    """`kd_ratio`: one factor for `stage`'s feature terms (`Stage.to_dict()`) so that they add up to kd_ratio x the
+    detector loss on the first `batches` training batches of `job` (a `TrainJobConfig`: data, student, schedule;
+    data-set order, epoch 0 views), with the student as the stage starts from `init` (`feature_factors`).
+
+    Student and distiller are built as the stage's training worker builds them (`build_student`, same seed), so
+    the adapters measured are the adapters trained; the caller's random state is restored. Nothing is trained.
+    """
+    if stage.get("kd_ratio") is None or not stage.get("teachers"):
+        return {}
+    from curriculum.data import collate_fn
+    from curriculum.seeds import preserved_random_state
+    from teachers.zoo import needs_masks
+    from trainers.train import build_dataset
+
+    ds = build_dataset(job.data, "train", seed=job.train.seed, masks=needs_masks(job.model.name))
+    ds.set_epoch(0)
+    # Each teacher from its cache; without one (a sweep arm whose trials run the teacher inline) on the same batches.
+    links = [open_teacher(dict(m), memory_bytes=memory_bytes) for m in stage["teachers"]]
+    bs = job.train.batch_size
+    data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
+            for b in range(min(batches, max(1, len(ds) // bs)))]
+    with preserved_random_state():
+        student, distiller = build_student(job.model.name, ds.class_names, job.train.seed,
+                                           image_size=job.data.image_size, overrides=job.model.overrides(),
+                                           init=init, losses=stage["losses"], teachers=links)
+        bind_teacher_heads(links, distiller)
+        return feature_factors(student, distiller, data, stage_source(links, distiller), stage["kd_ratio"],
+                               job.train.seed, class_map=stage_class_maps(links))
+
+
+__all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "calibrate_factors",
+           "feature_factors",
            "load_plain", "open_teacher", "stage_class_maps", "stage_source"]

@@ -288,6 +288,18 @@ class TrainSession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
                          if checkpoint_dir else None)
 
+    def barrier(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 class TuneSession:
     """A Ray Tune trial's own process (one worker, no DDP): `ray.tune.report` with a checkpoint every epoch, so
@@ -314,6 +326,12 @@ class TuneSession:
         ray.tune.report({**metrics, **extra}, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
                         if checkpoint_dir else None)
 
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
 
 @dataclasses.dataclass
 class LoopConfig:
@@ -329,7 +347,8 @@ class LoopConfig:
     shards itself; each teacher holds at most its share of `memory_bytes`). eval_every: rank 0 evaluates every
     so many epochs (0: never). worker_hooks: `trainer.worker_hooks` (`load_worker_hooks`). framework_logs: Ray
     Train's own INFO lines (else dropped in the worker). tensorboard_dir: rank 0 writes TensorBoard event files
-    there (losses and lr per step; val metrics, decay and feature-loss factor per epoch).
+    there (losses and lr per step; val metrics, decay and feature-loss factor per epoch). entry: the run's place in
+    its sequence (`run_sequence`; a checkpoint of another entry is refused).
     """
 
     job: dict[str, Any]
@@ -347,6 +366,7 @@ class LoopConfig:
     worker_hooks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     framework_logs: bool = False
     tensorboard_dir: str | None = None
+    entry: int = 0  # its place in a sequence (`run_sequence`), saved in every checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,9 +389,9 @@ class _FrameworkChatter(logging.Filter):
         return record.levelno >= logging.WARNING or not record.pathname.startswith(self.prefixes)
 
 
-def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
-    cfg = LoopConfig(**loop_config)
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: the sequence of `fit_sequence_on_ray`."""
+    cfg = LoopConfig(**config["entries"][0]["loop"])
     if not cfg.framework_logs:
         chatter = _FrameworkChatter()
         for logger in (logging.getLogger(), logging.getLogger("ray.train")):
@@ -379,7 +399,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                 handler.addFilter(chatter)
     else:  # --verbose: the project's debug lines too (set-up times)
         logging.getLogger(__name__).setLevel(logging.DEBUG)
-    run_training(cfg, TrainSession(cfg.use_gpu))
+    run_sequence(config["entries"], TrainSession(cfg.use_gpu), release_stores=True)
 
 
 def run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
@@ -472,8 +492,9 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d) / STATE_FILE)
-        if state.get("stage", 0) != stage_index:
-            raise RuntimeError(f"checkpoint of stage {state.get('stage')} found in the run of stage {stage_index}")
+        if (state.get("entry", 0), state.get("stage", 0)) != (cfg.entry, stage_index):
+            raise RuntimeError(f"checkpoint of stage {state.get('stage')} (entry {state.get('entry', 0)} of its "
+                               f"sequence) found in the run of stage {stage_index} (entry {cfg.entry})")
         model.load_state_dict(state["model"]["model"])
         if distiller is not None and state.get("distiller") is not None:
             distiller.load_state_dict(state["distiller"])
@@ -543,7 +564,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             ckpt_dir = None
             if rank == 0:
                 state = {
-                    "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "model": model.checkpoint(),
+                    "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "entry": cfg.entry,
+                    "model": model.checkpoint(),
                     "distiller": distiller.state_dict() if distiller is not None else None,
                     "loss_factors": cfg.loss_factors,
                     "kd_ratio": cfg.kd_ratio,  # what the factors were calibrated for (PBT rescales)
@@ -558,8 +580,199 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     if state is None:  # nothing left to train (resumed after the last epoch): the checkpoint's state
-        state = {"epoch": start - 1, "stage": stage_index, "model": model.checkpoint(), "history": json.dumps(history)}
+        state = {"epoch": start - 1, "stage": stage_index, "entry": cfg.entry, "model": model.checkpoint(),
+                 "history": json.dumps(history)}
     return state
+
+
+# ------------------------------------------------------------------------------------------------ sequences
+
+OPTIMIZER_FILE = "optimizer.pt"  # an entry's final student optimizer state by parameter name (schedule: curriculum)
+DONE_FILE = "done.json"
+FACTORS_FILE = "loss_factors.json"
+
+
+@dataclasses.dataclass
+class SequenceEntry:
+    """One training run of a sequence that one `TorchTrainer.fit` (or one Tune trial) trains in order: a
+    curriculum's stages, then its baseline and direct arms, without starting a worker group per stage.
+
+    loop: a `LoopConfig` as a dict (its `init` is ignored when `continues`). out_dir: where rank 0 writes the
+    entry's outputs as it ends (`write_entry_outputs`: model.pt, distiller.pt, optimizer.pt, done.json) and its
+    calibrated factors as it starts; an entry whose done.json is there is not trained again. continues: the
+    student starts from the previous entry's model.pt (and, when that entry saved it, goes on with its
+    optimizer state). save_optimizer: write the final student optimizer state (`schedule: curriculum`).
+    model_info: keys added to the written model.pt."""
+
+    loop: dict[str, Any]
+    out_dir: str | None = None
+    continues: bool = False
+    save_optimizer: bool = False
+    model_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.loop["job"]["train"]["epochs"])
+
+    @property
+    def name(self) -> str:
+        stage = self.loop.get("stage")
+        return stage["name"] if stage else "training"
+
+    def done(self) -> bool:
+        return self.out_dir is not None and (Path(self.out_dir) / DONE_FILE).is_file() and (
+            Path(self.out_dir) / "model.pt").is_file()
+
+
+class _EntrySession:
+    """A session as one entry of a sequence sees it: its own checkpoint to resume from (or none), and the
+    sequence's counters added to every report."""
+
+    def __init__(self, session: Any, resume: Any, extra: dict[str, Any], epochs_before: int) -> None:
+        self.session, self.resume, self.extra, self.epochs_before = session, resume, extra, epochs_before
+        self.rank, self.world, self.device = session.rank, session.world, session.device
+
+    def prepare(self, module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+        return self.session.prepare(module, find_unused)
+
+    def checkpoint(self) -> Any:
+        return self.resume
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.session.report({**metrics, **self.extra, "epochs_done": self.epochs_before + metrics["epoch"]},
+                            checkpoint_dir)
+
+
+def _entry_factors(entry: SequenceEntry, loop: LoopConfig, own: dict[str, Any] | None, init: str | None,
+                   session: Any) -> dict[str, float]:
+    """The entry's feature-loss factors: its checkpoint's (rescaled when a PBT clone changed `kd_ratio`: they are
+    linear in it), the loop's own, those its first attempt calibrated (loss_factors.json), or calibrated now by
+    rank 0 for all."""
+    stage = loop.stage or {}
+    if own is not None:
+        factors = dict(own.get("loss_factors") or {})
+        old, new = own.get("kd_ratio"), stage.get("kd_ratio")
+        if factors and old and new and old != new:
+            factors = {k: v * new / old for k, v in factors.items()}
+        return factors
+    if loop.loss_factors:  # given by the caller
+        return dict(loop.loss_factors)
+    saved = Path(entry.out_dir) / FACTORS_FILE if entry.out_dir else None
+    if saved is not None and saved.is_file():  # a resumed entry must not re-calibrate
+        return json.loads(saved.read_text())
+    if stage.get("kd_ratio") is None or not stage.get("teachers"):
+        return {}
+    from curriculum.files import atomic_write_json
+    from trainers.distillation import calibrate_factors
+
+    factors = None
+    if session.rank == 0:
+        t0 = time.perf_counter()
+        factors = calibrate_factors(config_from_dict(TrainJobConfig, loop.job), stage, init, loop.memory_bytes)
+        log.info("stage %s: feature terms x %.3g (kd_ratio %s), calibrated in %.1f s", stage["name"],
+                 next(iter(factors.values()), float("nan")), stage["kd_ratio"], time.perf_counter() - t0)
+        if saved is not None:
+            atomic_write_json(factors, saved)
+    return session.broadcast(factors)
+
+
+def write_entry_outputs(entry: SequenceEntry, state: dict[str, Any], factors: dict[str, float],
+                        seconds: float) -> None:
+    """An ended entry's outputs in its out_dir: model.pt (a plain zoo checkpoint plus `model_info`), distiller.pt
+    (losses, factors, adapters), optimizer.pt (`save_optimizer`), and last done.json (stage, history, factors,
+    seconds of training in this attempt), which marks it finished."""
+    from curriculum.files import atomic_save, atomic_write_json
+
+    out = Path(entry.out_dir)
+    stage = entry.loop.get("stage")
+    atomic_save({**state["model"], **entry.model_info}, out / "model.pt")
+    if state.get("distiller") is not None:
+        atomic_save({"losses": stage["losses"], "loss_factors": factors, "state": state["distiller"]},
+                    out / "distiller.pt")
+    if entry.save_optimizer and state.get("student_optimizer") is not None:
+        atomic_save(state["student_optimizer"], out / OPTIMIZER_FILE)
+    atomic_write_json({"stage": stage, "history": json.loads(state["history"]), "loss_factors": factors,
+                       "seconds": round(seconds, 2)}, out / DONE_FILE)
+
+
+def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any,
+                 release_stores: bool = False) -> dict[str, Any] | None:
+    """Train `entries` in order in this session (a Ray Train worker, or a Tune trial); returns the last trained
+    entry's final state (None when every entry was already done).
+
+    Resume: the session's checkpoint names its entry and epoch; entries before it are skipped (a continuing entry
+    then starts from their written model), that entry goes on from its epoch, and later ones are trained. Without
+    a checkpoint, entries whose done.json exists are skipped. Each entry's factors are calibrated as it starts, with the student it starts from (rank 0, sent to
+    the others). Every report carries `epochs_done` / `planned_epochs` over the sequence, the `stage` (1-based),
+    and the entry's `kd_ratio` and `loss_factor`. release_stores: when an entry ends, rank 0 empties the shard
+    stores (`teachers.readers.release_shard_store`) no later entry reads, so a sequence holds at most one
+    stage's share of the memory (only for stores this sequence owns).
+    """
+    from trainers.train import load_train_state, torch_threads
+
+    entries = [e if isinstance(e, SequenceEntry) else SequenceEntry(**e) for e in entries]
+    checkpoint = session.checkpoint()
+    rstate = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            rstate = load_train_state(Path(d) / STATE_FILE)
+    at = rstate.get("entry", 0) if rstate is not None else -1
+    if rstate is not None and (at >= len(entries) or rstate.get("stage", 0) != (entries[at].loop.get("stage") or {}
+                                                                               ).get("index", 0)):
+        raise RuntimeError(f"the run's last checkpoint (entry {at}, stage {rstate.get('stage')}) is not one of this "
+                           f"sequence's {len(entries)} entries: use a new output folder for another plan")
+    planned = sum(e.epochs for e in entries)
+    epochs_before = 0
+    state = None
+    for i, entry in enumerate(entries):
+        # With a checkpoint, it says where the sequence is (a later entry's outputs would be stale); without one,
+        # written outputs do.
+        finished = i < at or (i == at and rstate["epoch"] + 1 >= entry.epochs and entry.done()) if at >= 0 \
+            else entry.done()
+        if finished:
+            epochs_before += entry.epochs
+            continue
+        loop = LoopConfig(**entry.loop)
+        stage = dict(loop.stage) if loop.stage else None
+        init = loop.init
+        if entry.continues:
+            prev = entries[i - 1]
+            init = str(Path(prev.out_dir) / "model.pt")
+            carried = Path(prev.out_dir) / OPTIMIZER_FILE
+            if stage is not None and prev.save_optimizer:
+                stage["optimizer_state"] = str(carried) if carried.is_file() else None
+                if not carried.is_file():  # that entry finished under `schedule: per_stage`
+                    log.warning("%s left no %s: %s starts a new optimizer", prev.name, OPTIMIZER_FILE, entry.name)
+        if stage is not None:
+            stage["init"] = init
+        own = rstate if i == at else None
+        t0 = time.perf_counter()
+        with torch_threads(loop.threads_per_worker):
+            factors = _entry_factors(entry, dataclasses.replace(loop, stage=stage), own, init, session)
+        loop = dataclasses.replace(loop, stage=stage, init=init, loss_factors=factors, entry=i)
+        extra = {"stage": (stage["index"] + 1) if stage else 1, "planned_epochs": planned,
+                 "kd_ratio": stage.get("kd_ratio") if stage else None, "loss_factor": next(iter(factors.values()), None)}
+        state = run_training(loop, _EntrySession(session, checkpoint if own is not None else None, extra,
+                                                 epochs_before))
+        if session.rank == 0:
+            if entry.out_dir is not None:
+                write_entry_outputs(entry, state, factors, time.perf_counter() - t0)
+            if release_stores:
+                later = {n for e in entries[i + 1:] for n in (e.loop.get("shard_stores") or {}).values()}
+                _release_stores(set((loop.shard_stores or {}).values()) - later)
+        session.barrier()  # the next entry may start from what rank 0 just wrote
+        epochs_before += entry.epochs
+    return state
+
+
+def _release_stores(names: set[str]) -> None:
+    from teachers.readers import release_shard_store
+
+    for name in sorted(names):
+        release_shard_store(name)
 
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray Train's controller, passed on from the driver
@@ -605,17 +818,65 @@ def fit_on_ray(
     """Train `job` on Ray Train; returns the final training state (model checkpoint dict, history, ...).
 
     stage: a `curriculum.plan.Stage` as a dict (`Stage.to_dict()`): with teachers, a distillation stage reading
-    each teacher's cache (`stage["teachers"][i]["cache"]`); `job.train.epochs` is the stage's length. init: plain detector checkpoint the
-    student starts from. loss_factors: multipliers of the distiller's entries (the calibrated weights).
+    each teacher's cache (`stage["teachers"][i]["cache"]`); `job.train.epochs` is the stage's length. init: plain
+    detector checkpoint the student starts from. loss_factors: multipliers of the distiller's entries (the
+    calibrated weights; with `kd_ratio` and none given, they are calibrated as the stage starts).
     worker_hooks: callables run in every worker at epoch and batch starts (`load_worker_hooks`).
     teacher_mode: `cache` (targets from the teachers' caches) or `inline` (every worker runs the teacher on its batch:
     the reference and the cost other frameworks pay). tensorboard_dir: rank 0's TensorBoard event files.
-    object_store: the cached targets reach the workers through Ray's object store (`teachers.cache.
-    ObjectStoreShards`: decoded once, zero copy, at most `memory_bytes` resident); False: every worker reads
-    and decodes the Parquet shards itself (a `CacheReader` bounded by `memory_bytes`).
-    Resumes when a run with this `storage_path`/`name` exists (a killed job started again goes on from its
-    last reported epoch). health_check_interval_s: how often Ray Train's controller polls the workers (None:
-    Ray's default, 2 s; an interval set in the environment wins).
+    The run is a sequence of one entry (`fit_sequence_on_ray` has the rest: object store, resume, health check).
+    """
+    loop = LoopConfig(
+        job=to_dict(job), stage=stage, init=init, threads_per_worker=threads_per_worker, memory_bytes=memory_bytes,
+        loss_factors=dict(loss_factors or {}), kd_ratio=kd_ratio, eval_every=eval_every, use_gpu=use_gpu,
+        progress=progress, teacher_mode=teacher_mode, worker_hooks=list(worker_hooks or []),
+        tensorboard_dir=tensorboard_dir)
+    return fit_sequence_on_ray(
+        [SequenceEntry(loop=loop.to_dict())], num_workers=num_workers, use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker, max_failures=max_failures,
+        storage_path=storage_path or str(Path(job.output_dir).resolve() / "ray"), name=name,
+        memory_bytes=memory_bytes, object_store=object_store, health_check_interval_s=health_check_interval_s)
+
+
+def _shard_stores(entries: Sequence[SequenceEntry], memory_bytes: int) -> dict[str, Any]:
+    """{cache: `ObjectStoreShards`} for every teacher cache the entries read (one store per cache for the whole
+    sequence), each within the smallest share of `memory_bytes` a stage reading it gives it."""
+    from teachers.readers import ObjectStoreShards
+
+    shares: dict[str, int] = {}
+    for e in entries:
+        stage = e.loop.get("stage") or {}
+        if e.loop.get("teacher_mode", "cache") != "cache":
+            continue
+        cached = [m for m in stage.get("teachers", []) if m.get("cache") and not m.get("adapter")]
+        for m in cached:
+            shares[m["cache"]] = min(shares.get(m["cache"], memory_bytes), memory_bytes // len(cached))
+    return {cache: ObjectStoreShards(cache, budget_bytes=share) for cache, share in shares.items()}
+
+
+def fit_sequence_on_ray(
+    entries: Sequence[SequenceEntry],
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 2,
+    storage_path: str,
+    name: str = "train",
+    memory_bytes: int = 1 << 30,
+    object_store: bool = True,
+    health_check_interval_s: float | None = None,
+) -> dict[str, Any]:
+    """Train `entries` in order (`run_sequence`) in one `TorchTrainer.fit`: the worker group, its process group
+    and the shard stores start once for all of them. Returns the last entry's final training state.
+
+    object_store: the cached targets reach the workers through Ray's object store (`teachers.readers.
+    ObjectStoreShards`: decoded once, zero copy, at most a stage's share of `memory_bytes` resident); False:
+    every worker reads and decodes the Parquet shards itself (a `CacheReader` bounded by `memory_bytes`).
+    Resumes when a run with this `storage_path`/`name` exists (a killed job started again goes on from its last
+    reported entry and epoch; entries whose outputs are written are not trained again).
+    health_check_interval_s: how often Ray Train's controller polls the workers (None: Ray's default, 2 s; an
+    interval set in the environment wins).
     """
     import ray
     import ray.train
@@ -623,32 +884,31 @@ def fit_on_ray(
 
     from trainers.train import load_train_state
 
-    storage = storage_path or str(Path(job.output_dir).resolve() / "ray")
+    entries = list(entries)
+    for i, e in enumerate(entries):
+        if e.continues and (i == 0 or entries[i - 1].out_dir is None):
+            raise ValueError(f"sequence entry {i} ({e.name}) continues from an entry without an out_dir")
     # Ray Train's own INFO lines (controller and workers) only with --verbose, i.e. a driver logging at DEBUG.
     framework_logs = logging.getLogger().isEnabledFor(logging.DEBUG)
-    stores = {}
     t_start = time.perf_counter()
-    if stage and teacher_mode == "cache" and object_store:
-        from teachers.readers import ObjectStoreShards
-
-        # Owned by this driver for the whole stage: restarted worker groups find them again.
-        cached = [m for m in stage.get("teachers", []) if m.get("cache") and not m.get("adapter")]
-        stores = {m["name"]: ObjectStoreShards(m["cache"], budget_bytes=memory_bytes // max(1, len(cached)))
-                  for m in cached}
+    # Owned by this driver for the whole fit: restarted worker groups find them again.
+    stores = _shard_stores(entries, memory_bytes) if object_store else {}
+    payload = []
+    for e in entries:
+        loop = dict(e.loop, framework_logs=framework_logs)
+        stage = loop.get("stage") or {}
+        if loop.get("teacher_mode", "cache") == "cache":
+            loop["shard_stores"] = {m["name"]: stores[m["cache"]].name for m in stage.get("teachers", [])
+                                    if m.get("cache") in stores and not m.get("adapter")}
+        payload.append(dataclasses.replace(e, loop=loop).to_dict())
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config=LoopConfig(
-            job=to_dict(job), stage=stage, init=init, threads_per_worker=threads_per_worker, memory_bytes=memory_bytes,
-            loss_factors=dict(loss_factors or {}), kd_ratio=kd_ratio, eval_every=eval_every, use_gpu=use_gpu,
-            progress=progress, teacher_mode=teacher_mode,
-            shard_stores={name: store.name for name, store in stores.items()},
-            worker_hooks=list(worker_hooks or []),
-            framework_logs=framework_logs, tensorboard_dir=tensorboard_dir).to_dict(),
+        train_loop_config={"entries": payload},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            storage_path=storage, name=name,
+            storage_path=storage_path, name=name,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env=storage_runtime_env(),
@@ -666,10 +926,11 @@ def fit_on_ray(
         log.debug("%s: shard stores %.1f s, fit %.1f s, stores closed %.1f s", name, t_fit - t_start,
                   t_closing - t_fit, time.perf_counter() - t_closing)
     if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {storage}/{name} ended without a checkpoint: {result.error}")
+        raise RuntimeError(f"Ray Train run {storage_path}/{name} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = load_train_state(Path(d) / STATE_FILE)
-    if state["epoch"] + 1 < job.train.epochs:
-        raise RuntimeError(f"Ray Train run {storage}/{name} stopped after epoch {state['epoch'] + 1} of "
-                           f"{job.train.epochs}: {result.error}")
+    last = len(entries) - 1
+    if (state.get("entry", 0), state["epoch"] + 1) < (last, entries[last].epochs):
+        raise RuntimeError(f"Ray Train run {storage_path}/{name} stopped in {entries[state.get('entry', 0)].name} "
+                           f"after epoch {state['epoch'] + 1}: {result.error}")
     return state

@@ -161,15 +161,14 @@ def _max_epochs(base: dict[str, Any], space: Space, n_stages: int) -> int:
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One trial (a Tune function trainable): the curriculum's stages with the trial's values."""
+    """One trial (a Tune function trainable): the curriculum's stages with the trial's values, as one sequence
+    (`trainers.ray_train.run_sequence`: each stage calibrated as it starts, resumed at the checkpoint's stage and
+    epoch, the feature factors of a PBT clone rescaled to its perturbed kd_ratio)."""
     import ray.tune
 
-    from curriculum.files import atomic_save
-    from curriculum.pipeline import calibrate_factors
     from curriculum.plan import build_plan
     from teachers.outputs import teacher_forward_counts
-    from trainers.ray_train import STATE_FILE, LoopConfig, TuneSession, run_training
-    from trainers.train import load_train_state
+    from trainers.ray_train import LoopConfig, SequenceEntry, TuneSession, run_sequence
 
     # A trial's process has its node's environment: the driver's object-store variables reach the caches from here
     # (Tune has no runtime env per trial).
@@ -183,54 +182,26 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     for member in (m for st in stages for m in st.teachers):  # the cache, class map and adapter prepared once
         for key, value in ctx["members"].get(member.name, {}).items():
             setattr(member, key, value)
-    resume = ray.tune.get_checkpoint()
-    rstate = None
-    if resume is not None:
-        with resume.as_directory() as d:
-            rstate = load_train_state(Path(d) / STATE_FILE)
     workdir = Path(ray.tune.get_context().get_trial_dir())
-    init: Path | None = Path(ctx["init"])
     device = "cuda" if ctx["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    planned = sum(st.epochs for st in stages)
-    done = 0
-    carried = None  # schedule: curriculum: the previous stage's student optimizer state
+    entries = []
     for st in stages:
-        st = dataclasses.replace(st, optimizer_state=carried)
-        if rstate is not None and st.index < rstate["stage"]:
-            done += st.epochs
-            continue
-        own = rstate if rstate is not None and st.index == rstate["stage"] else None
-        if own is not None:
-            factors = dict(own.get("loss_factors") or {})
-            old, new = own.get("kd_ratio"), st.kd_ratio
-            if factors and old and new and old != new:  # factors = kd_ratio x det / feat: linear in kd_ratio
-                factors = {k: v * new / old for k, v in factors.items()}
-        else:
-            factors = calibrate_factors(job, st, str(init))
         train = dataclasses.replace(job.train, epochs=st.epochs, lr=st.lr or job.train.lr)
         tjob = TrainJobConfig(output_dir=str(workdir), data=job.data, model=job.student, train=train,
                               eval=EvalConfig(batch_size=job.eval.batch_size, max_images=ctx["eval_images"]))
-        loop_config = LoopConfig(
+        loop = LoopConfig(
             job=to_dict(tjob), threads_per_worker=max(1, ctx["threads"]), stage=st.to_dict(),
-            init=None if own is not None else str(init), memory_bytes=job.cache.memory_bytes, loss_factors=factors,
-            kd_ratio=st.kd_ratio, eval_every=1, progress=False, teacher_mode=ctx["teacher_mode"],
-            use_gpu=device == "cuda",
+            init=ctx["init"] if st.index == 0 else None, memory_bytes=job.cache.memory_bytes, kd_ratio=st.kd_ratio,
+            eval_every=1, progress=False, teacher_mode=ctx["teacher_mode"], use_gpu=device == "cuda",
             shard_stores={m.name: ctx["stores"][m.name] for m in st.teachers if m.name in ctx["stores"]},
             tensorboard_dir=str(workdir / "tensorboard" / st.name))
-        session = TuneSession(
-            resume=resume if own is not None else None, device=device,
-            extra=lambda m, base=done, si=st.index, kd=st.kd_ratio, f=factors: {
-                "epochs_done": base + m["epoch"], "stage": si + 1, "planned_epochs": planned,
-                "teacher_forwards": teacher_forward_counts()["teacher"] - forwards0,
-                # what this epoch trained with: a PBT clone's perturbed kd_ratio and its rescaled feature factor
-                "kd_ratio": kd, "loss_factor": next(iter(f.values()), None)})
-        state = run_training(loop_config, session)
-        done += st.epochs
-        init = workdir / f"student_after_stage{st.index + 1}.pt"
-        atomic_save(state["model"], init)
-        if job.schedule == "curriculum" and state.get("student_optimizer") is not None:
-            carried = str(workdir / f"optimizer_after_stage{st.index + 1}.pt")
-            atomic_save(state["student_optimizer"], carried)
+        entries.append(SequenceEntry(loop=loop.to_dict(), out_dir=str(workdir / "stages" / st.name),
+                                     continues=st.index > 0, save_optimizer=job.schedule == "curriculum"))
+    for e in entries:
+        Path(e.out_dir).mkdir(parents=True, exist_ok=True)
+    session = TuneSession(resume=ray.tune.get_checkpoint(), device=device,
+                          extra=lambda m: {"teacher_forwards": teacher_forward_counts()["teacher"] - forwards0})
+    run_sequence(entries, session)  # the shard stores are the sweep's: they stay filled for the other trials
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
