@@ -507,7 +507,7 @@ def release_shard_store(name: str, namespace: str = STORE_NAMESPACE) -> int:
 
     try:
         return int(ray.get(ray.get_actor(name, namespace=namespace).release.remote()))
-    except ValueError:  # no such actor: nothing held
+    except (ValueError, ray.exceptions.RayActorError):  # no such actor, or it has ended: nothing held
         return 0
 
 

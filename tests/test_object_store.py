@@ -146,6 +146,28 @@ def test_a_cache_bigger_than_the_budget_is_streamed_within_it(cache, ray_session
         assert stats["max_resident_bytes"] <= 1 + max(sizes) and len(stats["resident_shards"]) == 1
 
 
+def test_a_released_store_holds_nothing_and_serves_the_same_rows_again(cache, ray_session):
+    """What a sequence does when no later stage reads a teacher: the store drops its shards (found by name, as a
+    training worker finds it) and stays up; a shard asked again is decoded again, identical."""
+    from teachers.readers import release_shard_store
+
+    c, ds = cache
+    keys = every_row(ds)
+    direct = CacheReader(c)
+    with ObjectStoreShards(c, budget_bytes=1 << 30) as store:
+        ids, views = [k[0] for k in keys[:4]], [k[1] for k in keys[:4]]
+        store.reader().rows(ids, views)
+        held = store.stats()["resident_shards"]
+        assert held
+        assert release_shard_store(store.name) == len(held)
+        stats = store.stats()
+        assert stats["resident_bytes"] == 0 and stats["resident_shards"] == []
+        for got, want, k in zip(store.reader().rows(ids, views), direct.rows(ids, views), keys[:4]):
+            assert_rows_equal(got, want, k)
+        assert store.stats()["loads"] == stats["loads"] + len(held)
+    assert release_shard_store(store.name) == 0  # closed: nothing to release, no error
+
+
 def test_object_store_errors_name_what_to_do(cache, ray_session, tmp_path):
     c, ds = cache
     with pytest.raises(CacheError, match="no teacher shard store named 'nobody'"):

@@ -648,9 +648,15 @@ class _EntrySession:
 
 def _entry_factors(entry: SequenceEntry, loop: LoopConfig, own: dict[str, Any] | None, init: str | None,
                    session: Any) -> dict[str, float]:
-    """The entry's feature-loss factors: its checkpoint's (rescaled when a PBT clone changed `kd_ratio`: they are
-    linear in it), the loop's own, those its first attempt calibrated (loss_factors.json), or calibrated now by
-    rank 0 for all."""
+    """The entry's feature-loss factors, as rank 0 finds them and sends them to the others: its checkpoint's
+    (rescaled when a PBT clone changed `kd_ratio`: they are linear in it), the loop's own, those its first attempt
+    calibrated (loss_factors.json), or calibrated now."""
+    factors = _rank0_factors(entry, loop, own, init) if session.rank == 0 else None
+    return session.broadcast(factors)
+
+
+def _rank0_factors(entry: SequenceEntry, loop: LoopConfig, own: dict[str, Any] | None, init: str | None
+                   ) -> dict[str, float]:
     stage = loop.stage or {}
     if own is not None:
         factors = dict(own.get("loss_factors") or {})
@@ -668,15 +674,13 @@ def _entry_factors(entry: SequenceEntry, loop: LoopConfig, own: dict[str, Any] |
     from curriculum.files import atomic_write_json
     from trainers.distillation import calibrate_factors
 
-    factors = None
-    if session.rank == 0:
-        t0 = time.perf_counter()
-        factors = calibrate_factors(config_from_dict(TrainJobConfig, loop.job), stage, init, loop.memory_bytes)
-        log.info("stage %s: feature terms x %.3g (kd_ratio %s), calibrated in %.1f s", stage["name"],
-                 next(iter(factors.values()), float("nan")), stage["kd_ratio"], time.perf_counter() - t0)
-        if saved is not None:
-            atomic_write_json(factors, saved)
-    return session.broadcast(factors)
+    t0 = time.perf_counter()
+    factors = calibrate_factors(config_from_dict(TrainJobConfig, loop.job), stage, init, loop.memory_bytes)
+    log.info("stage %s: feature terms x %.3g (kd_ratio %s), calibrated in %.1f s", stage["name"],
+             next(iter(factors.values()), float("nan")), stage["kd_ratio"], time.perf_counter() - t0)
+    if saved is not None:
+        atomic_write_json(factors, saved)
+    return factors
 
 
 def write_entry_outputs(entry: SequenceEntry, state: dict[str, Any], factors: dict[str, float],
@@ -705,8 +709,9 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
 
     Resume: the session's checkpoint names its entry and epoch; entries before it are skipped (a continuing entry
     then starts from their written model), that entry goes on from its epoch, and later ones are trained. Without
-    a checkpoint, entries whose done.json exists are skipped. Each entry's factors are calibrated as it starts, with the student it starts from (rank 0, sent to
-    the others). Every report carries `epochs_done` / `planned_epochs` over the sequence, the `stage` (1-based),
+    a checkpoint, entries whose done.json exists are skipped. Each entry's factors are calibrated as it starts,
+    with the student it starts from (rank 0, sent to the others); a continuing entry reads what rank 0 wrote, so
+    on several nodes `out_dir` must be shared storage. Every report carries `epochs_done` / `planned_epochs` over the sequence, the `stage` (1-based),
     and the entry's `kd_ratio` and `loss_factor`. release_stores: when an entry ends, rank 0 empties the shard
     stores (`teachers.readers.release_shard_store`) no later entry reads, so a sequence holds at most one
     stage's share of the memory (only for stores this sequence owns).
@@ -744,7 +749,7 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
             carried = Path(prev.out_dir) / OPTIMIZER_FILE
             if stage is not None and prev.save_optimizer:
                 stage["optimizer_state"] = str(carried) if carried.is_file() else None
-                if not carried.is_file():  # that entry finished under `schedule: per_stage`
+                if not carried.is_file() and session.rank == 0:  # that entry finished under `schedule: per_stage`
                     log.warning("%s left no %s: %s starts a new optimizer", prev.name, OPTIMIZER_FILE, entry.name)
         if stage is not None:
             stage["init"] = init

@@ -328,7 +328,9 @@ def _fit(tune: Any, trainable: Any, param_space: dict, storage: Path, exp_name: 
                 tune_config=tune.TuneConfig(
                     # Tune counts the default point as one sample (a whole grid, for grid parameters): one more.
                     metric=cfg.metric, mode="max", num_samples=num_samples + (1 if default else 0), search_alg=search,
-                    scheduler=_scheduler(cfg.scheduler, cfg, space, max_t)),
+                    scheduler=_scheduler(cfg.scheduler, cfg, space, max_t),
+                    # A new trial runs in a finished one's process: no process start and no imports between trials.
+                    reuse_actors=True),
                 run_config=tune.RunConfig(
                     # A trial at its last epoch is finished before a scheduler sees the result: PBT would
                     # otherwise clone into it a checkpoint it never trains from, and log values it never used.
