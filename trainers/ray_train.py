@@ -2,16 +2,19 @@
 
 Each worker builds the data set and the detector itself (nothing big travels through the driver), reads its
 shard of the images, and trains with the same `train_one_epoch` as local training. Rank 0 reports a checkpoint
-after every epoch (model, optimizer, scheduler, epoch, history; for a distillation stage also the stage index and
-the distiller's adapters); a worker group that dies is restarted by Ray Train from the last checkpoint
+after every epoch (model, optimizer, scheduler, epoch, history, the entry of its sequence; for a distillation stage
+also the stage index and the distiller's adapters); a worker group that dies is restarted by Ray Train from the last checkpoint
 (`FailureConfig(max_failures)`), and calling `fit_on_ray` again with the same storage path and name resumes the run
 (see shared/RAY_NOTES.md).
 
 Plain training (`fit_on_ray(job)`): images sharded by a `DistributedSampler`.
 
-A distillation stage (`fit_on_ray(job, stage=...)`, one stage of `curriculum run`, see curriculum/plan.py): the
-student starts from `init` (a plain detector checkpoint: the previous stage's model, or the student with the first
-teacher's neck and head), a `Distiller` built from the stage's losses adds its terms to the detector's losses
+A run's stages (`fit_sequence_on_ray(entries)`: `curriculum run` trains all its stages, then its baseline and
+direct arm, as one sequence in one `TorchTrainer.fit`, so the worker group starts once; `run_sequence` is the
+stage loop in the worker, and a Tune trial runs the same loop in its own process). Each entry is one stage
+(`fit_on_ray(job, stage=...)` is a sequence of one, see curriculum/plan.py): the student starts from `init` (a
+plain detector checkpoint: the previous stage's model, or the student with the first teacher's neck and head),
+its `kd_ratio` factors are calibrated by rank 0 as it starts, a `Distiller` built from the stage's losses adds its terms to the detector's losses
 through `train_one_epoch(extra_loss=...)`, and the teacher's targets come from its precomputed cache (or, with
 `teacher_mode="inline"`, from the teacher run in the worker on the same batch: the reference, and the cost
 in-process frameworks pay).
