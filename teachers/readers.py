@@ -451,7 +451,7 @@ class ObjectStoreShards:
 
     def __init__(self, cache: TeacherCache | str, budget_bytes: int, *, name: str | None = None,
                  namespace: str = STORE_NAMESPACE, num_cpus: float = 0.0, max_concurrency: int = 2,
-                 check_sha: bool = True) -> None:
+                 check_sha: bool = True, wait: bool = True) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -468,7 +468,19 @@ class ObjectStoreShards:
             runtime_env=storage_runtime_env(),
         )
         self.actor = cls.remote(uri, self.budget_bytes, check_sha)
-        ray.get(self.actor.info.remote())  # started, cache opened: workers find it by name from now on
+        self._started = self.actor.info.remote()
+        if wait:
+            self.ready()
+
+    def ready(self) -> ObjectStoreShards:
+        """Wait until the actor has started and opened the cache: workers find it by name from then on. (`wait=False`
+        lets a driver start several stores at once, their processes starting in parallel, then wait for each.)"""
+        import ray
+
+        if self._started is not None:
+            ray.get(self._started)
+            self._started = None
+        return self
 
     def reader(self, roi_head: Any = None, keep_shards: int = 1, memory_bytes: int | None = None,
                components: bool = False) -> ObjectStoreReader:

@@ -859,7 +859,15 @@ def _shard_stores(entries: Sequence[SequenceEntry], memory_bytes: int) -> dict[s
         cached = [m for m in stage.get("teachers", []) if m.get("cache") and not m.get("adapter")]
         for m in cached:
             shares[m["cache"]] = min(shares.get(m["cache"], memory_bytes), memory_bytes // len(cached))
-    return {cache: ObjectStoreShards(cache, budget_bytes=share) for cache, share in shares.items()}
+    stores = {cache: ObjectStoreShards(cache, budget_bytes=share, wait=False) for cache, share in shares.items()}
+    try:
+        for store in stores.values():  # their processes start in parallel
+            store.ready()
+    except BaseException:
+        for store in stores.values():
+            store.close()
+        raise
+    return stores
 
 
 def fit_sequence_on_ray(
