@@ -309,7 +309,7 @@ class TuneSession:
     ASHA can stop the trial and PBT can clone and perturb it (tune_spaces/sweep.py).
 
     `resume` is the checkpoint to start from (the trial's own after a restart, or PBT's donor), or None; `extra`
-    metrics are added to every report (the trial's epoch count over all its stages, teacher forwards)."""
+    metrics are added to every report (the teacher forwards; `run_sequence` adds the epoch count over all stages)."""
 
     rank, world = 0, 1
 
