@@ -321,7 +321,7 @@ def run_stages(job: RunJobConfig, entries: Sequence[Any], out: Path, phases: Pha
     """Train the entries not done yet in one Ray Train run (`trainers.ray_train.fit_sequence_on_ray`); returns
     each entry's summary (its done.json). Phases: one row per stage with the seconds its worker trained it
     (calibration included), and one with the rest of the fit: starting and stopping Ray Train, paid once."""
-    from trainers.ray_train import fit_sequence_on_ray
+    from trainers.ray_train import DONE_FILE, fit_sequence_on_ray
 
     done_before = [e.done() for e in entries]
     t0 = time.perf_counter()
@@ -338,7 +338,7 @@ def run_stages(job: RunJobConfig, entries: Sequence[Any], out: Path, phases: Pha
                             memory_bytes=job.cache.memory_bytes, object_store=job.cache.object_store,
                             health_check_interval_s=tr.health_check_interval_s)
     wall = time.perf_counter() - t0
-    summaries = [json.loads((Path(e.out_dir) / "done.json").read_text()) for e in entries]
+    summaries = [json.loads((Path(e.out_dir) / DONE_FILE).read_text()) for e in entries]
     trained = 0.0
     for e, before, summary in zip(entries, done_before, summaries):
         phases.add(f"stage {e.name}: train", summary["seconds"], reused=before)

@@ -213,27 +213,12 @@ def test_curriculum_schedule_puts_every_stage_on_one_lr_clock():
         _job(schedule="cyclic")
 
 
-class _InProcessSession:
-    """One worker in this process: what `run_training` needs of a Ray Train session."""
-
-    rank, world, device = 0, 1, torch.device("cpu")
-
-    def prepare(self, module, find_unused=False):
-        return module
-
-    def checkpoint(self):
-        return None
-
-    def report(self, metrics, checkpoint_dir):
-        pass
-
-
 def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_optimizer(shapes_root, tmp_path):
     """Two plain stages of 1 epoch (2 iterations) on one 3-epoch clock: their lrs are one warm-up + cosine over 6
     iterations, cut at 2; stage 2's AdamW starts at step 2 with stage 1's moments (a fresh stage: step 0)."""
     from curriculum.config import TrainConfig, TrainJobConfig, to_dict
     from curriculum.plan import Stage
-    from helpers import tensorboard_scalars
+    from helpers import LocalSession, tensorboard_scalars
     from trainers.ray_train import LoopConfig, run_training
     from trainers.train import lr_factor
 
@@ -248,7 +233,7 @@ def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_op
                    optimizer_state=optimizer_state)
         cfg = LoopConfig(job=to_dict(job), stage=st.to_dict(), init=init, progress=False,
                          tensorboard_dir=str(tmp_path / f"tb{i}-{optimizer_state is not None}"))
-        return run_training(cfg, _InProcessSession()), Path(cfg.tensorboard_dir)
+        return run_training(cfg, LocalSession()), Path(cfg.tensorboard_dir)
 
     first, tb1 = stage(0)
     init, carried = tmp_path / "after1.pt", tmp_path / "optimizer1.pt"
