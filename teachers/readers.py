@@ -581,7 +581,8 @@ class ObjectStoreReader(_RowTargets):
             raise
         except (RayActorError, ObjectLostError) as e:
             raise CacheError(f"the teacher shard store of {getattr(self, 'uri', 'the cache')} is gone "
-                             f"({type(e).__name__}): the driver that owns it ended or closed it before the "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}): "
+                             "it failed to start, or the driver that owns it ended or closed it before the "
                              "workers finished; keep ObjectStoreShards open for the whole stage") from None
 
     def _shard(self, i: int) -> dict[str, Any]:

@@ -132,7 +132,8 @@ def test_a_teachers_own_schedule_trains_it_and_enters_its_hash(tmp_path):
     assert teacher_checkpoint(job, "fcos_resnet_mini", None).parent.name.startswith("fcos_resnet_mini-")
 
 
-def test_a_stage_distils_from_two_cached_teachers_at_once(tmp_path, shapes_root, ray_session):
+def test_a_stage_distils_from_two_cached_teachers_at_once(tmp_path, shapes_root, ray_session, monkeypatch):
+    import trainers.ray_train as ray_train
     from curriculum.pipeline import run_pipeline
     from test_pipeline import tiny
 
@@ -140,6 +141,10 @@ def test_a_stage_distils_from_two_cached_teachers_at_once(tmp_path, shapes_root,
                teachers=[{"name": "fcos_resnet_mini"}, {"name": "retinanet_resnet_mini"}],
                stages=[{"epochs": 1, "teachers": [{"name": "fcos_resnet_mini", "weight": 0.5},
                                                    "retinanet_resnet_mini"]}])
+    fitted = []
+    fit = ray_train.fit_sequence_on_ray
+    monkeypatch.setattr(ray_train, "fit_sequence_on_ray", lambda entries, **kw: fitted.append(entries) or fit(
+        entries, **kw))
     run_pipeline(config_from_dict(RunJobConfig, cfg), progress=False)
     sdir = tmp_path / "run" / "stages" / "1-fcos_resnet_mini+retinanet_resnet_mini"
     done = json.loads((sdir / "done.json").read_text())
@@ -155,3 +160,27 @@ def test_a_stage_distils_from_two_cached_teachers_at_once(tmp_path, shapes_root,
     assert record["distill_mgd@fcos_resnet_mini"] > 0 and record["distill_mgd@retinanet_resnet_mini"] > 0
     saved = torch.load(sdir / "distiller.pt", weights_only=True)["state"]
     assert any(k.startswith("terms.mgd@retinanet_resnet_mini.") for k in saved)
+
+    # The workers calibrated through the run's shard stores; the same calibration from the caches' Parquet shards
+    # gives the same factors, and a second one through a filled store decodes nothing again.
+    from curriculum.config import TrainJobConfig
+    from teachers.readers import ObjectStoreShards
+    from trainers.distillation import calibrate_factors
+
+    (entry,) = [e for e in fitted[0] if e.name == "1-fcos_resnet_mini+retinanet_resnet_mini"]
+    loop = ray_train.LoopConfig(**entry.loop)
+    job = config_from_dict(TrainJobConfig, loop.job)
+    assert calibrate_factors(job, loop.stage, loop.init, loop.memory_bytes) == pytest.approx(factors, rel=1e-5)
+    stores = {m["name"]: ObjectStoreShards(m["cache"], budget_bytes=1 << 28) for m in members}
+    try:
+        names = {t: st.name for t, st in stores.items()}
+        assert calibrate_factors(job, loop.stage, loop.init, loop.memory_bytes, shard_stores=names) == pytest.approx(
+            factors, rel=1e-5)
+        loads = {t: st.stats()["loads"] for t, st in stores.items()}
+        assert all(n > 0 for n in loads.values())
+        assert calibrate_factors(job, loop.stage, loop.init, loop.memory_bytes, shard_stores=names) == pytest.approx(
+            factors, rel=1e-5)
+        assert {t: st.stats()["loads"] for t, st in stores.items()} == loads
+    finally:
+        for st in stores.values():
+            st.close()

@@ -256,13 +256,15 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
 
 
 def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_bytes: int,
-                      batches: int = 4) -> dict[str, float]:
+                      shard_stores: dict[str, str] | None = None, batches: int = 4) -> dict[str, float]:
     """`kd_ratio`: one factor for `stage`'s feature terms (`Stage.to_dict()`) so that they add up to kd_ratio x the
     detector loss on the first `batches` training batches of `job` (a `TrainJobConfig`: data, student, schedule;
     data-set order, epoch 0 views), with the student as the stage starts from `init` (`feature_factors`).
 
     Student and distiller are built as the stage's training worker builds them (`build_student`, same seed), so
     the adapters measured are the adapters trained; the caller's random state is restored. Nothing is trained.
+    `shard_stores` ({teacher: store name}, as the stage's): its targets are read through the same decoded shards
+    the training reads, not decoded again from the cache.
     """
     if stage.get("kd_ratio") is None or not stage.get("teachers"):
         return {}
@@ -274,7 +276,8 @@ def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_
     ds = build_dataset(job.data, "train", seed=job.train.seed, masks=needs_masks(job.model.name))
     ds.set_epoch(0)
     # Each teacher from its cache; without one (a sweep arm whose trials run the teacher inline) on the same batches.
-    links = [open_teacher(dict(m), memory_bytes=memory_bytes) for m in stage["teachers"]]
+    links = [open_teacher(dict(m), memory_bytes=memory_bytes // len(stage["teachers"]),
+                          shard_store=(shard_stores or {}).get(m["name"])) for m in stage["teachers"]]
     bs = job.train.batch_size
     data = [collate_fn([ds[i] for i in range(b * bs, min(len(ds), (b + 1) * bs))])
             for b in range(min(batches, max(1, len(ds) // bs)))]

@@ -678,7 +678,8 @@ def _rank0_factors(entry: SequenceEntry, loop: LoopConfig, own: dict[str, Any] |
     from trainers.distillation import calibrate_factors
 
     t0 = time.perf_counter()
-    factors = calibrate_factors(config_from_dict(TrainJobConfig, loop.job), stage, init, loop.memory_bytes)
+    factors = calibrate_factors(config_from_dict(TrainJobConfig, loop.job), stage, init, loop.memory_bytes,
+                                shard_stores=loop.shard_stores)
     log.info("stage %s: feature terms x %.3g (kd_ratio %s), calibrated in %.1f s", stage["name"],
              next(iter(factors.values()), float("nan")), stage["kd_ratio"], time.perf_counter() - t0)
     if saved is not None:

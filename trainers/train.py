@@ -87,9 +87,11 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, to
     else:
         groups = [{"params": [p for n, p in named if not _no_decay(n, p)]},
                   {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
+    # foreach (one batched update over all tensors): torch defaults to it only on CUDA, but on the CPU it also
+    # beats the Python loop over the student's ~170 tensors
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, foreach=True)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
 
 
 def lr_factor(it: int, total: int, t: TrainConfig) -> float:
