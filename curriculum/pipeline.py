@@ -288,27 +288,30 @@ def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, p
 
 # ------------------------------------------------------------------------------------------------ stages
 
-def stage_entry(job: RunJobConfig, stage: Stage, init: Path | None, out: Path, progress: bool,
-                continues: bool = False) -> Any:
-    """`stage` as an entry of the run's sequence (`trainers.ray_train.SequenceEntry`): its schedule, how its targets
-    arrive, and its outputs in `<out>/stages/<stage.name>/` (model.pt, distiller.pt, optimizer.pt, done.json).
-    init: the checkpoint it starts from; continues: from the previous entry's model (and, under `schedule:
-    curriculum`, with its optimizer state) instead."""
+def stage_entry(job: RunJobConfig, stage: Stage, init: Path | str | None, out: Path, *, continues: bool = False,
+                progress: bool = True, eval_images: int | None = None, **loop: Any) -> Any:
+    """`stage` as an entry of a sequence (`trainers.ray_train.SequenceEntry`): its schedule, how its targets
+    arrive, and its outputs in `<out>/stages/<stage.name>/` (model.pt, distiller.pt, optimizer.pt, done.json,
+    tensorboard/). init: the checkpoint it starts from; continues: from the previous entry's model (and, under
+    `schedule: curriculum`, with its optimizer state) instead. A run's stages train with the job's `trainer`
+    settings; a Tune trial's give what differs as `loop` (`LoopConfig` fields: threads, per-epoch evaluation,
+    device, the sweep's shard stores) and evaluate on the first `eval_images` val images."""
     from trainers.ray_train import LoopConfig, SequenceEntry
 
     sdir = out / "stages" / stage.name
     sdir.mkdir(parents=True, exist_ok=True)
     train = dataclasses.replace(job.train, epochs=stage.epochs, lr=stage.lr or job.train.lr)
-    tjob = TrainJobConfig(output_dir=str(sdir), data=job.data, model=job.student, train=train, eval=job.eval)
+    ev = job.eval if eval_images is None else dataclasses.replace(job.eval, max_images=eval_images)
+    tjob = TrainJobConfig(output_dir=str(sdir), data=job.data, model=job.student, train=train, eval=ev)
     tr = job.trainer
-    loop = LoopConfig(
+    settings = dict(
         job=to_dict(tjob), stage=stage.to_dict(), init=None if init is None else str(Path(init).resolve()),
         threads_per_worker=tr.threads_per_worker, memory_bytes=job.cache.memory_bytes, kd_ratio=stage.kd_ratio,
         eval_every=tr.eval_every, use_gpu=tr.use_gpu, progress=progress,
         teacher_mode="cache" if all(m.cache or m.adapter for m in stage.teachers) else "inline",
         worker_hooks=list(tr.worker_hooks), tensorboard_dir=str((sdir / "tensorboard").resolve()))
     return SequenceEntry(
-        loop=loop.to_dict(), out_dir=str(sdir), continues=continues,
+        loop=LoopConfig(**{**settings, **loop}).to_dict(), out_dir=str(sdir), continues=continues,
         save_optimizer=job.schedule == "curriculum" and stage.teachers != [],
         model_info={"curriculum": {"stage": stage.name, "teacher": stage.teacher},
                     "resize": job.data.resize_spec("val").to_dict()})  # how `curriculum predict` makes its inputs
@@ -620,12 +623,13 @@ def run_pipeline(job: RunJobConfig, resume: bool = False, progress: bool = True,
 
     # Every stage, then the baseline and the direct arm, in one Ray Train run.
     init, inherited = start_from(stages[0].teachers[0].name, "curriculum")
-    entries = [stage_entry(job, st, init if i == 0 else None, out, progress, continues=i > 0)
+    entries = [stage_entry(job, st, init if i == 0 else None, out, continues=i > 0, progress=progress)
                for i, st in enumerate(stages)]
     b = baseline_stage(job, total_epochs(stages)) if job.baseline else None
     if b is not None:
-        entries.append(stage_entry(job, b, random_init, out, progress))
-    entries += [stage_entry(job, d, start_from(d.teachers[0].name, "direct")[0], out, progress) for d in extra_stages]
+        entries.append(stage_entry(job, b, random_init, out, progress=progress))
+    entries += [stage_entry(job, d, start_from(d.teachers[0].name, "direct")[0], out, progress=progress)
+                for d in extra_stages]
     all_summaries = run_stages(job, entries, out, phases)
     summaries = all_summaries[:len(stages)]
 

@@ -167,8 +167,8 @@ def test_sweep_reuses_one_cache_reports_a_failing_trial_and_writes_a_best_config
     from helpers import tensorboard_scalars
 
     done = next(t for t in trials if t["status"] == "finished")
-    (stage_dir,) = (Path(done["path"]) / "tensorboard").iterdir()
-    tb = tensorboard_scalars(stage_dir)
+    (stage_dir,) = (Path(done["path"]) / "stages").iterdir()
+    tb = tensorboard_scalars(stage_dir / "tensorboard")
     assert [s for s, _ in tb["val/AP"]] == [1, 2] and "distill/decay" in tb and "loss/loss" in tb
     assert report["default"] is not None and report["default"]["params"] == {"kd_ratio": 1.0}
     rep = Path(report["best_config"]).parent

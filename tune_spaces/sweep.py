@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import yaml
 
-from curriculum.config import (EvalConfig, RunJobConfig, TrainJobConfig, apply_overrides, config_from_dict, to_dict)
+from curriculum.config import RunJobConfig, apply_overrides, config_from_dict, to_dict
 from curriculum.errors import ConfigError, CurriculumError
 from curriculum.files import storage_env
 from tune_spaces import Space, format_value
@@ -166,9 +166,10 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     epoch, the feature factors of a PBT clone rescaled to its perturbed kd_ratio)."""
     import ray.tune
 
+    from curriculum.pipeline import stage_entry
     from curriculum.plan import build_plan
     from teachers.outputs import teacher_forward_counts
-    from trainers.ray_train import LoopConfig, SequenceEntry, TuneSession, run_sequence
+    from trainers.ray_train import TuneSession, run_sequence
 
     # A trial's process has its node's environment: the driver's object-store variables reach the caches from here
     # (Tune has no runtime env per trial).
@@ -184,21 +185,13 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             setattr(member, key, value)
     workdir = Path(ray.tune.get_context().get_trial_dir())
     device = "cuda" if ctx["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    entries = []
-    for st in stages:
-        train = dataclasses.replace(job.train, epochs=st.epochs, lr=st.lr or job.train.lr)
-        tjob = TrainJobConfig(output_dir=str(workdir), data=job.data, model=job.student, train=train,
-                              eval=EvalConfig(batch_size=job.eval.batch_size, max_images=ctx["eval_images"]))
-        loop = LoopConfig(
-            job=to_dict(tjob), threads_per_worker=max(1, ctx["threads"]), stage=st.to_dict(),
-            init=ctx["init"] if st.index == 0 else None, memory_bytes=job.cache.memory_bytes, kd_ratio=st.kd_ratio,
-            eval_every=1, progress=False, teacher_mode=ctx["teacher_mode"], use_gpu=device == "cuda",
-            shard_stores={m.name: ctx["stores"][m.name] for m in st.teachers if m.name in ctx["stores"]},
-            tensorboard_dir=str(workdir / "tensorboard" / st.name))
-        entries.append(SequenceEntry(loop=loop.to_dict(), out_dir=str(workdir / "stages" / st.name),
-                                     continues=st.index > 0, save_optimizer=job.schedule == "curriculum"))
-    for e in entries:
-        Path(e.out_dir).mkdir(parents=True, exist_ok=True)
+    # The run's stage entries, with the trial's threads, device and evaluation, and without the trainer's worker
+    # hooks (a trial is not a Ray Train worker).
+    entries = [stage_entry(job, st, ctx["init"] if st.index == 0 else None, workdir, continues=st.index > 0,
+                           progress=False, eval_images=ctx["eval_images"], threads_per_worker=max(1, ctx["threads"]),
+                           eval_every=1, use_gpu=device == "cuda", worker_hooks=[],
+                           shard_stores={m.name: ctx["stores"][m.name] for m in st.teachers if m.name in ctx["stores"]})
+               for st in stages]
     session = TuneSession(resume=ray.tune.get_checkpoint(), device=device,
                           extra=lambda m: {"teacher_forwards": teacher_forward_counts()["teacher"] - forwards0})
     run_sequence(entries, session)  # the shard stores are the sweep's: they stay filled for the other trials
