@@ -11,7 +11,9 @@ the first trial), one trial at a time on the whole machine (`tune.max_concurrent
   in-process distillation frameworks do.
 
 The floor is N x S + T, S being one trial's schedule (same student, data, epochs, per-epoch evaluation and threads)
-trained without distillation, in this process (`trainers.ray_train.run_training` without a stage, timed here).
+trained without distillation, in this process (`trainers.ray_train.run_training` without a stage, timed here). S is
+timed three times, before, between and after the two arms, and the median taken: the arms take about 20 minutes, and
+on a shared machine a single timing of S moved by several percent between otherwise equal runs.
 The default teacher is the zoo's `fcos_resnet50` (a ResNet-50 FCOS: at 128 px its forward costs about 6.7 times the
 built-in student's training step on one thread), trained for 1 epoch by the sweep's preparation if it is not in
 `teachers_dir` (its training is not counted in either arm: it is paid once per teacher, as in a real run). The cost
@@ -19,7 +21,8 @@ of a step does not depend on how well the teacher is trained, so the short train
 not what they cost.
 
 Writes `bench/results/tune_cost.json` ({"trials", "teacher", "student", "sweep_s", "precompute_s",
-"student_alone_s", "inline_sweep_s", "ratio_vs_floor", "inline_over_cached"}, plus the details of both arms) and a
+"student_alone_s", "inline_sweep_s", "ratio_vs_floor", "inline_over_cached"}, plus the three timings of S and the
+details of both arms) and a
 PNG beside it; prints the table. Goals (issue 18): ratio_vs_floor <= 1.1, inline_over_cached >= 2.
 
     python bench/tune_cost.py                                     # 8 trials, fcos_resnet50, 2 epochs per trial
@@ -32,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -174,12 +178,16 @@ def main() -> int:
     space = load_space(args.space)
     job = load_run_config(args.config, common)
     samples = args.trials - (1 if job.tune.include_default else 0)  # Tune adds the default as one more trial
-    arms = {"cache": run_arm(args.config, common, [f"cache.root={out / stamp / 'cache'}"], space, samples, "cache"),
-            "inline": run_arm(args.config, common, ["tune.teacher_mode=inline"], space, samples, "inline")}
-    alone = student_alone_seconds(job, out / stamp / "student_alone")
+    alone_runs = [student_alone_seconds(job, out / stamp / "student_alone" / "before")]
+    arms = {"cache": run_arm(args.config, common, [f"cache.root={out / stamp / 'cache'}"], space, samples, "cache")}
+    alone_runs.append(student_alone_seconds(job, out / stamp / "student_alone" / "between"))
+    arms["inline"] = run_arm(args.config, common, ["tune.teacher_mode=inline"], space, samples, "inline")
+    alone_runs.append(student_alone_seconds(job, out / stamp / "student_alone" / "after"))
+    alone = statistics.median(alone_runs)
     n = len(arms["cache"]["trials"])
     result = summarise(n, args.teacher, job.student.name, arms["cache"], arms["inline"], alone)
-    result.update({"arms": arms, "overrides": common[:-2], "config": str(Path(args.config).name),
+    result.update({"student_alone_runs_s": [round(a, 1) for a in alone_runs], "arms": arms,
+                   "overrides": common[:-2], "config": str(Path(args.config).name),
                    "machine": f"{os.cpu_count()} CPUs, threads per trial {args.threads}"})
     c = arms["cache"]
     per_trial = [t["seconds"] for t in c["trials"] if t.get("seconds")]
@@ -192,7 +200,8 @@ def main() -> int:
     for name, a in arms.items():
         lines.append(f"| {name} | {a['sweep_s']:.1f} | {a['precompute_s']:.1f} | {a['trials_s']:.1f} | "
                      f"{a['teacher_forwards_in_trials']} | {_pct(a['best_AP'])} | {_pct(a['default_AP'])} |")
-    lines += ["", f"S (one trial's schedule without distillation, in process): {alone:.1f} s; floor N x S + T = "
+    lines += ["", f"S (one trial's schedule without distillation, in process, median of "
+              f"{', '.join(f'{a:.1f}' for a in alone_runs)}): {alone:.1f} s; floor N x S + T = "
               f"{n * alone + c['precompute_s']:.1f} s.",
               f"ratio_vs_floor {result['ratio_vs_floor']:.3f} (goal <= 1.1); inline_over_cached "
               f"{result['inline_over_cached']:.3f} (goal >= 2).",

@@ -126,33 +126,30 @@ class Phases:
 
     @contextmanager
     def __call__(self, name: str, reused: bool = False) -> Iterator[dict[str, Any]]:
+        """Times the block as phase `name`; the block may set the yielded row's "reused" and add keys to it."""
         row = {"phase": name, "seconds": 0.0, "reused": reused}
         log.info("[%s] %s", name, "reused" if reused else "start")
         t0 = time.perf_counter()
         try:
             yield row
         finally:
-            row["seconds"] = round(time.perf_counter() - t0, 2)
-            if row["reused"]:
-                row["computed_s"] = self.done.get(name)
-            else:
-                row["computed_s"] = row["seconds"]
-                self.done[name] = row["seconds"]
-                if self.path is not None:
-                    atomic_write_json(self.done, self.path)
-                log.info("[%s] done in %.1f s", name, row["seconds"])
-            self.rows.append(row)
+            self._record(row, time.perf_counter() - t0)
 
     def add(self, name: str, seconds: float, reused: bool = False) -> None:
-        """A phase timed elsewhere (a stage, timed by its training worker)."""
-        row = {"phase": name, "seconds": round(seconds, 2), "reused": reused}
-        if reused:
-            row["computed_s"] = self.done.get(name, row["seconds"])
+        """A phase timed elsewhere (a stage, timed by its training worker: reused, its seconds are those it took)."""
+        self._record({"phase": name, "reused": reused}, seconds, computed=seconds)
+
+    def _record(self, row: dict[str, Any], seconds: float, computed: float | None = None) -> None:
+        """`row` with its seconds, and the seconds it took when computed (kept in `path` for later invocations)."""
+        name = row["phase"]
+        row["seconds"] = round(seconds, 2)
+        if row["reused"]:
+            row["computed_s"] = self.done.get(name, None if computed is None else round(computed, 2))
         else:
             row["computed_s"] = self.done[name] = row["seconds"]
             if self.path is not None:
                 atomic_write_json(self.done, self.path)
-            log.info("[%s] %.1f s", name, seconds)
+            log.info("[%s] done in %.1f s", name, row["seconds"])
         self.rows.append(row)
 
 
@@ -276,11 +273,8 @@ def evaluate_checkpoint(job: RunJobConfig, path: Path, out: Path, val_ds: Any, p
 
     if out.is_file():
         return json.loads(out.read_text())
-    model = load_detector(path)
-    if class_map is not None:
-        predict = model.predict
-        model.predict = lambda *a, **kw: class_map.map_detections(predict(*a, **kw))
-    metrics = evaluate_model(model, val_ds, job.eval, progress=progress)
+    relabel = class_map.map_detections if class_map is not None else None
+    metrics = evaluate_model(load_detector(path), val_ds, job.eval, progress=progress, relabel=relabel)
     metrics = {k: v for k, v in metrics.items() if k != "stats"}
     atomic_write_json(metrics, out)
     return metrics

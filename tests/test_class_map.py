@@ -277,3 +277,26 @@ def test_inherit_leaves_the_class_outputs_of_a_teacher_on_other_classes():
     assert "model.head.classification_head.cls_logits.weight" in inherit_weights(student, same)
     copied = inherit_weights(student, other)
     assert copied and not any("cls_logits" in k for k in copied)
+
+
+def test_a_teacher_on_other_classes_is_scored_on_its_mapped_detections(shapes_root):
+    """`predict_coco(relabel=ClassMap.map_detections)` (how a run scores such a teacher): the COCO results are the
+    teacher's detections of mapped classes under the data's categories; the others are dropped."""
+    from curriculum.config import DataConfig
+    from teachers.zoo import build_detector
+    from trainers.train import build_dataset, predict_coco
+
+    ds = build_dataset(DataConfig(root=str(shapes_root), builtin="none", flip="none"), "val")
+    t_names = ("__background__", "person", *reversed(ds.class_names[1:]), "N/A")
+    torch.manual_seed(0)
+    model = build_detector("fcos_resnet_mini", len(t_names), class_names=t_names, score_thresh=0.0).eval()
+    m = ClassMap.build(ds.class_names, t_names)
+    with torch.no_grad():
+        raw = model.predict([ds[i][0] for i in range(2)])
+    want = m.map_detections(raw)
+    results, ids = predict_coco(model, ds, batch_size=2, max_images=2, progress=False, relabel=m.map_detections)
+    assert 0 < sum(len(d["labels"]) for d in want) < sum(len(d["labels"]) for d in raw)
+    for iid, det in zip(ids, want):
+        got = sorted((r["category_id"], round(r["score"], 5)) for r in results if r["image_id"] == iid)
+        assert got == sorted((ds.label_to_category[int(lab)], round(float(s), 5))
+                             for lab, s in zip(det["labels"], det["scores"]))

@@ -250,9 +250,11 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_coco(
-    model: Detector, ds: CocoDetection, batch_size: int = 16, max_images: int = 0, progress: bool = True
+    model: Detector, ds: CocoDetection, batch_size: int = 16, max_images: int = 0, progress: bool = True,
+    relabel: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Detections of `model` on `ds` as COCO result dicts, in original image coordinates."""
+    """Detections of `model` on `ds` as COCO result dicts, in original image coordinates. `relabel`: applied to each
+    batch's detections first (`ClassMap.map_detections`: a detector on other classes scored on the data's)."""
     was_training = model.training
     model.eval()
     indices = list(range(len(ds) if not max_images else min(max_images, len(ds))))
@@ -261,7 +263,8 @@ def predict_coco(
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
     for images, targets in _progress(loader, desc="eval", disable=not progress, unit="batch"):
-        for det, tg in zip(model.predict(images), targets):
+        dets = model.predict(images)
+        for det, tg in zip(relabel(dets) if relabel is not None else dets, targets):
             view = tg["view"]
             boxes = view.unmap_boxes(det["boxes"])
             masks = None
@@ -277,11 +280,12 @@ def predict_coco(
 
 def evaluate_model(
     model: Detector, ds: CocoDetection, e: EvalConfig | None = None, detections_path: str | Path | None = None,
-    progress: bool = True,
+    progress: bool = True, relabel: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """COCO box metrics of `model` on `ds` (fractions; -1 where undefined), optionally saving the detections."""
+    """COCO box metrics of `model` on `ds` (fractions; -1 where undefined), optionally saving the detections
+    (`relabel`: as `predict_coco`'s)."""
     e = e or EvalConfig()
-    results, image_ids = predict_coco(model, ds, e.batch_size, e.max_images, progress)
+    results, image_ids = predict_coco(model, ds, e.batch_size, e.max_images, progress, relabel)
     if detections_path is not None:
         write_detections(detections_path, results)
     metrics = evaluate_detections(ds.coco, results, image_ids=image_ids, per_class=True)
