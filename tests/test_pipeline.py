@@ -225,6 +225,23 @@ def test_resume_mid_stage_equals_uninterrupted(ray_session, shapes_root, shared,
     assert phases["stages: Ray Train start and stop"]["seconds"] > 0
 
 
+def test_an_arm_added_to_a_finished_run_trains_from_its_own_start(ray_session, shapes_root, shared, tmp_path):
+    """`--resume` with `baseline: true` added to a finished run that had a direct arm: the baseline comes before the
+    direct arm in the sequence, where the run's last checkpoint (the direct arm's) was. It is trained from the
+    student's random init for all the epochs, the stage and the direct arm are not trained again."""
+    out = tmp_path / "run"
+    cfg = tiny(shapes_root, shared, out, stages=[{"epochs": 1}], direct=True)
+    run_pipeline(config_from_dict(RunJobConfig, cfg), progress=False)
+    direct = "direct-fcos_resnet_mini"
+    kept = {s: (out / "stages" / s / "model.pt").stat().st_mtime for s in ("1-fcos_resnet_mini", direct)}
+    run_pipeline(config_from_dict(RunJobConfig, dict(cfg, baseline=True)), resume=True, progress=False)
+    assert {s: (out / "stages" / s / "model.pt").stat().st_mtime for s in kept} == kept
+    done = json.loads((out / "stages" / "baseline" / "done.json").read_text())
+    assert [h["epoch"] for h in done["history"]] == [1] and done["seconds"] > 0
+    assert _max_diff(_weights(out, "baseline"), _weights(out, direct)) > 0.01  # not the direct arm's model
+    assert sorted(r["role"] for r in report_rows(out)) == ["baseline", "direct", "stage", "teacher"]
+
+
 # ------------------------------------------------------------------------------------------------ ray job submit
 
 

@@ -438,6 +438,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     stage: dict[str, Any] | None = cfg.stage
     distil = bool(stage and stage.get("teachers"))
     stage_index = stage["index"] if stage else 0
+    entry_name = stage["name"] if stage else "training"  # as SequenceEntry.name
     t = job.train
     rank, world, device = session.rank, session.world, session.device
     ds = build_dataset(job.data, "train", seed=t.seed, masks=needs_masks(job.model.name))
@@ -495,9 +496,11 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d) / STATE_FILE)
-        if (state.get("entry", 0), state.get("stage", 0)) != (cfg.entry, stage_index):
-            raise RuntimeError(f"checkpoint of stage {state.get('stage')} (entry {state.get('entry', 0)} of its "
-                               f"sequence) found in the run of stage {stage_index} (entry {cfg.entry})")
+        if (state.get("stage", 0) != stage_index or state.get("entry_name", entry_name) != entry_name
+                or ("entry_name" not in state and state.get("entry", 0) != cfg.entry)):
+            raise RuntimeError(f"checkpoint of {state.get('entry_name', 'stage')} {state.get('stage')} (entry "
+                               f"{state.get('entry', 0)} of its sequence) found in the run of {entry_name} "
+                               f"(stage {stage_index}, entry {cfg.entry})")
         model.load_state_dict(state["model"]["model"])
         if distiller is not None and state.get("distiller") is not None:
             distiller.load_state_dict(state["distiller"])
@@ -568,6 +571,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             if rank == 0:
                 state = {
                     "format": TRAIN_STATE_FORMAT, "epoch": epoch, "stage": stage_index, "entry": cfg.entry,
+                    "entry_name": entry_name,
                     "model": model.checkpoint(),
                     "distiller": distiller.state_dict() if distiller is not None else None,
                     "loss_factors": cfg.loss_factors,
@@ -583,7 +587,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     if state is None:  # nothing left to train (resumed after the last epoch): the checkpoint's state
-        state = {"epoch": start - 1, "stage": stage_index, "entry": cfg.entry, "model": model.checkpoint(),
+        state = {"epoch": start - 1, "stage": stage_index, "entry": cfg.entry, "entry_name": entry_name,
+                 "model": model.checkpoint(),
                  "history": json.dumps(history)}
     return state
 
@@ -728,18 +733,14 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             rstate = load_train_state(Path(d) / STATE_FILE)
-    at = rstate.get("entry", 0) if rstate is not None else -1
-    if rstate is not None and (at >= len(entries) or rstate.get("stage", 0) != (entries[at].loop.get("stage") or {}
-                                                                               ).get("index", 0)):
-        raise RuntimeError(f"the run's last checkpoint (entry {at}, stage {rstate.get('stage')}) is not one of this "
-                           f"sequence's {len(entries)} entries: use a new output folder for another plan")
+    at = checkpoint_entry(rstate, entries) if rstate is not None else -1
     planned = sum(e.epochs for e in entries)
     epochs_before = 0
     state = None
     for i, entry in enumerate(entries):
-        # With a checkpoint, it says where the sequence is (a later entry's outputs would be stale); without one,
-        # written outputs do.
-        finished = i < at or (i == at and rstate["epoch"] + 1 >= entry.epochs and entry.done()) if at >= 0 \
+        # With a checkpoint, it says where the sequence is (a later entry's outputs would be stale; an earlier one
+        # without outputs was added to the plan since); without one, written outputs do.
+        finished = entry.done() and (i < at or (i == at and rstate["epoch"] + 1 >= entry.epochs)) if at >= 0 \
             else entry.done()
         if finished:
             epochs_before += entry.epochs
@@ -775,6 +776,22 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
         session.barrier()  # the next entry may start from what rank 0 just wrote
         epochs_before += entry.epochs
     return state
+
+
+def checkpoint_entry(state: dict[str, Any], entries: Sequence[SequenceEntry]) -> int:
+    """The position in `entries` of the entry a sequence checkpoint was written in: found by its name (an arm added
+    to a finished run's plan moves the entries after it), by its position for checkpoints without one."""
+    names = [e.name for e in entries]
+    pos, name = state.get("entry", 0), state.get("entry_name")
+    if name is None:
+        at = pos if pos < len(entries) else -1
+    else:
+        at = pos if pos < len(names) and names[pos] == name else (names.index(name) if name in names else -1)
+    if at < 0 or state.get("stage", 0) != (entries[at].loop.get("stage") or {}).get("index", 0):
+        raise RuntimeError(f"the run's last checkpoint ({name or 'entry'} at {pos}, stage {state.get('stage')}) is "
+                           f"not one of this sequence's {len(entries)} entries ({', '.join(names)}): use a new output "
+                           "folder for another plan")
+    return at
 
 
 def _release_stores(names: set[str]) -> None:
@@ -885,7 +902,7 @@ def fit_sequence_on_ray(
     health_check_interval_s: float | None = None,
 ) -> dict[str, Any]:
     """Train `entries` in order (`run_sequence`) in one `TorchTrainer.fit`: the worker group, its process group
-    and the shard stores start once for all of them. Returns the last entry's final training state.
+    and the shard stores start once for all of them. Returns the last trained entry's final training state.
 
     object_store: the cached targets reach the workers through Ray's object store (`teachers.readers.
     ObjectStoreShards`: decoded once, zero copy, at most a stage's share of `memory_bytes` resident); False:
@@ -932,6 +949,7 @@ def fit_sequence_on_ray(
             logging_config=ray.train.LoggingConfig(log_level="DEBUG" if framework_logs else "WARNING"),
         ),
     )
+    done_before = [e.done() for e in entries]
     t_fit = time.perf_counter()
     try:
         with _controller_env(health_check_interval_s):
@@ -946,8 +964,10 @@ def fit_sequence_on_ray(
         raise RuntimeError(f"Ray Train run {storage_path}/{name} ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = load_train_state(Path(d) / STATE_FILE)
-    last = len(entries) - 1
-    if (state.get("entry", 0), state["epoch"] + 1) < (last, entries[last].epochs):
-        raise RuntimeError(f"Ray Train run {storage_path}/{name} stopped in {entries[state.get('entry', 0)].name} "
+    # Finished: the last checkpoint ends its entry, and every later entry was done before this fit (the sequence
+    # skipped them: a run resumed without its Ray Train state, an arm added to a finished run).
+    at = checkpoint_entry(state, entries)
+    if state["epoch"] + 1 < entries[at].epochs or not all(done_before[at + 1:]):
+        raise RuntimeError(f"Ray Train run {storage_path}/{name} stopped in {entries[at].name} "
                            f"after epoch {state['epoch'] + 1}: {result.error}")
     return state
