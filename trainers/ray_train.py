@@ -496,8 +496,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_train_state(Path(d) / STATE_FILE)
-        if (state.get("stage", 0) != stage_index or state.get("entry_name", entry_name) != entry_name
-                or ("entry_name" not in state and state.get("entry", 0) != cfg.entry)):
+        # (which entry of a sequence resumes is `checkpoint_entry`'s decision; this guards the pairing)
+        if state.get("stage", 0) != stage_index or state.get("entry_name", entry_name) != entry_name:
             raise RuntimeError(f"checkpoint of {state.get('entry_name', 'stage')} {state.get('stage')} (entry "
                                f"{state.get('entry', 0)} of its sequence) found in the run of {entry_name} "
                                f"(stage {stage_index}, entry {cfg.entry})")

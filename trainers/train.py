@@ -88,7 +88,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, to
         groups = [{"params": [p for n, p in named if not _no_decay(n, p)]},
                   {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
     # foreach (one batched update over all tensors): torch defaults to it only on CUDA, but on the CPU it also
-    # beats the Python loop over the student's ~170 tensors
+    # beats the Python loop over a detector's many small tensors
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, foreach=True)
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
