@@ -311,7 +311,7 @@ def train_step(s: Learner, images: list[torch.Tensor], targets: list[dict[str, A
     """One step as `train_one_epoch` with `trainers.distillation.DistillStep` makes it, with its parts timed: the
     targets from the feed, their move to the device, then the step's own `terms` (detector-loss scales included)."""
     images, targets = to_device(images, targets, s.device)
-    want = ("losses", "features", "head") if teacher is not None else ("losses",)
+    want = s.step.want if teacher is not None else ("losses",)
     with clock.part("forward"), autocast(s.device):
         out = s.model(images, targets, want=want)
     terms = dict(out.losses)

@@ -14,7 +14,7 @@ import torch
 
 from teachers.zoo import build_detector
 from trainers.distill import LOSSES, TeacherTargets, build_distiller
-from trainers.distill.outputs import student_outputs_from
+from trainers.distill.outputs import forward_outputs, student_outputs_from
 
 K = 7
 IMAGES = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -107,14 +107,21 @@ def _train_step(student, teacher, entry, key, targets=TARGETS):
     distiller.train()
     opt = torch.optim.SGD([*student.parameters(), *distiller.parameters()], lr=1e-2)
     before = {k: v.detach().clone() for k, v in distiller.state_dict().items() if v.is_floating_point()}
-    out = student(IMAGES, targets, want=("losses", "features", "head"))
+    # The training step records only what the loss says it reads (`forward_outputs`): the loss must find all of it
+    # there, and come out as from a forward that records everything (same RPN sample, same masks).
+    rng = torch.get_rng_state()
+    full = student(IMAGES, targets, want=("losses", "features", "head"))
+    torch.set_rng_state(rng)
+    out = student(IMAGES, targets, want=forward_outputs(distiller.required_student_outputs()))
     tt = TeacherTargets.inline(teacher, IMAGES, [t["image_id"] for t in targets],
                                keep=distiller.required_teacher_targets())
     assert not teacher.training
     s_out = student_outputs_from(out)
-    needed = set().union(*(t.required_student() for t in distiller.terms.values()))
-    assert needed <= set(s_out), "the zoo must record what the loss reads"
+    assert distiller.required_student_outputs() <= set(s_out), "the zoo must record what the loss reads"
     kd = distiller(s_out, tt, targets, generator=torch.Generator().manual_seed(0))
+    kd_full = distiller(student_outputs_from(full), tt, targets, generator=torch.Generator().manual_seed(0))
+    assert kd.keys() == kd_full.keys()
+    assert all(torch.allclose(kd[k], kd_full[k], rtol=1e-5, atol=0) for k in kd), (kd, kd_full)
     (name,) = kd
     term = kd[name]
     assert name == f"distill_{next(iter(distiller.terms))}" and torch.isfinite(term), kd
@@ -161,6 +168,16 @@ def test_mask_rcnn_losses_train(detectors, key):
     student, teacher = detectors["mask_rcnn"]
     torch.manual_seed(1)
     _train_step(copy.deepcopy(student), teacher, MASK_RCNN[key], key, _with_masks(TARGETS))
+
+
+def test_a_step_records_only_what_its_losses_read():
+    """A feature loss's step skips the head's recording (and the dense matching's targets it computes)."""
+    def want(*entries):
+        return forward_outputs(build_distiller(list(entries), {"p3": 8}, {"p3": 8}).required_student_outputs())
+
+    assert want({"name": "mgd"}) == ("losses", "features")
+    assert want({"name": "chen_cls", "head": "dense"}) == ("losses", "head")
+    assert want({"name": "fitnet"}, {"name": "hinton_kd", "head": "dense"}) == ("losses", "features", "head")
 
 
 def test_student_outputs_rows_line_up(detectors):

@@ -27,6 +27,7 @@ import torch
 
 from teachers.class_map import ClassMap
 from teachers.targets import TeacherTargets
+from trainers.distill.outputs import forward_outputs, student_outputs_from
 
 Source = Callable[[list[torch.Tensor], list[dict]], Any]  # TeacherTargets, or {teacher: TeacherTargets}
 
@@ -170,7 +171,8 @@ class InlineSource:
 
 class DistillStep:
     """`extra_loss` for `train_one_epoch`: teacher targets for the batch from `source(images, targets)`, then
-    the distiller's terms at decay factor `decay` (MGD's masks drawn from `generator`).
+    the distiller's terms at decay factor `decay` (MGD's masks drawn from `generator`). `want`: what the
+    student's forward must record for them (`train_one_epoch` asks for exactly that).
 
     `class_map` (`teachers.class_map.ClassMap`): a teacher on other classes than the student's; its targets are
     mapped into the student's labels as they come from the source. Several teachers at once: the source gives
@@ -189,6 +191,7 @@ class DistillStep:
         self.autocast = self.device is not None and self.device.type == "cuda"
         plain = getattr(distiller, "module", distiller)  # DDP-wrapped or not
         self.scales = plain.detector_loss_scales() if scales is None else scales
+        self.want = forward_outputs(plain.required_student_outputs())
 
     def targets(self, images: list[torch.Tensor], targets: list[dict]) -> TeacherTargets | dict[str, TeacherTargets]:
         tt = self.source(images, targets)
@@ -205,8 +208,6 @@ class DistillStep:
     def terms(self, out: Any, tt: TeacherTargets | dict[str, TeacherTargets], targets: list[dict]
               ) -> dict[str, torch.Tensor]:
         """The distillation terms of one forward `out` (`teachers.zoo.DetectorOutput`) against `tt`."""
-        from trainers.distill.outputs import student_outputs_from
-
         gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
             terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
@@ -244,7 +245,7 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     try:
         with torch.no_grad():
             for images, targets in batches:
-                out = student(images, targets, want=("losses", "features", "head"))
+                out = student(images, targets, want=step.want)
                 terms = step(out, targets, images)
                 det += float(sum(out.losses.values()))
                 feat += sum(float(terms[f"distill_{k}"]) for k in keys)

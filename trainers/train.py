@@ -193,15 +193,16 @@ def train_one_epoch(
     """One pass over `loader`; returns the mean of each loss term, images/s and the last lr.
 
     `extra_loss(output, targets, images)` adds terms (distillation) computed from the same forward pass (the
-    images are there for a teacher that runs inline on the same batch). `on_step(batch, terms, lr)` sees every
-    step's loss terms (and their sum, ``loss``) and learning rate (TensorBoard: `tensorboard_writer`).
+    images are there for a teacher that runs inline on the same batch); the forward records what
+    `extra_loss.want` names (`DistillStep`: what its losses read), or everything. `on_step(batch, terms, lr)`
+    sees every step's loss terms (and their sum, ``loss``) and learning rate (TensorBoard: `tensorboard_writer`).
     Raises NonFiniteLossError naming the epoch and batch when a loss is NaN or infinite.
     """
     model.train()
     sums: dict[str, float] = {}
     n_images, n_batches = 0, 0
     start = time.perf_counter()
-    want = ("losses", "features", "head") if extra_loss else ("losses",)
+    want = ("losses",) if extra_loss is None else getattr(extra_loss, "want", ("losses", "features", "head"))
     limit = t.max_iters_per_epoch or len(loader)
     bar = _progress(loader, total=min(limit, len(loader)), desc=f"epoch {epoch + 1}/{t.epochs}",
                     disable=not progress, unit="batch")

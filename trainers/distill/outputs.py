@@ -20,6 +20,14 @@ from teachers.targets import fields_of
 _SAME_NAME = fields_of("head") + ("dense_labels", "dense_reg_targets", "rpn_labels", "rpn_reg_targets")
 
 
+def forward_outputs(required: set[str]) -> tuple[str, ...]:
+    """What a training step's ``Detector.forward`` must record (its ``want``) for losses reading the student
+    outputs `required` (``Distiller.required_student_outputs``): the losses, and the features and the head only
+    where a loss reads them (recording the head also computes the dense matching's targets)."""
+    extra = ("features",) * ("features" in required) + ("head",) * bool(required - {"features"})
+    return ("losses",) + extra
+
+
 def student_outputs_from(out: Any) -> dict[str, Any]:
     """The ``student_outputs`` dict of ``Distiller.forward`` from a ``teachers.zoo.DetectorOutput``.
 

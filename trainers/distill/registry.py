@@ -163,6 +163,10 @@ class Distiller(nn.Module):
                 scales[name] = scales.get(name, 1.0) * s
         return scales
 
+    def required_student_outputs(self) -> set[str]:
+        """Student outputs (``outputs.student_outputs_from`` keys) the configured terms read."""
+        return set().union(set(), *(t.required_student() for t in self.terms.values()))
+
     def required_teacher_targets(self, teacher: str | None = None) -> set[str]:
         """``TeacherTargets`` fields the configured terms read (``roi_scorer`` or stored RoI outputs); with
         several teachers, `teacher`'s terms only (None: all terms)."""
