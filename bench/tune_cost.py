@@ -54,32 +54,12 @@ def bench_overrides(teacher: str, threads: int) -> list[str]:
             f"tune.threads_per_trial={threads}"]
 
 
-class _InProcess:
-    """What `run_training` needs of a session: one worker, here."""
-
-    rank, world = 0, 1
-
-    def __init__(self) -> None:
-        import torch
-
-        self.device = torch.device("cpu")
-
-    def prepare(self, module: Any, find_unused: bool = False) -> Any:
-        return module
-
-    def checkpoint(self) -> None:
-        return None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        pass
-
-
 def student_alone_seconds(job: Any, out: Path) -> float:
     """S: the trial's schedule (all stages' epochs, per-epoch evaluation of `tune.eval_images`) without a teacher."""
     from curriculum.config import EvalConfig, TrainJobConfig, to_dict
     from curriculum.plan import total_epochs
     from curriculum.pipeline import absolute_paths
-    from trainers.ray_train import LoopConfig, run_training
+    from trainers.ray_train import LocalSession, LoopConfig, run_training
 
     job = absolute_paths(job, REPO)
     epochs = total_epochs(job.stage_settings())
@@ -88,7 +68,7 @@ def student_alone_seconds(job: Any, out: Path) -> float:
                           eval=EvalConfig(batch_size=job.eval.batch_size, max_images=job.tune.eval_images))
     cfg = LoopConfig(job=to_dict(tjob), threads_per_worker=job.tune.threads_per_trial, eval_every=1, progress=False)
     t0 = time.perf_counter()
-    run_training(cfg, _InProcess())
+    run_training(cfg, LocalSession())
     return time.perf_counter() - t0
 
 

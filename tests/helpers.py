@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 from trainers.distill.common import set_identity_
+from trainers.ray_train import LocalSession
 
 
 def identity_generation(distiller):
@@ -37,33 +38,6 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-class LocalSession:
-    """A training session in this process (one rank, no Ray): what `trainers.ray_train.run_sequence` needs of a Ray
-    Train worker's or a Tune trial's session. Keeps the reported metrics."""
-
-    rank, world = 0, 1
-
-    def __init__(self, resume=None):
-        import torch
-
-        self.resume, self.device, self.reports = resume, torch.device("cpu"), []
-
-    def prepare(self, module, find_unused=False):
-        return module
-
-    def checkpoint(self):
-        return self.resume
-
-    def report(self, metrics, checkpoint_dir):
-        self.reports.append(metrics)
-
-    def barrier(self):
-        pass
-
-    def broadcast(self, obj):
-        return obj
 
 
 def sequence_without_ray(monkeypatch, train):

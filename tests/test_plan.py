@@ -218,8 +218,8 @@ def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_op
     iterations, cut at 2; stage 2's AdamW starts at step 2 with stage 1's moments (a fresh stage: step 0)."""
     from curriculum.config import TrainConfig, TrainJobConfig, to_dict
     from curriculum.plan import Stage
-    from helpers import LocalSession, tensorboard_scalars
-    from trainers.ray_train import LoopConfig, run_training
+    from helpers import tensorboard_scalars
+    from trainers.ray_train import LocalSession, LoopConfig, run_training
     from trainers.train import lr_factor
 
     train = {"epochs": 1, "batch_size": 4, "max_iters_per_epoch": 2, "lr": 0.01, "warmup_iters": 3,

@@ -304,17 +304,16 @@ class TrainSession:
         return box[0]
 
 
-class TuneSession:
-    """A Ray Tune trial's own process (one worker, no DDP): `ray.tune.report` with a checkpoint every epoch, so
-    ASHA can stop the trial and PBT can clone and perturb it (tune_spaces/sweep.py).
-
-    `resume` is the checkpoint to start from (the trial's own after a restart, or PBT's donor), or None; `extra`
-    metrics are added to every report (the teacher forwards; `run_sequence` adds the epoch count over all stages)."""
+class LocalSession:
+    """One rank in this process, without Ray (a benchmark's reference run of the student alone, a debugger): no
+    DDP, the reported metrics kept in `reports`, the epoch checkpoints not kept; `resume`: a checkpoint to start
+    from, or None."""
 
     rank, world = 0, 1
 
-    def __init__(self, resume: Any = None, device: str = "cpu", extra: Any = None) -> None:
-        self.resume, self.device, self.extra = resume, torch.device(device), extra
+    def __init__(self, resume: Any = None, device: str = "cpu") -> None:
+        self.resume, self.device = resume, torch.device(device)
+        self.reports: list[dict[str, Any]] = []
 
     def prepare(self, module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
         return module.to(self.device)
@@ -323,17 +322,32 @@ class TuneSession:
         return self.resume
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        import ray.tune
-
-        extra = self.extra(metrics) if self.extra else {}
-        ray.tune.report({**metrics, **extra}, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
-                        if checkpoint_dir else None)
+        self.reports.append(metrics)
 
     def barrier(self) -> None:
         pass
 
     def broadcast(self, obj: Any) -> Any:
         return obj
+
+
+class TuneSession(LocalSession):
+    """A Ray Tune trial's own process (one worker, no DDP): `ray.tune.report` with a checkpoint every epoch, so
+    ASHA can stop the trial and PBT can clone and perturb it (tune_spaces/sweep.py).
+
+    `resume` is the checkpoint to start from (the trial's own after a restart, or PBT's donor), or None; `extra`
+    metrics are added to every report (the teacher forwards; `run_sequence` adds the epoch count over all stages)."""
+
+    def __init__(self, resume: Any = None, device: str = "cpu", extra: Any = None) -> None:
+        super().__init__(resume, device)
+        self.extra = extra
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.tune
+
+        extra = self.extra(metrics) if self.extra else {}
+        ray.tune.report({**metrics, **extra}, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
+                        if checkpoint_dir else None)
 
 
 @dataclasses.dataclass
