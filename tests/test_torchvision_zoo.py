@@ -11,6 +11,7 @@ import torch
 from torchvision.models import get_model_builder, get_model_weights
 
 from curriculum.data import Resize
+from helpers import load_bench
 from curriculum.errors import ModelError
 from teachers.zoo import TORCHVISION_BUILDERS, build_detector, list_detectors, load_detector
 
@@ -34,6 +35,7 @@ def _reference(builder: str, num_classes: int = 91, **kw):
 
 @pytest.mark.parametrize("builder", TORCHVISION_BUILDERS)
 def test_same_detections_as_torchvisions_own_forward(builder, tmp_path):
+    parity = load_bench("torchvision_teachers")  # the bench's parity measures, asserted here
     ref = _reference(builder)
     path = tmp_path / f"{builder}.pth"
     torch.save(ref.state_dict(), path)  # a state-dict file as torchvision publishes them
@@ -49,28 +51,14 @@ def test_same_detections_as_torchvisions_own_forward(builder, tmp_path):
         assert len(want["boxes"]) > 0 and len(got["boxes"]) == len(want["boxes"])
         # The computation: the head's raw outputs against torchvision's own modules on its own transform.
         with torch.no_grad():
-            images, _ = ref.transform([img])
-            feats = list(ref.backbone(images.tensors).values())
-            out = det([view.apply(img)], want=("head",))
-        if det.kind == "one_stage":
-            theirs, ours = [ref.head(feats)["cls_logits"]], [torch.cat(out.head["cls_logits"], dim=1)]
-        else:
-            theirs, ours = ref.rpn.head(feats)[0], out.head["objectness"]
-        assert max(float((a - b).abs().max()) for a, b in zip(theirs, ours)) < 1e-4
+            assert parity.max_logit_difference(ref, det, img, view) < 1e-4
         if "mobilenet" in builder:
             # Random MobileNetV3 weights give many anchors the very same objectness: which tie makes the RPN's top-k
             # is float rounding (bench/torchvision_teachers.py: 82 to 98% of detections identical, logits to 1e-8).
-            assert identical_fraction(got, want, view.unmap_boxes(got["boxes"])) >= 0.7
+            assert parity.identical_fraction(got, want, view.unmap_boxes(got["boxes"])) >= 0.7
             continue
         box_diff, score_diff = detection_differences(got, want, view)
         assert box_diff < 0.25 and score_diff < 1e-3  # float rounding (the normalisation runs after the resize)
-
-
-def identical_fraction(got: dict, want: dict, boxes: torch.Tensor) -> float:
-    same = ((boxes[:, None] - want["boxes"][None]).abs().amax(-1) < 0.5)
-    same &= (got["labels"][:, None] == want["labels"][None])
-    same &= ((got["scores"][:, None] - want["scores"][None]).abs() < 1e-3)
-    return float(same.any(dim=1).float().mean())
 
 
 def detection_differences(got: dict, want: dict, view) -> tuple[float, float]:
