@@ -3,9 +3,9 @@
 1. Throughput: `curriculum precompute` (Ray actor: image decode, forward, encode, zstd Parquet, atomic commit)
    against the bare teacher forward on the same batches (images already decoded in memory, outputs dropped),
    with the same number of torch threads. Goal: ratio >= 0.9.
-2. Bytes per image for each target kind and compression setting (the cache's own encoder and Parquet writer),
-   and the same figure projected to COCO train2017 at 800x1333 (118,287 images): dense maps scale with the
-   pixel count, detections and proposals do not.
+2. Bytes per image for each target kind and compression setting (the cache's own encoder and Parquet writer;
+   a `pca` setting's projection fitted on the same images), and the same figure projected to COCO train2017 at
+   800x1333 (118,287 images): dense maps scale with the pixel count, detections and proposals do not.
 
     python bench/precompute.py [--images 200] [--teacher retinanet_resnet18_half] [--checkpoint model.pt]
                                [--threads 1] [--batch-size 8] [--views noflip]
@@ -34,7 +34,7 @@ from curriculum.config import (  # noqa: E402
 from teachers.cache import column_bytes, rows_to_table, shard_ranges, table_to_bytes  # noqa: E402
 from teachers.codec import encode_row  # noqa: E402
 from teachers.outputs import teacher_outputs  # noqa: E402
-from teachers.precompute import open_dataset, shard_batches, view_sample  # noqa: E402
+from teachers.precompute import fit_teacher_projection, open_dataset, shard_batches, view_sample  # noqa: E402
 
 COCO_IMAGES = 118_287
 COCO_HW = (800, 1333)
@@ -48,6 +48,9 @@ SETTINGS = {
     "fp16+boxes": CompressionConfig(dtype="fp16", features_region="boxes", box_dilation=0.5),
     "fp16+pool2": CompressionConfig(dtype="fp16", features_region="pooled", pool=2),
     "int8+top3+boxes": CompressionConfig(dtype="int8", logits="topk", topk=3, features_region="boxes"),
+    # features as their principal components, fitted on the bytes table's own images (`teachers/projection.py`)
+    "int8+top3+pca32": CompressionConfig(dtype="int8", logits="topk", topk=3, pca=32),
+    "int8+top3+pca16": CompressionConfig(dtype="int8", logits="topk", topk=3, pca=16),
 }
 
 
@@ -212,9 +215,14 @@ def main() -> None:
     header = f"{'setting':18s}" + "".join(f"{k:>13s}" for k in kinds) + f"{'total':>13s}{'COCO/img':>12s}{'COCO total':>12s}"
     print(header + "\n" + "-" * len(header))
     for name, comp in SETTINGS.items():
+        projection = (fit_teacher_projection(det, ds, comp.pca, m, det.level_names)
+                      if comp.pca and comp.pca < det.backbone.out_channels else None)
+        if comp.pca and projection is None:
+            print(f"{name:18s} skipped: the teacher has {det.backbone.out_channels} channels")
+            continue
         table = rows_to_table([{"image_id": 0, "view_key": "k", "view": {"orig_h": 1, "orig_w": 1, "out_h": 1,
                                                                           "out_w": 1, "flip": False},
-                                **encode_row(r, comp, s[1], (128, 128))} for r, s in zip(raws, samples)])
+                                **encode_row(r, comp, s[1], (128, 128), projection)} for r, s in zip(raws, samples)])
         kb = column_bytes(table_to_bytes(table, {}))
         per = {k: kb.get(k, 0) / m for k in kinds}
         coco = sum(v * (area if k in ("features", "head") else 1.0) for k, v in per.items())
