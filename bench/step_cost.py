@@ -517,7 +517,7 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
     for label, key in (("waiting for the targets (CacheReader, read one batch ahead)", "targets"),
                        (f"moving them to `{device}`", "move"),
                        ("the distillation losses, forward (distiller)", "losses"),
-                       ("student forward (with losses; (b) also keeps FPN features and head outputs)", "forward"),
+                       ("student forward (with losses; (b) also records what its loss reads)", "forward"),
                        ("backward (student and losses, one graph), clipping, AdamW step", "backward"),
                        ("the rest (batch to the device, loss sum and reads, loop)", "other"),
                        ("the step", "step")):

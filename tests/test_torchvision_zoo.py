@@ -11,8 +11,8 @@ import torch
 from torchvision.models import get_model_builder, get_model_weights
 
 from curriculum.data import Resize
-from helpers import load_bench
 from curriculum.errors import ModelError
+from helpers import load_bench
 from teachers.zoo import TORCHVISION_BUILDERS, build_detector, list_detectors, load_detector
 
 MIN, MAX = 224, 352  # small inputs keep ResNet-50 fast on a CPU

@@ -306,14 +306,12 @@ class TrainSession:
 
 class LocalSession:
     """One rank in this process, without Ray (a benchmark's reference run of the student alone, a debugger): no
-    DDP, the reported metrics kept in `reports`, the epoch checkpoints not kept; `resume`: a checkpoint to start
-    from, or None."""
+    DDP; reports and their epoch checkpoints are dropped; `resume`: a checkpoint to start from, or None."""
 
     rank, world = 0, 1
 
     def __init__(self, resume: Any = None, device: str = "cpu") -> None:
         self.resume, self.device = resume, torch.device(device)
-        self.reports: list[dict[str, Any]] = []
 
     def prepare(self, module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
         return module.to(self.device)
@@ -322,7 +320,7 @@ class LocalSession:
         return self.resume
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
+        pass
 
     def barrier(self) -> None:
         pass

@@ -165,7 +165,7 @@ class Distiller(nn.Module):
 
     def required_student_outputs(self) -> set[str]:
         """Student outputs (``outputs.student_outputs_from`` keys) the configured terms read."""
-        return set().union(set(), *(t.required_student() for t in self.terms.values()))
+        return set().union(*(t.required_student() for t in self.terms.values()))
 
     def required_teacher_targets(self, teacher: str | None = None) -> set[str]:
         """``TeacherTargets`` fields the configured terms read (``roi_scorer`` or stored RoI outputs); with
