@@ -702,6 +702,10 @@ class RunJobConfig:
     kd_ratio: null uses the loss weights as configured; a number rescales the feature terms of each stage once,
       at its start, so that they add up to kd_ratio x the detector loss on the first batches (the published
       weights were tuned for 800 px COCO inputs, see bench/distill_methods.py).
+    kd_reference: the student that calibration measures: `run` (default), the student as the run starts, so every
+      stage's teacher weighs as it would in a run of its own, as the papers' fixed loss weight per teacher does;
+      `stage`, the student as each stage starts (before session 13), which scales a later stage's weight down with
+      the detector loss the student has reached (the README's headline section has what each gave).
     inherit: the student starts with the first teacher's neck (FPN) and head weights wherever names and shapes
       match (as the code of Cao et al. 2023 does).
     baseline: also train the student without distillation for the same total epochs.
@@ -709,6 +713,9 @@ class RunJobConfig:
     schedule: `per_stage`: every stage is a full schedule (a new optimizer, the lr warm-up and schedule restart), as
       in Cao et al. 2023; `curriculum`: one lr warm-up and schedule over all stages, and the student's optimizer
       state (momentum, Adam's moments) carries from stage to stage (the new stage's adapters start fresh).
+    adapters: `fresh`: every stage's distiller (adapters, MGD's generation blocks) starts new, as in Cao et al.
+      2023; `carry`: a stage's start from the previous stage's wherever the name and shape match (a teacher with
+      the same FPN channels as the one before it).
     """
 
     output_dir: str = "runs/curriculum"
@@ -723,11 +730,13 @@ class RunJobConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     losses: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "mgd", "preset": "retinanet"}])
     kd_ratio: float | None = None
+    kd_reference: Literal["run", "stage"] = "run"
     decay: DecayConfig = field(default_factory=DecayConfig)
     inherit: bool = True
     baseline: bool = True
     direct: bool = False
     schedule: Literal["per_stage", "curriculum"] = "per_stage"
+    adapters: Literal["fresh", "carry"] = "fresh"
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: RunCacheConfig = field(default_factory=RunCacheConfig)
     trainer: RayTrainConfig = field(default_factory=RayTrainConfig)

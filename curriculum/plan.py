@@ -11,7 +11,12 @@ Stage transitions (Cao et al. 2023, section 4 of shared/METHODS.md):
   stage is a full schedule); `schedule: curriculum`: one warm-up and one lr schedule run over all stages (stage i
   starts at the iteration where stage i-1 ended) and the student's optimizer state carries over, by parameter
   name (`optimizer_state`, filled by the pipeline);
-- the distiller's adapters are new at every stage (they map into the new teacher's channels);
+- the distiller's adapters are new at every stage (they map into the new teacher's channels), or, with
+  `adapters: carry`, start from the previous stage's wherever the name and shape match (`adapters_from`, filled
+  by the sequence as the stage starts; a teacher with other FPN channels gets fresh ones);
+- `kd_ratio`'s calibration measures the student as the run starts (`kd_reference: run`, the default), so a
+  teacher weighs the same wherever its stage comes, as a fixed loss weight does; or the student as the stage
+  starts (`kd_reference: stage`), so a later stage's factor shrinks with the detector loss reached by then;
 - the distillation weight r(t) (TAR's decay and its extensions, `trainers.distill.schedules`) either restarts at
   every stage (`decay.restart: true`: t counts the stage's epochs, t_max the stage's length) or runs over the
   whole curriculum (`restart: false`: t counts every epoch since the first stage, t_max all epochs);
@@ -85,11 +90,15 @@ class Stage:
     decay_offset: int  # epochs done before this stage on the decay clock (0 when it restarts)
     decay_t_max: int
     kd_ratio: float | None = None
+    kd_reference: str = "stage"  # the student kd_ratio's calibration measures: the stage's start or the run's
     init: str | None = None  # checkpoint the student starts from (filled by the pipeline)
     lr_offset: int = 0  # epochs done before this stage on the lr clock (0 when the schedule restarts)
     lr_t_max: int | None = None  # epochs of the lr schedule (None: this stage's)
     # the previous stage's student optimizer state by parameter name (`schedule: curriculum`; filled by the pipeline)
     optimizer_state: str | None = None
+    carry_adapters: bool = False  # `adapters: carry`
+    # the previous stage's distiller.pt (`adapters: carry`; filled by the sequence as the stage starts)
+    adapters_from: str | None = None
 
     def __post_init__(self) -> None:
         self.teachers = [t if isinstance(t, StageTeacher) else StageTeacher(**t) for t in self.teachers]
@@ -137,9 +146,10 @@ def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequenc
             teachers=[StageTeacher(name=n, checkpoint=checkpoints[n], weight=w) for n, w in members],
             epochs=s.epochs, losses=losses, lr=s.lr, decay_kind=job.decay.kind, decay_params=dict(job.decay.params),
             decay_offset=0 if job.decay.restart else done, decay_t_max=s.epochs if job.decay.restart else total,
-            kd_ratio=job.kd_ratio,
+            kd_ratio=job.kd_ratio, kd_reference=job.kd_reference,
             lr_offset=done if job.schedule == "curriculum" else 0,
             lr_t_max=total if job.schedule == "curriculum" else None,
+            carry_adapters=job.adapters == "carry",
         ))
         done += s.epochs
     from trainers.distill.schedules import DistillationDecay
@@ -156,7 +166,7 @@ def direct_stage(job: RunJobConfig, stages: Sequence[Stage]) -> Stage:
     return dataclasses.replace(last, index=0, name=f"direct-{'+'.join(path_name(t.name) for t in last.teachers)}",
                                teachers=[dataclasses.replace(t) for t in last.teachers], epochs=total,
                                decay_offset=0, decay_t_max=total, lr=stages[0].lr, init=None, lr_offset=0,
-                               lr_t_max=None, optimizer_state=None)
+                               lr_t_max=None, optimizer_state=None, carry_adapters=False, adapters_from=None)
 
 
 def baseline_stage(job: RunJobConfig, total_epochs: int) -> Stage:

@@ -249,3 +249,97 @@ def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_op
     assert int(second["student_optimizer"][name]["step"]) == 4
     fresh, _ = stage(1, None, str(init))
     assert int(fresh["student_optimizer"][name]["step"]) == 2
+
+
+def _mgd_distiller_state(student_channels: int, teacher_channels: int, seed: int) -> dict[str, torch.Tensor]:
+    from trainers.distill import build_joint_distiller
+
+    torch.manual_seed(seed)
+    levels = ("p3", "p4", "p5", "p6", "p7")
+    d = build_joint_distiller([{"name": "mgd"}], {lv: student_channels for lv in levels},
+                              [("t", {lv: teacher_channels for lv in levels}, 1.0)])
+    return d.state_dict()
+
+
+def test_carried_adapters_are_the_previous_stages_where_shapes_match(tmp_path):
+    """`adapters: carry`: a distiller against a teacher with the same FPN channels takes every tensor of the previous
+    stage's distiller.pt; against other channels it keeps what it was built with."""
+    from trainers.distillation import build_student
+
+    saved = _mgd_distiller_state(64, 96, seed=5)  # the student's FPN: 64 channels
+    path = tmp_path / "distiller.pt"
+    torch.save({"losses": [{"name": "mgd"}], "loss_factors": {"mgd": 0.5}, "state": saved}, path)
+
+    class Link:
+        def __init__(self, channels):
+            self.name, self.weight = "t", 1.0
+            self.level_channels = {lv: channels for lv in ("p3", "p4", "p5", "p6", "p7")}
+
+    def distiller(channels, adapters_from):
+        return build_student("fcos_mobilenetv3_micro", [f"c{i}" for i in range(K)], 0, image_size=128, overrides={},
+                             losses=[{"name": "mgd"}], teachers=[Link(channels)], adapters_from=adapters_from)[1]
+
+    same = distiller(96, str(path)).state_dict()
+    assert same.keys() == saved.keys()
+    assert all(torch.equal(same[k], saved[k]) for k in saved)
+    fresh = distiller(96, None).state_dict()
+    assert not torch.equal(fresh["terms.mgd.generation.p3.0.weight"], saved["terms.mgd.generation.p3.0.weight"])
+    other, built = distiller(64, str(path)).state_dict(), distiller(64, None).state_dict()
+    assert all(torch.equal(other[k], built[k]) for k in built)  # a 64-channel teacher: nothing matches, nothing taken
+
+
+@pytest.mark.parametrize("adapters", ["carry", "fresh"])
+def test_a_sequence_hands_a_stage_the_previous_stages_adapters_when_asked(monkeypatch, tmp_path, shapes_root,
+                                                                         adapters):
+    from curriculum.config import TrainJobConfig, to_dict
+    from helpers import sequence_without_ray
+    from trainers.ray_train import LocalSession, LoopConfig, SequenceEntry, run_sequence
+
+    calls = []
+
+    def fake_train(cfg):
+        calls.append(cfg.stage)
+        return {"model": {"n": len(calls)}, "history": "[]", "epoch": 0,
+                "distiller": {"terms.mgd.align.p3.weight": torch.full((2,), float(len(calls)))}}
+
+    sequence_without_ray(monkeypatch, fake_train)
+    tjob = to_dict(config_from_dict(TrainJobConfig, {"output_dir": str(tmp_path),
+                                                     "data": {"root": str(shapes_root), "builtin": "none"}}))
+    stages = build_plan(_job(adapters=adapters), CKPTS, list(CKPTS))
+    entries = [SequenceEntry(loop=LoopConfig(job=tjob, stage=st.to_dict(), loss_factors={"mgd": 1.0}).to_dict(),
+                             out_dir=str(tmp_path / st.name), continues=i > 0) for i, st in enumerate(stages)]
+    run_sequence(entries, LocalSession())
+    assert calls[0]["adapters_from"] is None
+    if adapters == "fresh":
+        assert calls[1]["adapters_from"] is None
+        return
+    assert calls[1]["adapters_from"] == str(tmp_path / "1-fcos_resnet_mini" / "distiller.pt")
+    # the stage's done.json records the stage as it ran
+    done = json.loads((tmp_path / "2-fcos_resnet18_half" / "done.json").read_text())
+    assert done["stage"]["adapters_from"] == calls[1]["adapters_from"]
+    state = torch.load(calls[1]["adapters_from"], weights_only=True)["state"]
+    assert torch.equal(state["terms.mgd.align.p3.weight"], torch.full((2,), 1.0))
+
+
+@pytest.mark.parametrize("reference", ["stage", "run"])
+def test_calibration_measures_the_student_the_reference_names(monkeypatch, tmp_path, shapes_root, reference):
+    """`kd_reference: stage`: stage 2 is calibrated with the student stage 1 ended with; `run`: with the student the
+    run started from, as stage 1 was."""
+    import trainers.distillation
+    from curriculum.config import TrainJobConfig, to_dict
+    from helpers import sequence_without_ray
+    from trainers.ray_train import LocalSession, LoopConfig, SequenceEntry, run_sequence
+
+    measured = []
+    monkeypatch.setattr(trainers.distillation, "calibrate_factors",
+                        lambda job, stage, init, *a, **k: measured.append(init) or {"mgd": 1.0})
+    sequence_without_ray(monkeypatch, lambda cfg: {"model": {}, "history": "[]", "epoch": 0, "distiller": None})
+    tjob = to_dict(config_from_dict(TrainJobConfig, {"output_dir": str(tmp_path),
+                                                     "data": {"root": str(shapes_root), "builtin": "none"}}))
+    stages = build_plan(_job(kd_ratio=1.0, kd_reference=reference), CKPTS, list(CKPTS))
+    start = str(tmp_path / "student_init.pt")
+    entries = [SequenceEntry(loop=LoopConfig(job=tjob, stage=st.to_dict(), init=start if i == 0 else None).to_dict(),
+                             out_dir=str(tmp_path / st.name), continues=i > 0) for i, st in enumerate(stages)]
+    run_sequence(entries, LocalSession())
+    after_stage1 = str(tmp_path / "1-fcos_resnet_mini" / "model.pt")
+    assert measured == [start, start if reference == "run" else after_stage1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,17 +30,22 @@ from teachers.class_map import ClassMap
 from teachers.targets import TeacherTargets
 from trainers.distill.outputs import forward_outputs, student_outputs_from
 
+log = logging.getLogger(__name__)
+
 Source = Callable[[list[torch.Tensor], list[dict]], Any]  # TeacherTargets, or {teacher: TeacherTargets}
 
 
 def build_student(name: str, class_names: Sequence[str], seed: int, *, image_size: int, overrides: dict[str, Any],
                   init: str | dict[str, Any] | None = None, losses: Sequence[dict] | None = None,
                   teacher_channels: dict[str, int] | None = None,
-                  teachers: Sequence[TeacherLink] | None = None) -> tuple[Any, Any]:
+                  teachers: Sequence[TeacherLink] | None = None,
+                  adapters_from: str | None = None) -> tuple[Any, Any]:
     """(student, distiller or None), built from `seed`: the global RNG is seeded, the student built and loaded
     from `init` (a plain checkpoint, path or dict), then the distiller built for `losses` against the teacher's
-    FPN channels (`teachers`: a stage's teachers, each with its own adapters and weight). A teacher loaded before
-    must not draw from the global RNG in between (`load_teacher` inside `torch.random.fork_rng`)."""
+    FPN channels (`teachers`: a stage's teachers, each with its own adapters and weight) and, from
+    `adapters_from` (a stage's distiller.pt), given the tensors whose name and shape match (`carry_adapters`).
+    A teacher loaded before must not draw from the global RNG in between (`load_teacher` inside
+    `torch.random.fork_rng`)."""
     from teachers.zoo import build_detector
     from trainers.distill import build_distiller, build_joint_distiller
     from curriculum.seeds import seed_everything
@@ -54,7 +60,20 @@ def build_student(name: str, class_names: Sequence[str], seed: int, *, image_siz
                                           [(t.name, t.level_channels, t.weight) for t in teachers])
     elif losses:
         distiller = build_distiller(list(losses), model.level_channels, dict(teacher_channels or {}))
+    if distiller is not None and adapters_from:
+        carry_adapters(distiller, adapters_from)
     return model, distiller
+
+
+def carry_adapters(distiller: torch.nn.Module, path: str) -> list[str]:
+    """Load into `distiller` the tensors of a previous stage's distiller.pt whose name and shape match (the rest
+    stay as built); returns the names taken."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state"]
+    own = distiller.state_dict()
+    taken = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
+    distiller.load_state_dict({**own, **{k: saved[k] for k in taken}})
+    log.debug("adapters: %d/%d distiller tensors taken over from %s", len(taken), len(own), path)
+    return taken
 
 
 def load_plain(model: torch.nn.Module, init: str | dict[str, Any]) -> None:
@@ -285,12 +304,14 @@ def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_
     with preserved_random_state():
         student, distiller = build_student(job.model.name, ds.class_names, job.train.seed,
                                            image_size=job.data.image_size, overrides=job.model.overrides(),
-                                           init=init, losses=stage["losses"], teachers=links)
+                                           init=init, losses=stage["losses"], teachers=links,
+                                           adapters_from=stage.get("adapters_from"))
         bind_teacher_heads(links, distiller)
         return feature_factors(student, distiller, data, stage_source(links, distiller), stage["kd_ratio"],
                                job.train.seed, class_map=stage_class_maps(links))
 
 
 __all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "calibrate_factors",
+           "carry_adapters",
            "feature_factors",
            "load_plain", "open_teacher", "stage_class_maps", "stage_source"]

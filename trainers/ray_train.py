@@ -462,7 +462,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
              for m in members]
     model, distiller = build_student(job.model.name, ds.class_names, t.seed, image_size=job.data.image_size,
                                      overrides=job.model.overrides(), init=cfg.init,
-                                     losses=stage["losses"] if distil else None, teachers=links)
+                                     losses=stage["losses"] if distil else None, teachers=links,
+                                     adapters_from=stage.get("adapters_from") if distil else None)
     source = class_map = None
     if links:
         bind_teacher_heads(links, distiller, device)
@@ -608,6 +609,7 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ sequences
 
 OPTIMIZER_FILE = "optimizer.pt"  # an entry's final student optimizer state by parameter name (schedule: curriculum)
+DISTILLER_FILE = "distiller.pt"  # an entry's losses, factors and final distiller state (adapters: carry reads it)
 DONE_FILE = "done.json"
 FACTORS_FILE = "loss_factors.json"
 
@@ -705,18 +707,19 @@ def _rank0_factors(entry: SequenceEntry, loop: LoopConfig, own: dict[str, Any] |
 
 
 def write_entry_outputs(entry: SequenceEntry, state: dict[str, Any], factors: dict[str, float],
-                        seconds: float) -> None:
+                        seconds: float, stage: dict[str, Any] | None = None) -> None:
     """An ended entry's outputs in its out_dir: model.pt (a plain zoo checkpoint plus `model_info`), distiller.pt
-    (losses, factors, adapters), optimizer.pt (`save_optimizer`), and last done.json (stage, history, factors,
-    seconds of training in this attempt), which marks it finished."""
+    (losses, factors, adapters), optimizer.pt (`save_optimizer`), and last done.json (the stage as it ran: `stage`,
+    with what the sequence filled in as it started, or the entry's; history, factors, seconds of training in this
+    attempt), which marks it finished."""
     from curriculum.files import atomic_save, atomic_write_json
 
     out = Path(entry.out_dir)
-    stage = entry.loop.get("stage")
+    stage = stage if stage is not None else entry.loop.get("stage")
     atomic_save({**state["model"], **entry.model_info}, out / "model.pt")
     if state.get("distiller") is not None:
         atomic_save({"losses": stage["losses"], "loss_factors": factors, "state": state["distiller"]},
-                    out / "distiller.pt")
+                    out / DISTILLER_FILE)
     if entry.save_optimizer and state.get("student_optimizer") is not None:
         atomic_save(state["student_optimizer"], out / OPTIMIZER_FILE)
     atomic_write_json({"stage": stage, "history": json.loads(state["history"]), "loss_factors": factors,
@@ -768,12 +771,17 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
                 stage["optimizer_state"] = str(carried) if carried.is_file() else None
                 if not carried.is_file() and session.rank == 0:  # that entry finished under `schedule: per_stage`
                     log.warning("%s left no %s: %s starts a new optimizer", prev.name, OPTIMIZER_FILE, entry.name)
+            adapters = Path(prev.out_dir) / DISTILLER_FILE
+            if stage is not None and stage.get("carry_adapters"):
+                stage["adapters_from"] = str(adapters) if adapters.is_file() else None
         if stage is not None:
             stage["init"] = init
         own = rstate if i == at else None
         t0 = time.perf_counter()
+        # kd_reference: run: calibrated with the student the chain of continuing entries started from
+        measured = _chain_start(entries, i) if stage is not None and stage.get("kd_reference") == "run" else init
         with torch_threads(loop.threads_per_worker):
-            factors = _entry_factors(entry, dataclasses.replace(loop, stage=stage), own, init, session)
+            factors = _entry_factors(entry, dataclasses.replace(loop, stage=stage), own, measured, session)
         loop = dataclasses.replace(loop, stage=stage, init=init, loss_factors=factors, entry=i)
         extra = {"stage": (stage["index"] + 1) if stage else 1, "planned_epochs": planned,
                  "kd_ratio": stage.get("kd_ratio") if stage else None, "loss_factor": next(iter(factors.values()), None)}
@@ -781,13 +789,20 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
                                                  epochs_before))
         if session.rank == 0:
             if entry.out_dir is not None:
-                write_entry_outputs(entry, state, factors, time.perf_counter() - t0)
+                write_entry_outputs(entry, state, factors, time.perf_counter() - t0, stage)
             if release_stores:
                 later = {n for e in entries[i + 1:] for n in (e.loop.get("shard_stores") or {}).values()}
                 _release_stores(set((loop.shard_stores or {}).values()) - later)
         session.barrier()  # the next entry may start from what rank 0 just wrote
         epochs_before += entry.epochs
     return state
+
+
+def _chain_start(entries: Sequence[SequenceEntry], i: int) -> str | None:
+    """The checkpoint the run of continuing entries that ends at entry `i` started from (its first entry's init)."""
+    while entries[i].continues and i > 0:
+        i -= 1
+    return entries[i].loop.get("init")
 
 
 def checkpoint_entry(state: dict[str, Any], entries: Sequence[SequenceEntry]) -> int:
