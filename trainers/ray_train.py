@@ -734,7 +734,8 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
     Resume: the session's checkpoint names its entry and epoch; entries before it are skipped (a continuing entry
     then starts from their written model), that entry goes on from its epoch, and later ones are trained. Without
     a checkpoint, entries whose done.json exists are skipped. Each entry's factors are calibrated as it starts,
-    with the student it starts from (rank 0, sent to the others); a continuing entry reads what rank 0 wrote, so
+    with the student it starts from, or under `kd_reference: run` the one its chain of continuing entries started
+    from (rank 0, sent to the others); a continuing entry reads what rank 0 wrote, so
     on several nodes `out_dir` must be shared storage. Every report carries `epochs_done` / `planned_epochs` over the sequence, the `stage` (1-based),
     and the entry's `kd_ratio` and `loss_factor`. release_stores: when an entry ends, rank 0 empties the shard
     stores (`teachers.readers.release_shard_store`) no later entry reads, so a sequence holds at most one
