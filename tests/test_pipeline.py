@@ -178,7 +178,9 @@ def test_resume_mid_stage_equals_uninterrupted(ray_session, shapes_root, shared,
     goes on from the second's epoch checkpoint with the factors calibrated in the workers, and ends where the
     uninterrupted run ends."""
     first, stage = "1-fcos_resnet_mini", "2-fcos_resnet_mini"
-    two = {"stages": [{"epochs": 2, "teachers": ["fcos_resnet_mini"]}, {"epochs": 2, "teachers": ["fcos_resnet_mini"]}]}
+    # kd_reference: stage, so that stage 2's factors (same teacher) come from the student stage 1 ended with
+    two = {"stages": [{"epochs": 2, "teachers": ["fcos_resnet_mini"]}, {"epochs": 2, "teachers": ["fcos_resnet_mini"]}],
+           "kd_reference": "stage"}
     # Uninterrupted.
     a = tmp_path / "a"
     run_pipeline(config_from_dict(RunJobConfig, tiny(shapes_root, shared, a, **two)), progress=False)
