@@ -55,6 +55,7 @@ from curriculum.config import RunJobConfig, to_dict
 from curriculum.errors import ConfigError
 from curriculum.files import path_name
 from teachers.targets import cache_kind
+from teachers.zoo import load_matching
 
 
 @dataclass
@@ -202,23 +203,14 @@ def inherit_weights(student: torch.nn.Module, teacher: torch.nn.Module,
     never copied: the student's is a different network. Nor are the class outputs of a teacher whose classes are
     not the student's (named, they differ; their order would not match even at the same count).
     """
-    t_state = teacher.state_dict()
-    s_state = student.state_dict()
     t_names = getattr(getattr(teacher, "config", None), "class_names", None)
     s_names = getattr(getattr(student, "config", None), "class_names", None)
     other_classes = t_names is not None and s_names is not None and tuple(t_names) != tuple(s_names)
-    copied = []
-    for k, v in s_state.items():
-        if not k.startswith(tuple(prefixes)):
-            continue
-        if other_classes and any(part in k for part in CLASS_OUTPUTS):
-            continue
-        tv = t_state.get(k)
-        if tv is not None and tv.shape == v.shape and tv.dtype == v.dtype:
-            s_state[k] = tv.detach().clone()
-            copied.append(k)
-    student.load_state_dict(s_state)
-    return copied
+
+    def keep(k: str) -> bool:
+        return k.startswith(tuple(prefixes)) and not (other_classes and any(part in k for part in CLASS_OUTPUTS))
+
+    return load_matching(student, teacher.state_dict(), keep)
 
 
 # ------------------------------------------------------------------------------------------------ auto order

@@ -890,6 +890,16 @@ def load_detector(path: str | os.PathLike, trust: bool = False, **overrides: Any
     return detector
 
 
+def load_matching(module: nn.Module, state: dict[str, Tensor], keep: Any = None) -> list[str]:
+    """Load into `module` the tensors of `state` whose name, shape and dtype match its own (and, given `keep`, whose
+    name it accepts); the rest stay as they are. Returns the names taken."""
+    own = module.state_dict()
+    taken = [k for k, v in state.items()
+             if k in own and own[k].shape == v.shape and own[k].dtype == v.dtype and (keep is None or keep(k))]
+    module.load_state_dict({**own, **{k: state[k].detach().clone() for k in taken}})
+    return taken
+
+
 def fingerprint(path: str | os.PathLike) -> str:
     """Content hash of a checkpoint file (the teacher cache keys on it)."""
     h = hashlib.sha256()

@@ -68,11 +68,10 @@ def build_student(name: str, class_names: Sequence[str], seed: int, *, image_siz
 def carry_adapters(distiller: torch.nn.Module, path: str) -> list[str]:
     """Load into `distiller` the tensors of a previous stage's distiller.pt whose name and shape match (the rest
     stay as built); returns the names taken."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)["state"]
-    own = distiller.state_dict()
-    taken = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
-    distiller.load_state_dict({**own, **{k: saved[k] for k in taken}})
-    log.debug("adapters: %d/%d distiller tensors taken over from %s", len(taken), len(own), path)
+    from teachers.zoo import load_matching
+
+    taken = load_matching(distiller, torch.load(path, map_location="cpu", weights_only=True)["state"])
+    log.debug("adapters: %d/%d distiller tensors taken over from %s", len(taken), len(distiller.state_dict()), path)
     return taken
 
 
