@@ -79,7 +79,8 @@ def write_report(job: RunJobConfig, out: Path, stages: list[Stage], summaries: l
                                  "FPN features; closest first)" if costs else "") + f". Decay: {job.decay.kind}, "
         f"{'restarting every stage' if job.decay.restart else 'over the whole curriculum'}. Losses: "
         f"{', '.join(sorted({e['name'] for s in stages for e in s.losses}))}"
-        + (f", feature terms calibrated to {job.kd_ratio} x the detector loss at each stage start" if job.kd_ratio else "")
+        + (f", feature terms calibrated at each stage start to {job.kd_ratio} x the detector loss of the student "
+           + ("the run starts from" if job.kd_reference == "run" else "the stage starts from") if job.kd_ratio else "")
         + f". Inherited neck/head tensors from the first teacher: {inherited}.",
         "",
         "Val COCO box metrics x100" + (f" on the first {job.eval.max_images} val images" if job.eval.max_images else "")

@@ -350,6 +350,7 @@ def test_run_through_ray_job_submit(ray_head, shapes_root, shared, tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2]  # resumed from epoch 1's checkpoint: nothing trained twice
     for f in ("results.md", "loss.png", "ap.png", "student.pt"):
         assert (out / "report" / f).is_file(), f
+    assert "1.0 x the detector loss of the student the run starts from" in (out / "report" / "results.md").read_text()
     from teachers.zoo import load_detector
 
     assert load_detector(out / "report" / "student.pt").config.name == "fcos_mobilenetv3_micro"
