@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -890,7 +890,7 @@ def load_detector(path: str | os.PathLike, trust: bool = False, **overrides: Any
     return detector
 
 
-def load_matching(module: nn.Module, state: dict[str, Tensor], keep: Any = None) -> list[str]:
+def load_matching(module: nn.Module, state: dict[str, Tensor], keep: Callable[[str], bool] | None = None) -> list[str]:
     """Load into `module` the tensors of `state` whose name, shape and dtype match its own (and, given `keep`, whose
     name it accepts); the rest stay as they are. Returns the names taken."""
     own = module.state_dict()

@@ -43,7 +43,7 @@ def build_student(name: str, class_names: Sequence[str], seed: int, *, image_siz
     """(student, distiller or None), built from `seed`: the global RNG is seeded, the student built and loaded
     from `init` (a plain checkpoint, path or dict), then the distiller built for `losses` against the teacher's
     FPN channels (`teachers`: a stage's teachers, each with its own adapters and weight) and, from
-    `adapters_from` (a stage's distiller.pt), given the tensors whose name and shape match (`carry_adapters`).
+    `adapters_from` (a stage's distiller.pt), given the tensors that match (`carry_adapters`).
     A teacher loaded before must not draw from the global RNG in between (`load_teacher` inside
     `torch.random.fork_rng`)."""
     from teachers.zoo import build_detector
@@ -66,8 +66,8 @@ def build_student(name: str, class_names: Sequence[str], seed: int, *, image_siz
 
 
 def carry_adapters(distiller: torch.nn.Module, path: str) -> list[str]:
-    """Load into `distiller` the tensors of a previous stage's distiller.pt whose name and shape match (the rest
-    stay as built); returns the names taken."""
+    """Load into `distiller` the tensors of a previous stage's distiller.pt whose name, shape and dtype match (the
+    rest stay as built); returns the names taken."""
     from teachers.zoo import load_matching
 
     taken = load_matching(distiller, torch.load(path, map_location="cpu", weights_only=True)["state"])
@@ -311,6 +311,4 @@ def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_
 
 
 __all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "calibrate_factors",
-           "carry_adapters",
-           "feature_factors",
-           "load_plain", "open_teacher", "stage_class_maps", "stage_source"]
+           "carry_adapters", "feature_factors", "load_plain", "open_teacher", "stage_class_maps", "stage_source"]

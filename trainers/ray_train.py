@@ -732,14 +732,14 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
     entry's final state (None when every entry was already done).
 
     Resume: the session's checkpoint names its entry and epoch; entries before it are skipped (a continuing entry
-    then starts from their written model), that entry goes on from its epoch, and later ones are trained. Without
-    a checkpoint, entries whose done.json exists are skipped. Each entry's factors are calibrated as it starts,
-    with the student it starts from, or under `kd_reference: run` the one its chain of continuing entries started
-    from (rank 0, sent to the others); a continuing entry reads what rank 0 wrote, so
-    on several nodes `out_dir` must be shared storage. Every report carries `epochs_done` / `planned_epochs` over the sequence, the `stage` (1-based),
+    then starts from their written model), that entry goes on from its epoch, and later ones are trained. Without a
+    checkpoint, entries whose done.json exists are skipped. Each entry's factors are calibrated as it starts, with
+    the student it starts from, or under `kd_reference: run` the one its chain of continuing entries started from
+    (rank 0, sent to the others); a continuing entry reads what rank 0 wrote, so on several nodes `out_dir` must be
+    shared storage. Every report carries `epochs_done` / `planned_epochs` over the sequence, the `stage` (1-based),
     and the entry's `kd_ratio` and `loss_factor`. release_stores: when an entry ends, rank 0 empties the shard
-    stores (`teachers.readers.release_shard_store`) no later entry reads, so a sequence holds at most one
-    stage's share of the memory (only for stores this sequence owns).
+    stores (`teachers.readers.release_shard_store`) no later entry reads, so a sequence holds at most one stage's
+    share of the memory (only for stores this sequence owns).
     """
     from trainers.train import load_train_state, torch_threads
 
@@ -772,8 +772,8 @@ def run_sequence(entries: Sequence[SequenceEntry | dict[str, Any]], session: Any
                 stage["optimizer_state"] = str(carried) if carried.is_file() else None
                 if not carried.is_file() and session.rank == 0:  # that entry finished under `schedule: per_stage`
                     log.warning("%s left no %s: %s starts a new optimizer", prev.name, OPTIMIZER_FILE, entry.name)
-            adapters = Path(prev.out_dir) / DISTILLER_FILE
             if stage is not None and stage.get("carry_adapters"):
+                adapters = Path(prev.out_dir) / DISTILLER_FILE
                 stage["adapters_from"] = str(adapters) if adapters.is_file() else None
         if stage is not None:
             stage["init"] = init
