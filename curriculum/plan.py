@@ -100,6 +100,9 @@ class Stage:
     carry_adapters: bool = False  # `adapters: carry`
     # the previous stage's distiller.pt (`adapters: carry`; filled by the sequence as the stage starts)
     adapters_from: str | None = None
+    # epochs the student trained before this stage: the stage's epochs go on with the data's next orders and views
+    # (0 in stage dicts written before it existed: those stages replayed the first stage's)
+    data_offset: int = 0
 
     def __post_init__(self) -> None:
         self.teachers = [t if isinstance(t, StageTeacher) else StageTeacher(**t) for t in self.teachers]
@@ -150,7 +153,7 @@ def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequenc
             kd_ratio=job.kd_ratio, kd_reference=job.kd_reference,
             lr_offset=done if job.schedule == "curriculum" else 0,
             lr_t_max=total if job.schedule == "curriculum" else None,
-            carry_adapters=job.adapters == "carry",
+            carry_adapters=job.adapters == "carry", data_offset=done,
         ))
         done += s.epochs
     from trainers.distill.schedules import DistillationDecay
@@ -167,7 +170,8 @@ def direct_stage(job: RunJobConfig, stages: Sequence[Stage]) -> Stage:
     return dataclasses.replace(last, index=0, name=f"direct-{'+'.join(path_name(t.name) for t in last.teachers)}",
                                teachers=[dataclasses.replace(t) for t in last.teachers], epochs=total,
                                decay_offset=0, decay_t_max=total, lr=stages[0].lr, init=None, lr_offset=0,
-                               lr_t_max=None, optimizer_state=None, carry_adapters=False, adapters_from=None)
+                               lr_t_max=None, optimizer_state=None, carry_adapters=False, adapters_from=None,
+                               data_offset=0)
 
 
 def baseline_stage(job: RunJobConfig, total_epochs: int) -> Stage:

@@ -251,6 +251,58 @@ def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_op
     assert int(fresh["student_optimizer"][name]["step"]) == 2
 
 
+def test_every_stage_goes_on_with_the_data_epochs_after_the_previous_ones():
+    from curriculum.plan import direct_stage
+
+    stages = build_plan(_job(), CKPTS, list(CKPTS))
+    assert [s.data_offset for s in stages] == [0, 2]
+    assert direct_stage(_job(), stages).data_offset == 0
+    # a stage dict written before the field existed reads as it ran (its epochs replayed the first stage's)
+    old = stages[1].to_dict()
+    del old["data_offset"]
+    from curriculum.plan import Stage
+
+    assert Stage.from_dict(old).data_offset == 0
+
+
+def test_a_later_stage_trains_on_the_runs_next_data_epochs_not_the_first_stages(shapes_root, tmp_path, monkeypatch):
+    """A 1-epoch stage at data_offset 2 gets the image order and flips of epoch 3 of one 3-epoch run; at offset 0
+    (a stage dict from before) it replays epoch 1's."""
+    import curriculum.data
+    from curriculum.config import TrainJobConfig, to_dict
+    from curriculum.plan import Stage
+    from trainers.ray_train import LocalSession, LoopConfig, run_training
+
+    seen: list[list[tuple[int, bool]]] = []
+    collate = curriculum.data.collate_fn
+
+    def recording(batch):  # the loop's batches, as the DataLoader collates them
+        seen.append([(int(t["image_id"]), bool(t["view"].flip)) for _, t in batch])
+        return collate(batch)
+
+    monkeypatch.setattr(curriculum.data, "collate_fn", recording)
+    train = {"epochs": 1, "batch_size": 4, "max_iters_per_epoch": 2, "lr": 0.01, "warmup_iters": 0}
+    job = config_from_dict(TrainJobConfig, {"output_dir": str(tmp_path), "model": {"name": "fcos_mobilenetv3_micro"},
+                                            "data": {"root": str(shapes_root), "builtin": "none", "flip": "random"},
+                                            "train": train})
+
+    def run(epochs, data_offset):
+        seen.clear()
+        st = Stage(index=1, name="s", teachers=[], epochs=epochs, losses=[], lr=None, decay_kind="constant",
+                   decay_params={}, decay_offset=0, decay_t_max=epochs, data_offset=data_offset)
+        j = to_dict(job)
+        j["train"]["epochs"] = epochs
+        run_training(LoopConfig(job=j, stage=st.to_dict(), progress=False), LocalSession())
+        return [b for b in seen]
+
+    first = run(1, 0)
+    n = len(first)  # batches collated per epoch (the loader may collate one past the iteration limit)
+    whole = run(3, 0)
+    assert first == whole[:n] and len(whole) == 3 * n
+    assert run(1, 2) == whole[2 * n:]
+    assert whole[2 * n:] != whole[:n]
+
+
 def _mgd_distiller_state(student_channels: int, teacher_channels: int, seed: int) -> dict[str, torch.Tensor]:
     from trainers.distill import build_joint_distiller
 

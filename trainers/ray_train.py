@@ -537,8 +537,10 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
     for epoch in range(start, t.epochs):
         for h in hooks:
             h("epoch_start", stage=stage_index, epoch=epoch, rank=rank, batch=None)
-        ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
+        # The student's epoch in its whole sequence: each stage sees new image orders and flips, as one run would.
+        data_epoch = (stage.get("data_offset", 0) if stage else 0) + epoch
+        ds.set_epoch(data_epoch)
+        sampler.set_epoch(data_epoch)
         # Random state from (seed, stage, epoch, rank) alone: a resumed run repeats the uninterrupted one.
         seed_everything(derive_seed(t.seed, "epoch", stage_index, epoch, rank))
         extra = None
