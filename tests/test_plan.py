@@ -1,5 +1,6 @@
-"""The curriculum plan: stage transitions (teacher switches, weights carried over, decay restarting or continuing),
-inheritance of the first teacher's neck and head, and the `auto` order on cases whose answer is known."""
+"""The curriculum plan: stage transitions (teacher switches, weights carried over, decay restarting or continuing,
+the data's epochs going on), inheritance of the first teacher's neck and head, and the `auto` order on cases whose
+answer is known."""
 
 from __future__ import annotations
 
@@ -252,7 +253,7 @@ def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_op
 
 
 def test_every_stage_goes_on_with_the_data_epochs_after_the_previous_ones():
-    from curriculum.plan import direct_stage
+    from curriculum.plan import Stage, direct_stage
 
     stages = build_plan(_job(), CKPTS, list(CKPTS))
     assert [s.data_offset for s in stages] == [0, 2]
@@ -260,8 +261,6 @@ def test_every_stage_goes_on_with_the_data_epochs_after_the_previous_ones():
     # a stage dict written before the field existed reads as it ran (its epochs replayed the first stage's)
     old = stages[1].to_dict()
     del old["data_offset"]
-    from curriculum.plan import Stage
-
     assert Stage.from_dict(old).data_offset == 0
 
 
@@ -293,7 +292,7 @@ def test_a_later_stage_trains_on_the_runs_next_data_epochs_not_the_first_stages(
         j = to_dict(job)
         j["train"]["epochs"] = epochs
         run_training(LoopConfig(job=j, stage=st.to_dict(), progress=False), LocalSession())
-        return [b for b in seen]
+        return list(seen)
 
     first = run(1, 0)
     n = len(first)  # batches collated per epoch (the loader may collate one past the iteration limit)
