@@ -713,9 +713,15 @@ class RunJobConfig:
     schedule: `per_stage`: every stage is a full schedule (a new optimizer, the lr warm-up and schedule restart), as
       in Cao et al. 2023; `curriculum`: one lr warm-up and schedule over all stages, and the student's optimizer
       state (momentum, Adam's moments) carries from stage to stage (the new stage's adapters start fresh).
+    moments: the student's optimizer state (momentum, Adam's moments and step count) as a stage starts: `fresh`
+      (a new optimizer) or `carry` (the previous stage's); null (default): as `schedule` says (`per_stage` fresh,
+      `curriculum` carried). `schedule: per_stage` with `moments: carry` restarts the lr schedule alone.
     adapters: `fresh`: every stage's distiller (adapters, MGD's generation blocks) starts new, as in Cao et al.
       2023; `carry`: a stage's start from the previous stage's wherever the name and shape match (a teacher with
       the same FPN channels as the one before it).
+    adapter_warmup: the first this many iterations of every distillation stage train its new adapters (MGD's
+      generation blocks, align convolutions) on the student's detached outputs, so the student meets their
+      gradients only once they fit it; 0 (default): from the first iteration, as in Cao et al. 2023.
     """
 
     output_dir: str = "runs/curriculum"
@@ -736,7 +742,9 @@ class RunJobConfig:
     baseline: bool = True
     direct: bool = False
     schedule: Literal["per_stage", "curriculum"] = "per_stage"
+    moments: Literal["fresh", "carry"] | None = None
     adapters: Literal["fresh", "carry"] = "fresh"
+    adapter_warmup: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: RunCacheConfig = field(default_factory=RunCacheConfig)
     trainer: RayTrainConfig = field(default_factory=RayTrainConfig)
@@ -757,6 +765,8 @@ class RunJobConfig:
                               "teacher or a single one used for every teacher")
         if self.kd_ratio is not None and self.kd_ratio <= 0:
             raise ConfigError(f"kd_ratio: must be positive (or null), got {self.kd_ratio}")
+        if self.adapter_warmup < 0:
+            raise ConfigError(f"adapter_warmup: iterations, 0 or more, got {self.adapter_warmup}")
         if self.trainer.num_workers < 1 or self.trainer.cpus_per_worker <= 0:
             raise ConfigError("trainer.num_workers must be at least 1 and trainer.cpus_per_worker positive")
         if not 0.0 < self.auto_order.holdout < 1.0 or self.auto_order.images < 2:
@@ -778,6 +788,10 @@ class RunJobConfig:
         unused = [n for n in names if n not in used]
         if unused:
             raise ConfigError(f"teachers: {unused} are in no stage's teachers; drop them or add them to a stage")
+
+    def carries_moments(self) -> bool:
+        """Whether a stage takes over the previous stage's student optimizer state (`moments`, `schedule`)."""
+        return self.moments == "carry" if self.moments is not None else self.schedule == "curriculum"
 
     def stage_settings(self) -> list[StageConfig]:
         """One StageConfig per stage (a single entry without teachers is used for every teacher)."""

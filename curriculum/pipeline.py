@@ -286,10 +286,11 @@ def stage_entry(job: RunJobConfig, stage: Stage, init: Path | str | None, out: P
                 progress: bool = True, eval_images: int | None = None, **loop: Any) -> Any:
     """`stage` as an entry of a sequence (`trainers.ray_train.SequenceEntry`): its schedule, how its targets
     arrive, and its outputs in `<out>/stages/<stage.name>/` (model.pt, distiller.pt, optimizer.pt, done.json,
-    tensorboard/). init: the checkpoint it starts from; continues: from the previous entry's model (and, under
-    `schedule: curriculum`, with its optimizer state) instead. A run's stages train with the job's `trainer`
-    settings; a Tune trial's give what differs as `loop` (`LoopConfig` fields: threads, per-epoch evaluation,
-    device, the sweep's shard stores) and evaluate on the first `eval_images` val images."""
+    tensorboard/). init: the checkpoint it starts from; continues: from the previous entry's model (and, when
+    the job carries the moments, `RunJobConfig.carries_moments`, with its optimizer state) instead. A run's
+    stages train with the job's `trainer` settings; a Tune trial's give what differs as `loop` (`LoopConfig`
+    fields: threads, per-epoch evaluation, device, the sweep's shard stores) and evaluate on the first
+    `eval_images` val images."""
     from trainers.ray_train import LoopConfig, SequenceEntry
 
     sdir = out / "stages" / stage.name
@@ -306,7 +307,7 @@ def stage_entry(job: RunJobConfig, stage: Stage, init: Path | str | None, out: P
         worker_hooks=list(tr.worker_hooks), tensorboard_dir=str((sdir / "tensorboard").resolve()))
     return SequenceEntry(
         loop=LoopConfig(**{**settings, **loop}).to_dict(), out_dir=str(sdir), continues=continues,
-        save_optimizer=job.schedule == "curriculum" and stage.teachers != [],
+        save_optimizer=job.carries_moments() and stage.teachers != [],
         model_info={"curriculum": {"stage": stage.name, "teacher": stage.teacher},
                     "resize": job.data.resize_spec("val").to_dict()})  # how `curriculum predict` makes its inputs
 

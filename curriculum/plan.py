@@ -103,6 +103,7 @@ class Stage:
     # epochs the student trained before this stage: the stage's epochs go on with the data's next orders and views
     # (0 in stage dicts written before it existed: those stages replayed the first stage's)
     data_offset: int = 0
+    adapter_warmup: int = 0  # first iterations whose distillation terms train the adapters alone
 
     def __post_init__(self) -> None:
         self.teachers = [t if isinstance(t, StageTeacher) else StageTeacher(**t) for t in self.teachers]
@@ -153,7 +154,7 @@ def build_plan(job: RunJobConfig, checkpoints: Mapping[str, str], order: Sequenc
             kd_ratio=job.kd_ratio, kd_reference=job.kd_reference,
             lr_offset=done if job.schedule == "curriculum" else 0,
             lr_t_max=total if job.schedule == "curriculum" else None,
-            carry_adapters=job.adapters == "carry", data_offset=done,
+            carry_adapters=job.adapters == "carry", data_offset=done, adapter_warmup=job.adapter_warmup,
         ))
         done += s.epochs
     from trainers.distill.schedules import DistillationDecay

@@ -94,13 +94,14 @@ _PER_LEVEL_FIELDS = fields_of("head")
 _ROI_FIELDS = fields_of("proposals")
 
 
-def _detach(x: Any) -> Any:
+def detached(x: Any) -> Any:
+    """`x` (tensors in dicts, lists and tuples) with every tensor detached from the graph."""
     if isinstance(x, Tensor):
         return x.detach()
     if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
+        return {k: detached(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_detach(v) for v in x)
+        return type(x)(detached(v) for v in x)
     return x
 
 
@@ -147,7 +148,7 @@ class TeacherTargets:
         for f in fields(self):
             if f.name in (*SCORERS, "image_ids", "roi_counts"):
                 continue
-            setattr(self, f.name, _detach(getattr(self, f.name)))
+            setattr(self, f.name, detached(getattr(self, f.name)))
         if self.image_ids is not None:
             self.image_ids = [int(i) for i in self.image_ids]
 

@@ -210,3 +210,32 @@ def test_inline_targets_score_student_proposals(detectors):
     torch.testing.assert_close(reg, ref_reg)
     one = TeacherTargets.inline(detectors["one_stage"][1], IMAGES, keep={"features"})
     assert one.present() == {"features"} and one.roi_scorer is None
+
+
+def test_a_step_warming_up_its_adapters_trains_them_alone_then_the_student(detectors):
+    """`DistillStep(adapters_only=1)`: the first call's MGD term has the value of an ordinary step but its gradient
+    reaches only the generation blocks; from the second call on it reaches the student too."""
+    from trainers.distillation import DistillStep, InlineSource
+
+    student, teacher = detectors["one_stage"]
+    student = copy.deepcopy(student).train()
+    distiller = build_distiller([{"name": "mgd"}], student.level_channels, teacher.level_channels).train()
+    source = InlineSource(teacher, distiller.required_teacher_targets())
+    warming = DistillStep(source, distiller, generator=torch.Generator().manual_seed(0), adapters_only=1)
+    plain = DistillStep(source, distiller, generator=torch.Generator().manual_seed(0))
+
+    def grads(step):
+        student.zero_grad(set_to_none=True), distiller.zero_grad(set_to_none=True)
+        out = student(IMAGES, TARGETS, want=step.want)
+        term = step(out, TARGETS, IMAGES)["distill_mgd"]
+        term.backward()
+        reached = [p for p in student.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        gen = distiller.terms["mgd"].generation["p3"][0].weight.grad
+        return term.detach(), len(reached), gen.clone()
+
+    v_warm, student_grads, gen_warm = grads(warming)
+    v_plain, student_plain, gen_plain = grads(plain)
+    assert torch.equal(v_warm, v_plain) and torch.equal(gen_warm, gen_plain)
+    assert student_grads == 0 and student_plain > 0
+    _, after, _ = grads(warming)
+    assert after == student_plain

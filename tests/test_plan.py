@@ -214,6 +214,21 @@ def test_curriculum_schedule_puts_every_stage_on_one_lr_clock():
         _job(schedule="cyclic")
 
 
+@pytest.mark.parametrize(("schedule", "moments", "carried"), [("per_stage", None, False), ("curriculum", None, True),
+                                                           ("per_stage", "carry", True), ("curriculum", "fresh", False)])
+def test_moments_say_whether_a_stage_takes_over_the_students_optimizer_state(tmp_path, schedule, moments, carried):
+    """`moments` decides what a stage hands the next (optimizer.pt), `schedule` the lr clock, independently."""
+    from curriculum.pipeline import stage_entry
+
+    job = _job(schedule=schedule, moments=moments)
+    stages = build_plan(job, CKPTS, list(CKPTS))
+    entries = [stage_entry(job, st, None, tmp_path, continues=i > 0, progress=False) for i, st in enumerate(stages)]
+    assert [e.save_optimizer for e in entries] == [carried, carried]
+    assert [s.lr_offset for s in stages] == ([0, 2] if schedule == "curriculum" else [0, 0])
+    with pytest.raises(Exception, match="moments"):
+        _job(moments="kept")
+
+
 def test_a_stage_on_the_curriculum_schedule_continues_the_lr_and_the_students_optimizer(shapes_root, tmp_path):
     """Two plain stages of 1 epoch (2 iterations) on one 3-epoch clock: their lrs are one warm-up + cosine over 6
     iterations, cut at 2; stage 2's AdamW starts at step 2 with stage 1's moments (a fresh stage: step 0)."""
@@ -300,6 +315,57 @@ def test_a_later_stage_trains_on_the_runs_next_data_epochs_not_the_first_stages(
     assert first == whole[:n] and len(whole) == 3 * n
     assert run(1, 2) == whole[2 * n:]
     assert whole[2 * n:] != whole[:n]
+
+
+def test_adapter_warmup_reaches_every_stage_and_the_direct_arm():
+    from curriculum.plan import direct_stage
+
+    stages = build_plan(_job(adapter_warmup=50), CKPTS, list(CKPTS))
+    assert [s.adapter_warmup for s in stages] == [50, 50]
+    assert direct_stage(_job(adapter_warmup=50), stages).adapter_warmup == 50
+    assert [s.adapter_warmup for s in build_plan(_job(), CKPTS, list(CKPTS))] == [0, 0]
+    with pytest.raises(Exception, match="adapter_warmup: iterations, 0 or more, got -1"):
+        _job(adapter_warmup=-1)
+
+
+def test_a_stage_whose_adapter_warmup_covers_it_trains_the_student_as_plain_training(shapes_root, tmp_path):
+    """A 2-epoch stage of 2 iterations each, MGD from a teacher run inline: with `adapter_warmup` 4 its terms train
+    the adapters alone, so the student ends bit for bit as without a teacher while the adapters move; with 2 (the
+    first epoch only) the terms reach the student in the second."""
+    from curriculum.config import TrainJobConfig, to_dict
+    from curriculum.plan import Stage, StageTeacher
+    from trainers.distillation import TeacherLink, build_student
+    from trainers.ray_train import LocalSession, LoopConfig, run_training
+    from trainers.train import build_dataset
+
+    train = {"epochs": 2, "batch_size": 4, "max_iters_per_epoch": 2, "lr": 0.01, "warmup_iters": 0}
+    job = config_from_dict(TrainJobConfig, {"output_dir": str(tmp_path), "model": {"name": "fcos_mobilenetv3_micro"},
+                                            "data": {"root": str(shapes_root), "builtin": "none"}, "train": train})
+    classes = build_dataset(job.data, "train").class_names
+    torch.manual_seed(0)
+    ckpt = tmp_path / "teacher.pt"
+    torch.save(build_detector("fcos_resnet_mini", len(classes), class_names=tuple(classes)).checkpoint(), ckpt)
+
+    def run(warmup, teachers=True):
+        st = Stage(index=0, name="s", teachers=[StageTeacher(name="fcos_resnet_mini", checkpoint=str(ckpt))] * teachers,
+                   epochs=2, losses=[{"name": "mgd"}] * teachers, lr=None, decay_kind="constant", decay_params={},
+                   decay_offset=0, decay_t_max=2, adapter_warmup=warmup)
+        state = run_training(LoopConfig(job=to_dict(job), stage=st.to_dict(), teacher_mode="inline", progress=False),
+                             LocalSession())
+        return state["model"]["model"], state.get("distiller")
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    plain, _ = run(0, teachers=False)
+    covered, adapters = run(4)
+    assert same(covered, plain)
+    link = TeacherLink("fcos_resnet_mini", 1.0, {lv: 64 for lv in ("p3", "p4", "p5", "p6", "p7")})
+    _, built = build_student("fcos_mobilenetv3_micro", classes, 0, image_size=128, overrides={},
+                             losses=[{"name": "mgd"}], teachers=[link])  # the adapters as the stage built them
+    assert adapters.keys() == built.state_dict().keys() and not same(adapters, built.state_dict())
+    half, _ = run(2)
+    assert not same(half, plain) and not same(half, run(0)[0])
 
 
 def _mgd_distiller_state(student_channels: int, teacher_channels: int, seed: int) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from teachers.class_map import ClassMap
-from teachers.targets import TeacherTargets
+from teachers.targets import TeacherTargets, detached
 from trainers.distill.outputs import forward_outputs, student_outputs_from
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,18 @@ class DistillStep:
     {teacher: TeacherTargets} and `class_map` is {teacher: ClassMap or None}.
     On a CUDA `device` the targets are moved there and the distiller runs under the student's bf16 autocast
     (the student's features come out of it, and fp32 adapters refuse bf16 inputs); its terms come back float32.
+
+    `adapters_only`: for this many first calls the terms see the student's outputs detached, so they train the
+    adapters alone (`adapter_warmup`: fresh adapters fit the student before their gradients reach it).
     """
 
     def __init__(self, source: Source, distiller: torch.nn.Module, decay: float = 1.0,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  scales: dict[str, float] | None = None,
-                 class_map: ClassMap | dict[str, ClassMap | None] | None = None) -> None:
+                 class_map: ClassMap | dict[str, ClassMap | None] | None = None, adapters_only: int = 0) -> None:
         self.source, self.distiller, self.decay, self.generator = source, distiller, decay, generator
         self.class_map = class_map
+        self.adapters_only, self.calls = adapters_only, 0
         self.device = torch.device(device) if device is not None else None
         self.autocast = self.device is not None and self.device.type == "cuda"
         plain = getattr(distiller, "module", distiller)  # DDP-wrapped or not
@@ -227,8 +231,12 @@ class DistillStep:
               ) -> dict[str, torch.Tensor]:
         """The distillation terms of one forward `out` (`teachers.zoo.DetectorOutput`) against `tt`."""
         gt = [{"boxes": t["boxes"], "labels": t["labels"], "image_id": t["image_id"]} for t in targets]
+        student = student_outputs_from(out)
+        if self.calls < self.adapters_only:
+            student = detached(student)
+        self.calls += 1
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
-            terms = self.distiller(student_outputs_from(out), tt, gt, decay=self.decay, generator=self.generator)
+            terms = self.distiller(student, tt, gt, decay=self.decay, generator=self.generator)
         if self.autocast:
             terms = {k: v.float() for k, v in terms.items()}
         for name, factor in self.scales.items():  # detector terms a loss rescales replace the originals

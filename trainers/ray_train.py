@@ -551,7 +551,8 @@ def _run_training(cfg: LoopConfig, session: Any) -> dict[str, Any]:
             decay = stage_decay(stage, epoch)
             gen = torch.Generator(device=device).manual_seed(derive_seed(t.seed, "distill", stage_index, epoch, rank))
             extra = DistillStep(source, ddp_distiller, decay, gen, device=device,
-                                scales=distiller.detector_loss_scales(), class_map=class_map)
+                                scales=distiller.detector_loss_scales(), class_map=class_map,
+                                adapters_only=max(0, stage.get("adapter_warmup", 0) - epoch * iters))
             ddp_distiller.train()
         hook = (lambda b, e=epoch: [h("batch_start", stage=stage_index, epoch=e, rank=rank, batch=b) for h in hooks]
                 ) if hooks else None
