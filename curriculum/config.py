@@ -712,7 +712,8 @@ class RunJobConfig:
     direct: also distil from the last stage's teacher(s) alone for the same total epochs (one stage).
     schedule: `per_stage`: every stage is a full schedule (a new optimizer, the lr warm-up and schedule restart), as
       in Cao et al. 2023; `curriculum`: one lr warm-up and schedule over all stages, and the student's optimizer
-      state (momentum, Adam's moments) carries from stage to stage (the new stage's adapters start fresh).
+      state (momentum, Adam's moments) carries from stage to stage (the new stage's adapters start fresh); `moments`
+      overrides what happens to the optimizer state.
     moments: the student's optimizer state (momentum, Adam's moments and step count) as a stage starts: `fresh`
       (a new optimizer) or `carry` (the previous stage's); null (default): as `schedule` says (`per_stage` fresh,
       `curriculum` carried). `schedule: per_stage` with `moments: carry` restarts the lr schedule alone.
