@@ -32,3 +32,16 @@ def test_table_paired_differences_and_goals(tmp_path):
             "progressive >= weakest teacher: met; auto order >= given order: NOT met") in text
     bench.plot(RESULT, tmp_path / "effect.png")
     assert (tmp_path / "effect.png").stat().st_size > 10_000
+
+
+def test_a_subset_of_arms_is_tabled_and_judged_alone(tmp_path):
+    bench = _bench()
+    subset = dict(RESULT, arms={a: RESULT["arms"][a] for a in ("baseline", "direct", "progressive")})
+    text = bench.summarize(subset)
+    assert "| progressive_auto |" not in text and "| all_at_once |" not in text
+    assert "- progressive - baseline: +8.00, +6.00 (mean +7.00)" in text
+    assert "progressive_auto - progressive" not in text and "all_at_once" not in text
+    assert text.endswith("Goals: progressive >= direct + max(std): met; progressive >= baseline + 5 AP: met; "
+                         "progressive >= weakest teacher: met")
+    bench.plot(subset, tmp_path / "subset.png")
+    assert (tmp_path / "subset.png").stat().st_size > 10_000
