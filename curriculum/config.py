@@ -705,7 +705,7 @@ class RunJobConfig:
     kd_reference: the student that calibration measures: `run` (default), the student as the run starts, so every
       stage's teacher weighs as it would in a run of its own, as the papers' fixed loss weight per teacher does;
       `stage`, the student as each stage starts (before session 13), which scales a later stage's weight down with
-      the detector loss the student has reached (the README's headline section has what each gave).
+      the detector loss the student has reached (docs/headline_investigation.md has what each gave).
     inherit: the student starts with the first teacher's neck (FPN) and head weights wherever names and shapes
       match (as the code of Cao et al. 2023 does).
     baseline: also train the student without distillation for the same total epochs.
