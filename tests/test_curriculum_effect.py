@@ -45,3 +45,18 @@ def test_a_subset_of_arms_is_tabled_and_judged_alone(tmp_path):
                          "progressive >= weakest teacher: met")
     bench.plot(subset, tmp_path / "subset.png")
     assert (tmp_path / "subset.png").stat().st_size > 10_000
+
+
+def test_budget_table_rows_by_epochs_with_the_lead_and_goal(tmp_path):
+    budget = load_bench("curriculum_budget")
+    short = dict(RESULT)
+    long = dict(RESULT, epochs=12, arms={"direct": [0.20, 0.20], "progressive": [0.22, 0.20]})
+    text = budget.table([long, short])  # drawn in the order of the epochs, not of the arguments
+    rows = text.splitlines()[2:]
+    assert rows[0].startswith("| 6 | 0, 1 | 6.00 +- 1.41 | 11.00 +- 1.41 | 13.00 +- 0.00 | 12.00 +- 0.00 | 13.00 +- 2.83 |")
+    assert rows[0].endswith("| +3.00, +1.00 | +2.00 (1.41) | 13.00 against 12.41: met |")
+    # 12 epochs: leads +2 and 0; progressive std = stdev(22, 20) = 1.41 > direct's 0, so the bar is 20 + 1.41
+    assert rows[1].startswith("| 12 | 0, 1 | - | 20.00 +- 0.00 | 21.00 +- 1.41 | - | - |")
+    assert rows[1].endswith("| +2.00, +0.00 | +1.00 (1.41) | 21.00 against 21.41: not met |")
+    budget.plot([short, long], tmp_path / "budget.png")
+    assert (tmp_path / "budget.png").stat().st_size > 10_000
