@@ -67,7 +67,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("total student epochs (every arm)")
     ax.set_ylabel("val AP x100 (mean, std over seeds)")
     ax.set_xticks([r["epochs"] for r in results])
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     for r in results:
         d = lead(r)
         bx.scatter([r["epochs"]] * len(d), d, color="k", s=14, zorder=3)
