@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-ARMS = ("baseline", "direct", "progressive", "progressive_auto", "all_at_once")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from curriculum_effect import ARMS, direct_goal, mean_std  # noqa: E402  (bench/ is scripts, not a package)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    v = [100 * x for x in values]
-    return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+    """Mean and std over seeds, x100 AP."""
+    return mean_std([100 * x for x in values])
 
 
 def lead(result: dict[str, Any]) -> list[float]:
@@ -39,12 +40,9 @@ def table(results: list[dict[str, Any]]) -> str:
         for a in ARMS:
             cells.append("{:.2f} +- {:.2f}".format(*_mean_std(r["arms"][a])) if a in r["arms"] else "-")
         d = lead(r)
-        pm, ps = _mean_std(r["arms"]["progressive"])
-        dm, ds = _mean_std(r["arms"]["direct"])
-        bar = dm + max(ps, ds)
-        spread = statistics.stdev(d) if len(d) > 1 else 0.0
+        pm, bar = (100 * x for x in direct_goal(r["arms"]))
         lines.append(f"| {r['epochs']} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + " | "
-                     + ", ".join(f"{x:+.2f}" for x in d) + f" | {statistics.mean(d):+.2f} ({spread:.2f}) | "
+                     + ", ".join(f"{x:+.2f}" for x in d) + " | {:+.2f} ({:.2f}) | ".format(*mean_std(d))
                      + f"{pm:.2f} against {bar:.2f}: {'met' if pm >= bar else 'not met'} |")
     return "\n".join(lines)
 
@@ -71,8 +69,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for r in results:
         d = lead(r)
         bx.scatter([r["epochs"]] * len(d), d, color="k", s=14, zorder=3)
-        bx.errorbar([r["epochs"]], [statistics.mean(d)], yerr=[statistics.stdev(d) if len(d) > 1 else 0.0],
-                    marker="s", color="C2", capsize=5)
+        m, s = mean_std(d)
+        bx.errorbar([r["epochs"]], [m], yerr=[s], marker="s", color="C2", capsize=5)
     bx.axhline(0, color="grey", lw=1)
     bx.set_xticks([r["epochs"] for r in results])
     bx.set_xlabel("total student epochs (every arm)")
