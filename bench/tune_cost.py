@@ -54,12 +54,28 @@ def bench_overrides(teacher: str, threads: int) -> list[str]:
             f"tune.threads_per_trial={threads}"]
 
 
-def student_alone_seconds(job: Any, out: Path) -> float:
-    """S: the trial's schedule (all stages' epochs, per-epoch evaluation of `tune.eval_images`) without a teacher."""
+def epoch_clock() -> Any:
+    """A `trainers.ray_train.LocalSession` that notes when each epoch's report comes (`.times`), for S's epochs."""
+    from trainers.ray_train import LocalSession
+
+    class EpochClock(LocalSession):
+        def __init__(self) -> None:
+            super().__init__()
+            self.times: list[float] = []
+
+        def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+            self.times.append(time.perf_counter())
+
+    return EpochClock()
+
+
+def student_alone_seconds(job: Any, out: Path) -> tuple[float, list[float]]:
+    """S: the trial's schedule (all stages' epochs, per-epoch evaluation of `tune.eval_images`) without a teacher;
+    returns its seconds and each epoch's (the first with the set-up: data, model)."""
     from curriculum.config import EvalConfig, TrainJobConfig, to_dict
     from curriculum.plan import total_epochs
     from curriculum.pipeline import absolute_paths
-    from trainers.ray_train import LocalSession, LoopConfig, run_training
+    from trainers.ray_train import LoopConfig, run_training
 
     job = absolute_paths(job, REPO)
     epochs = total_epochs(job.stage_settings())
@@ -67,9 +83,43 @@ def student_alone_seconds(job: Any, out: Path) -> float:
                           train=dataclasses.replace(job.train, epochs=epochs),
                           eval=EvalConfig(batch_size=job.eval.batch_size, max_images=job.tune.eval_images))
     cfg = LoopConfig(job=to_dict(tjob), threads_per_worker=job.tune.threads_per_trial, eval_every=1, progress=False)
+    clock = epoch_clock()
     t0 = time.perf_counter()
-    run_training(cfg, LocalSession())
-    return time.perf_counter() - t0
+    run_training(cfg, clock)
+    total = time.perf_counter() - t0
+    marks = [t0] + clock.times
+    return total, [b - a for a, b in zip(marks, marks[1:])]
+
+
+def iteration_seconds(trial_dir: str | None) -> list[float]:
+    """Tune's `time_this_iter_s` of each report (one per epoch) of a trial, from its result.json; [] without one."""
+    path = Path(trial_dir) / "result.json" if trial_dir else None
+    if path is None or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [float(r["time_this_iter_s"]) for r in rows if "time_this_iter_s" in r]
+
+
+def trial_breakdown(arm: dict[str, Any], alone_epochs: list[list[float]]) -> dict[str, Any]:
+    """Where a cached trial's time goes against S, per trial: the fixed cost (the first epoch's excess over a later
+    one: data, model, teacher links, calibration; plus the gap between trials) and each later epoch's excess over S's
+    (the distillation's own compute and reads). S's own set-up is its first epoch's excess over a later one."""
+    trials = [t for t in arm["trials"] if len(t.get("iterations_s") or []) >= 2]
+    if not trials or any(len(e) < 2 for e in alone_epochs):
+        return {}
+    n = len(arm["trials"])
+    later = [statistics.median(t["iterations_s"][1:]) for t in trials]
+    setup = statistics.mean(t["iterations_s"][0] - m for t, m in zip(trials, later))
+    gap = (arm["trials_s"] - sum(t["seconds"] for t in arm["trials"])) / n
+    s_epoch = statistics.median(statistics.median(e[1:]) for e in alone_epochs)
+    s_setup = statistics.median(e[0] - statistics.median(e[1:]) for e in alone_epochs)
+    trial_s = arm["trials_s"] / n
+    fixed = setup + gap
+    return {"trial_s": round(trial_s, 2), "trial_setup_s": round(setup, 2), "between_trials_s": round(gap, 2),
+            "fixed_s": round(fixed, 2), "fixed_share": round(fixed / trial_s, 3),
+            "trial_epoch_s": round(statistics.mean(later), 2), "student_alone_epoch_s": round(s_epoch, 2),
+            "student_alone_setup_s": round(s_setup, 2),
+            "epoch_excess": round(statistics.mean(later) / s_epoch - 1, 3)}
 
 
 def run_arm(config: str, common: list[str], extra: list[str], space: Any, num_samples: int, name: str) -> dict:
@@ -90,7 +140,8 @@ def run_arm(config: str, common: list[str], extra: list[str], space: Any, num_sa
         "sweep_s": round(wall - teacher_train - teacher_eval, 1),
         "teacher_train_s": round(teacher_train, 1), "teacher_eval_s": round(teacher_eval, 1),
         "teacher_forwards_in_trials": report["teacher_forwards_in_trials"],
-        "trials": [{"params": t["params"], "status": t["status"], "val_AP": t["val_AP"], "seconds": t.get("seconds")}
+        "trials": [{"params": t["params"], "status": t["status"], "val_AP": t["val_AP"], "seconds": t.get("seconds"),
+                    "iterations_s": [round(x, 2) for x in iteration_seconds(t.get("path"))]}
                    for t in report["trials"]],
         "best_AP": report["best"]["val_AP"] if report["best"] else None,
         "default_AP": report["default"]["val_AP"] if report["default"] else None,
@@ -158,15 +209,19 @@ def main() -> int:
     space = load_space(args.space)
     job = load_run_config(args.config, common)
     samples = args.trials - (1 if job.tune.include_default else 0)  # Tune adds the default as one more trial
-    alone_runs = [student_alone_seconds(job, out / stamp / "student_alone" / "before")]
+    alone = [student_alone_seconds(job, out / stamp / "student_alone" / "before")]
     arms = {"cache": run_arm(args.config, common, [f"cache.root={out / stamp / 'cache'}"], space, samples, "cache")}
-    alone_runs.append(student_alone_seconds(job, out / stamp / "student_alone" / "between"))
+    alone.append(student_alone_seconds(job, out / stamp / "student_alone" / "between"))
     arms["inline"] = run_arm(args.config, common, ["tune.teacher_mode=inline"], space, samples, "inline")
-    alone_runs.append(student_alone_seconds(job, out / stamp / "student_alone" / "after"))
-    alone = statistics.median(alone_runs)
+    alone.append(student_alone_seconds(job, out / stamp / "student_alone" / "after"))
+    alone_runs = [a for a, _ in alone]
+    alone_s = statistics.median(alone_runs)
     n = len(arms["cache"]["trials"])
-    result = summarise(n, args.teacher, job.student.name, arms["cache"], arms["inline"], alone)
-    result.update({"student_alone_runs_s": [round(a, 1) for a in alone_runs], "arms": arms,
+    result = summarise(n, args.teacher, job.student.name, arms["cache"], arms["inline"], alone_s)
+    breakdown = trial_breakdown(arms["cache"], [e for _, e in alone])
+    result.update({"student_alone_runs_s": [round(a, 1) for a in alone_runs],
+                   "student_alone_epochs_s": [[round(x, 2) for x in e] for _, e in alone],
+                   "cached_trial_breakdown": breakdown, "arms": arms,
                    "overrides": common[:-2], "config": str(Path(args.config).name),
                    "machine": f"{os.cpu_count()} CPUs, threads per trial {args.threads}"})
     c = arms["cache"]
@@ -181,14 +236,21 @@ def main() -> int:
         lines.append(f"| {name} | {a['sweep_s']:.1f} | {a['precompute_s']:.1f} | {a['trials_s']:.1f} | "
                      f"{a['teacher_forwards_in_trials']} | {_pct(a['best_AP'])} | {_pct(a['default_AP'])} |")
     lines += ["", f"S (one trial's schedule without distillation, in process, median of "
-              f"{', '.join(f'{a:.1f}' for a in alone_runs)}): {alone:.1f} s; floor N x S + T = "
-              f"{n * alone + c['precompute_s']:.1f} s.",
+              f"{', '.join(f'{a:.1f}' for a in alone_runs)}): {alone_s:.1f} s; floor N x S + T = "
+              f"{n * alone_s + c['precompute_s']:.1f} s.",
               f"ratio_vs_floor {result['ratio_vs_floor']:.3f} (goal <= 1.1); inline_over_cached "
               f"{result['inline_over_cached']:.3f} (goal >= 2).",
               f"Cached trials as Tune timed them: mean {sum(per_trial) / max(1, len(per_trial)):.1f} s "
-              f"(S = {alone:.1f} s)." if per_trial else "",
+              f"(S = {alone_s:.1f} s)." if per_trial else "",
               f"Sweep set-up outside the trials and the precompute (cached arm): "
               f"{c['sweep_s'] - c['trials_s'] - c['precompute_s']:.1f} s."]
+    if breakdown:
+        b = breakdown
+        lines.append(f"A cached trial, {b['trial_s']:.1f} s: fixed cost {b['fixed_s']:.2f} s ({100 * b['fixed_share']:.1f}%: "
+                     f"set-up and calibration {b['trial_setup_s']:.2f} s, between trials {b['between_trials_s']:.2f} s; "
+                     f"S's own set-up {b['student_alone_setup_s']:.2f} s); a later epoch {b['trial_epoch_s']:.2f} s "
+                     f"against S's {b['student_alone_epoch_s']:.2f} s (+{100 * b['epoch_excess']:.1f}%: the "
+                     "distillation's compute and reads).")
     md = "\n".join(lines)
     print("\n" + md)
     results = Path(args.results)

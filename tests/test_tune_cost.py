@@ -43,3 +43,27 @@ def test_the_committed_result_has_the_issues_fields(name):
     assert r["ratio_vs_floor"] == pytest.approx(r["sweep_s"] / (r["trials"] * r["student_alone_s"] + r["precompute_s"]),
                                                 rel=5e-3)
     assert r["inline_over_cached"] == pytest.approx(r["inline_sweep_s"] / r["sweep_s"], abs=2e-3)
+
+
+def test_a_cached_trials_time_is_split_into_its_fixed_cost_and_its_epochs_excess_over_the_student_alone(tmp_path):
+    bench = _bench()
+    # Tune's result.json: one row per report, time_this_iter_s each
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    (trial_dir / "result.json").write_text(
+        "\n".join(json.dumps({"epoch": i + 1, "time_this_iter_s": s}) for i, s in enumerate([13.0, 11.0])) + "\n")
+    assert bench.iteration_seconds(str(trial_dir)) == [13.0, 11.0]
+    assert bench.iteration_seconds(str(tmp_path / "none")) == [] and bench.iteration_seconds(None) == []
+    arm = {"trials_s": 100.0, "trials": [{"seconds": 24.0, "iterations_s": [13.0, 11.0]},
+                                         {"seconds": 24.5, "iterations_s": [13.5, 11.0]},
+                                         {"seconds": 25.0, "iterations_s": [13.0, 12.0]},
+                                         {"seconds": 24.5, "iterations_s": [13.5, 11.0]}]}
+    b = bench.trial_breakdown(arm, [[12.0, 10.0], [11.5, 10.0], [13.0, 10.5]])
+    # later epochs 11, 11, 12, 11 (mean 11.25); set-up 2, 2.5, 1, 2.5 (mean 2); gap (100 - 98) / 4 = 0.5;
+    # S: later epochs 10, 10, 10.5 (median 10), set-ups 2, 1.5, 2.5 (median 2)
+    assert b == {"trial_s": 25.0, "trial_setup_s": 2.0, "between_trials_s": 0.5, "fixed_s": 2.5, "fixed_share": 0.1,
+                 "trial_epoch_s": 11.25, "student_alone_epoch_s": 10.0, "student_alone_setup_s": 2.0,
+                 "epoch_excess": 0.125}
+    # a trial of one epoch has no later epoch to set its first against
+    assert bench.trial_breakdown({"trials_s": 10.0, "trials": [{"seconds": 10.0, "iterations_s": [10.0]}]},
+                                 [[12.0, 10.0]]) == {}
