@@ -21,9 +21,10 @@ of a step does not depend on how well the teacher is trained, so the short train
 not what they cost.
 
 Writes `bench/results/tune_cost.json` ({"trials", "teacher", "student", "sweep_s", "precompute_s",
-"student_alone_s", "inline_sweep_s", "ratio_vs_floor", "inline_over_cached"}, plus the three timings of S and the
-details of both arms) and a
-PNG beside it; prints the table. Goals (issue 18): ratio_vs_floor <= 1.1, inline_over_cached >= 2.
+"student_alone_s", "inline_sweep_s", "ratio_vs_floor", "inline_over_cached"}, plus the three timings of S and
+their epochs, the details of both arms and `cached_trial_breakdown`: a cached trial's fixed cost (its first epoch's
+excess over a later one, and the gap between trials), its share of a trial, and a later epoch's excess over S's) and
+a PNG beside it; prints the table. Goals (issue 18): ratio_vs_floor <= 1.1, inline_over_cached >= 2.
 
     python bench/tune_cost.py                                     # 8 trials, fcos_resnet50, 2 epochs per trial
     python bench/tune_cost.py --trials 4 --set stages=[{epochs: 1}]
