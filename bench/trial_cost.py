@@ -1,0 +1,235 @@
+"""Where a cached sweep trial's time goes, against S (`bench/tune_cost.py`'s floor: the trial's schedule without
+distillation, in this process). Interleaved `--repeats` times on one local Ray, each epoch timed:
+
+- alone: S in this process, as tune_cost times it;
+- alone_tune: the same S as a Ray Tune trial (`trainers.ray_train.TuneSession`, a checkpoint every epoch, one trial
+  on `--threads` CPUs), with the CPU seconds of every process on the machine while it runs (from /proc): the
+  trial's, this driver's and the rest (Ray's own processes, other jobs);
+- distilled: the trial's stages distilled from the teacher cache in this process (`run_sequence`, the cache read
+  from its Parquet shards, the sweep's default trial), as a trial runs them minus Tune.
+
+So alone_tune / alone is what Tune's trial process costs, distilled / alone what the distillation costs (its loss
+compute, target reads and calibration); tune_cost's cached arm is the two together plus the gaps between trials.
+A Tune trial's first epoch also pays its fresh process's imports, which a sweep pays once (`reuse_actors`).
+The cache is `--cache` (tune_cost's `<out>/<stamp>/cache` of the same settings), precomputed there when missing
+(not timed). Writes `bench/results/trial_cost.json` ({"rounds": [...], "distilled_over_alone",
+"distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share"}) and prints
+the table.
+
+    python bench/trial_cost.py --set "cache.compression={dtype: int8, pca: 32}" --set cache.features=components \
+        --cache runs/bench_tune_cost/<stamp>/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import tune_cost  # noqa: E402  (the floor S and its session, as that benchmark times them)
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """{pid: (command line, user + system CPU seconds)} of every process /proc shows now."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            cmd = Path(f"/proc/{d}/cmdline").read_text().replace("\0", " ").strip() or stat[:stat.rindex(")") + 1]
+        except (OSError, ValueError):  # the process ended while read
+            continue
+        out[int(d)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+class CpuWatch:
+    """CPU seconds each process spent while the watch ran, sampled every `every` s (a process that starts and ends
+    between two samples is missed; Tune's trial process lives the whole trial)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every = every
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.last.update(cpu_seconds_by_process())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> CpuWatch:
+        self.first = cpu_seconds_by_process()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(cpu_seconds_by_process())
+
+    def spent(self) -> dict[int, tuple[str, float]]:
+        """{pid: (latest command line, CPU seconds since the watch started)}; a process that started during the
+        watch counts all its CPU time."""
+        return {pid: (cmd, cpu - self.first.get(pid, (cmd, 0.0))[1]) for pid, (cmd, cpu) in self.last.items()}
+
+
+def split_cpu(spent: dict[int, tuple[str, float]], driver_pid: int, trial_mark: str = "ray::ImplicitFunc") -> dict:
+    """CPU seconds of the trial's process(es) (command line with `trial_mark`), this driver and the rest."""
+    trial = sum(c for cmd, c in spent.values() if trial_mark in cmd)
+    driver = spent.get(driver_pid, ("", 0.0))[1]
+    total = sum(c for _, c in spent.values())
+    return {"trial": round(trial, 2), "driver": round(driver, 2), "other": round(total - trial - driver, 2),
+            "total": round(total, 2)}
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds: distilled over alone (whole schedule and a later epoch), a later epoch as a Tune trial over
+    one in process, the first epoch's excess in Tune (its fresh process), and the trial's share of the CPU seconds
+    spent while it ran."""
+    def later(epochs: list[float]) -> float:
+        return statistics.median(epochs[1:])
+
+    def med(values: Any, digits: int = 3) -> float:
+        return round(statistics.median(values), digits)
+
+    return {
+        "distilled_over_alone": med(r["distilled_s"] / r["alone_s"] for r in rounds),
+        "distilled_later_epoch_ratio": med(later(r["distilled_epochs_s"]) / later(r["alone_epochs_s"]) for r in rounds),
+        "tune_later_epoch_ratio": med(later(r["alone_tune_epochs_s"]) / later(r["alone_epochs_s"]) for r in rounds),
+        "tune_first_epoch_excess_s": med((r["alone_tune_epochs_s"][0] - r["alone_epochs_s"][0] for r in rounds), 2),
+        "trial_cpu_share": med(r["cpu_s"]["trial"] / r["cpu_s"]["total"] for r in rounds),
+    }
+
+
+def tune_trial(loop: dict[str, Any], storage: Path, name: str, threads: int) -> tuple[float, list[float]]:
+    """S as one Tune trial; returns Tune's time for it and its time per report (epoch)."""
+    from ray import tune
+
+    def trainable(config: dict[str, Any]) -> None:
+        import torch
+
+        from trainers.ray_train import LoopConfig, TuneSession, run_training
+
+        torch.set_num_threads(threads)
+        run_training(LoopConfig(**loop), TuneSession())
+
+    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": threads}),
+                       run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0))
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise result.error
+    return float(result.metrics["time_total_s"]), [float(x) for x in result.metrics_dataframe["time_this_iter_s"]]
+
+
+def prepare_distilled(job: Any, out: Path) -> tuple[Any, Path]:
+    """The run's preparation once (teachers found, the cache precomputed when missing) and the student's start."""
+    from curriculum.pipeline import Phases, prepare_run
+
+    prep = prepare_run(dataclasses.replace(job, direct=False), out, Phases(out / "phases.json"), False,
+                       precompute_caches=True)
+    init, _ = prep.start_from(prep.stages[0].teachers[0].name, "curriculum")
+    return prep, init
+
+
+def distilled_in_process(job: Any, prep: Any, init: Path, out: Path) -> tuple[float, list[float]]:
+    """The sweep's default trial (the config's own values), its stages distilled from the cache in this process:
+    seconds and each epoch's (the first with the set-up and the stage's calibration)."""
+    from curriculum.pipeline import stage_entry
+    from trainers.ray_train import run_sequence
+
+    entries = [stage_entry(job, st, init if st.index == 0 else None, out, continues=st.index > 0, progress=False,
+                           eval_images=job.tune.eval_images, threads_per_worker=job.tune.threads_per_trial,
+                           eval_every=1, use_gpu=False, worker_hooks=[], shard_stores={})
+               for st in prep.stages]
+    clock = tune_cost.epoch_clock()
+    t0 = time.perf_counter()
+    run_sequence(entries, clock)
+    total = time.perf_counter() - t0
+    marks = [t0] + clock.times
+    return total, [b - a for a, b in zip(marks, marks[1:])]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "run_default.yaml"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher", default=tune_cost.DEFAULT_TEACHER)
+    ap.add_argument("--cache", default=None, help="the teacher cache (default: <out>/<stamp>/cache, precomputed)")
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench_trial_cost"))
+    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "trial_cost.json"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+
+    from curriculum.cluster import ensure_ray
+    from curriculum.config import EvalConfig, TrainJobConfig, to_dict
+    from curriculum.pipeline import absolute_paths, load_run_config
+    from curriculum.plan import total_epochs
+    from trainers.ray_train import LoopConfig
+
+    out = Path(args.out).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    cache = Path(args.cache).resolve() if args.cache else out / "cache"
+    common = tune_cost.bench_overrides(args.teacher, args.threads) + list(args.set) + [
+        f"cache.root={cache}", f"output_dir={out}", f"tune.output_dir={out}"]
+    job = absolute_paths(load_run_config(args.config, common), REPO)
+    tjob = TrainJobConfig(output_dir=str(out / "tune"), data=job.data, model=job.student,
+                          train=dataclasses.replace(job.train, epochs=total_epochs(job.stage_settings())),
+                          eval=EvalConfig(batch_size=job.eval.batch_size, max_images=job.tune.eval_images))
+    loop = LoopConfig(job=to_dict(tjob), threads_per_worker=args.threads, eval_every=1, progress=False).to_dict()
+    ensure_ray(job.ray)
+    prep, init = prepare_distilled(job, out / "prepared")
+    rounds = []
+    for r in range(args.repeats):
+        alone_s, alone_epochs = tune_cost.student_alone_seconds(job, out / f"alone_{r}")
+        with CpuWatch() as watch:
+            tune_s, tune_epochs = tune_trial(loop, out / "ray", f"alone_tune_{r}", args.threads)
+        dist_s, dist_epochs = distilled_in_process(job, prep, init, out / f"distilled_{r}")
+        rounds.append({"alone_s": round(alone_s, 2), "alone_epochs_s": [round(x, 2) for x in alone_epochs],
+                       "alone_tune_s": round(tune_s, 2), "alone_tune_epochs_s": [round(x, 2) for x in tune_epochs],
+                       "distilled_s": round(dist_s, 2), "distilled_epochs_s": [round(x, 2) for x in dist_epochs],
+                       "cpu_s": split_cpu(watch.spent(), os.getpid())})
+        print(json.dumps(rounds[-1]), flush=True)
+    result = {**summarise(rounds), "rounds": rounds, "overrides": common[:-2],
+              "machine": f"{os.cpu_count()} CPUs, threads {args.threads}"}
+
+    def row(seconds: float, epochs: list[float]) -> str:
+        return f"{seconds:.1f} ({', '.join(f'{x:.2f}' for x in epochs)})"
+
+    lines = ["| round | alone, in process: s (epochs) | alone, as a Tune trial | distilled from the cache, in process "
+             "| CPU s while the Tune trial ran: trial / driver / rest |", "|---|---|---|---|---|"]
+    for i, r in enumerate(rounds):
+        c = r["cpu_s"]
+        lines.append(f"| {i} | {row(r['alone_s'], r['alone_epochs_s'])} | "
+                     f"{row(r['alone_tune_s'], r['alone_tune_epochs_s'])} | "
+                     f"{row(r['distilled_s'], r['distilled_epochs_s'])} | "
+                     f"{c['trial']:.1f} / {c['driver']:.1f} / {c['other']:.1f} |")
+    lines += ["", f"Medians over rounds: distilled / alone {result['distilled_over_alone']:.3f} (a later epoch "
+              f"{result['distilled_later_epoch_ratio']:.3f}); a later epoch as a Tune trial / in process "
+              f"{result['tune_later_epoch_ratio']:.3f}, its first epoch +{result['tune_first_epoch_excess_s']:.2f} s; "
+              f"the Tune trial's share of the CPU seconds while it ran {100 * result['trial_cpu_share']:.1f}%."]
+    print("\n" + "\n".join(lines))
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
