@@ -157,12 +157,7 @@ def distilled_in_process(job: Any, prep: Any, init: Path, out: Path) -> tuple[fl
                            eval_images=job.tune.eval_images, threads_per_worker=job.tune.threads_per_trial,
                            eval_every=1, use_gpu=False, worker_hooks=[], shard_stores={})
                for st in prep.stages]
-    clock = tune_cost.epoch_clock()
-    t0 = time.perf_counter()
-    run_sequence(entries, clock)
-    total = time.perf_counter() - t0
-    marks = [t0] + clock.times
-    return total, [b - a for a, b in zip(marks, marks[1:])]
+    return tune_cost.timed_by_epoch(lambda session: run_sequence(entries, session))
 
 
 def main() -> int:
@@ -178,20 +173,14 @@ def main() -> int:
     args = ap.parse_args()
 
     from curriculum.cluster import ensure_ray
-    from curriculum.config import EvalConfig, TrainJobConfig, to_dict
     from curriculum.pipeline import absolute_paths, load_run_config
-    from curriculum.plan import total_epochs
-    from trainers.ray_train import LoopConfig
 
     out = Path(args.out).resolve() / time.strftime("%Y%m%d-%H%M%S")
     cache = Path(args.cache).resolve() if args.cache else out / "cache"
     common = tune_cost.bench_overrides(args.teacher, args.threads) + list(args.set) + [
         f"cache.root={cache}", f"output_dir={out}", f"tune.output_dir={out}"]
     job = absolute_paths(load_run_config(args.config, common), REPO)
-    tjob = TrainJobConfig(output_dir=str(out / "tune"), data=job.data, model=job.student,
-                          train=dataclasses.replace(job.train, epochs=total_epochs(job.stage_settings())),
-                          eval=EvalConfig(batch_size=job.eval.batch_size, max_images=job.tune.eval_images))
-    loop = LoopConfig(job=to_dict(tjob), threads_per_worker=args.threads, eval_every=1, progress=False).to_dict()
+    loop = tune_cost.student_alone_loop(job, out / "tune").to_dict()
     ensure_ray(job.ray)
     prep, init = prepare_distilled(job, out / "prepared")
     rounds = []

@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,41 +55,42 @@ def bench_overrides(teacher: str, threads: int) -> list[str]:
             f"tune.threads_per_trial={threads}"]
 
 
-def epoch_clock() -> Any:
-    """A `trainers.ray_train.LocalSession` that notes when each epoch's report comes (`.times`), for S's epochs."""
+def timed_by_epoch(train: Callable[[Any], Any]) -> tuple[float, list[float]]:
+    """`train(session)` on a `trainers.ray_train.LocalSession` that notes when each epoch's report comes: its seconds
+    and each epoch's (the first with the set-up)."""
     from trainers.ray_train import LocalSession
 
+    marks = [time.perf_counter()]
+
     class EpochClock(LocalSession):
-        def __init__(self) -> None:
-            super().__init__()
-            self.times: list[float] = []
-
         def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-            self.times.append(time.perf_counter())
+            marks.append(time.perf_counter())
 
-    return EpochClock()
+    train(EpochClock())
+    return time.perf_counter() - marks[0], [b - a for a, b in zip(marks, marks[1:])]
 
 
-def student_alone_seconds(job: Any, out: Path) -> tuple[float, list[float]]:
-    """S: the trial's schedule (all stages' epochs, per-epoch evaluation of `tune.eval_images`) without a teacher;
-    returns its seconds and each epoch's (the first with the set-up: data, model)."""
+def student_alone_loop(job: Any, out: Path) -> Any:
+    """S's `trainers.ray_train.LoopConfig`: the trial's schedule (all stages' epochs, per-epoch evaluation of
+    `tune.eval_images`, the trial's threads) without a teacher, its outputs in `out`."""
     from curriculum.config import EvalConfig, TrainJobConfig, to_dict
     from curriculum.plan import total_epochs
     from curriculum.pipeline import absolute_paths
-    from trainers.ray_train import LoopConfig, run_training
+    from trainers.ray_train import LoopConfig
 
     job = absolute_paths(job, REPO)
-    epochs = total_epochs(job.stage_settings())
     tjob = TrainJobConfig(output_dir=str(out), data=job.data, model=job.student,
-                          train=dataclasses.replace(job.train, epochs=epochs),
+                          train=dataclasses.replace(job.train, epochs=total_epochs(job.stage_settings())),
                           eval=EvalConfig(batch_size=job.eval.batch_size, max_images=job.tune.eval_images))
-    cfg = LoopConfig(job=to_dict(tjob), threads_per_worker=job.tune.threads_per_trial, eval_every=1, progress=False)
-    clock = epoch_clock()
-    t0 = time.perf_counter()
-    run_training(cfg, clock)
-    total = time.perf_counter() - t0
-    marks = [t0] + clock.times
-    return total, [b - a for a, b in zip(marks, marks[1:])]
+    return LoopConfig(job=to_dict(tjob), threads_per_worker=job.tune.threads_per_trial, eval_every=1, progress=False)
+
+
+def student_alone_seconds(job: Any, out: Path) -> tuple[float, list[float]]:
+    """S, in this process: its seconds and each epoch's (the first with the set-up: data, model)."""
+    from trainers.ray_train import run_training
+
+    cfg = student_alone_loop(job, out)
+    return timed_by_epoch(lambda session: run_training(cfg, session))
 
 
 def iteration_seconds(trial_dir: str | None) -> list[float]:
