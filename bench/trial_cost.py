@@ -150,13 +150,11 @@ def prepare_distilled(job: Any, out: Path) -> tuple[Any, Path]:
 def distilled_in_process(job: Any, prep: Any, init: Path, out: Path) -> tuple[float, list[float]]:
     """The sweep's default trial (the config's own values), its stages distilled from the cache in this process:
     seconds and each epoch's (the first with the set-up and the stage's calibration)."""
-    from curriculum.pipeline import stage_entry
     from trainers.ray_train import run_sequence
+    from tune_spaces.sweep import trial_entries
 
-    entries = [stage_entry(job, st, init if st.index == 0 else None, out, continues=st.index > 0, progress=False,
-                           eval_images=job.tune.eval_images, threads_per_worker=job.tune.threads_per_trial,
-                           eval_every=1, use_gpu=False, worker_hooks=[], shard_stores={})
-               for st in prep.stages]
+    entries = trial_entries(job, prep.stages, init, out, eval_images=job.tune.eval_images,
+                            threads=job.tune.threads_per_trial)
     return tune_cost.timed_by_epoch(lambda session: run_sequence(entries, session))
 
 

@@ -160,13 +160,27 @@ def _max_epochs(base: dict[str, Any], space: Space, n_stages: int) -> int:
 # ------------------------------------------------------------------------------------------------ trial
 
 
+def trial_entries(job: RunJobConfig, stages: list[Any], init: str | Path | None, workdir: Path, *,
+                  eval_images: int | None, threads: int, use_gpu: bool = False,
+                  shard_stores: dict[str, str] | None = None) -> list[Any]:
+    """A trial's sequence: the run's stage entries with the trial's threads, device and per-epoch evaluation of
+    `eval_images`, without the trainer's worker hooks (a trial is not a Ray Train worker); each stage reads the
+    `shard_stores` of its teachers ({teacher: store name}; none: the caches' own shards)."""
+    from curriculum.pipeline import stage_entry
+
+    stores = shard_stores or {}
+    return [stage_entry(job, st, init if st.index == 0 else None, workdir, continues=st.index > 0, progress=False,
+                        eval_images=eval_images, threads_per_worker=max(1, threads), eval_every=1, use_gpu=use_gpu,
+                        worker_hooks=[], shard_stores={m.name: stores[m.name] for m in st.teachers if m.name in stores})
+            for st in stages]
+
+
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One trial (a Tune function trainable): the curriculum's stages with the trial's values, as one sequence
     (`trainers.ray_train.run_sequence`: each stage calibrated as it starts, resumed at the checkpoint's stage and
     epoch, the feature factors of a PBT clone rescaled to its perturbed kd_ratio)."""
     import ray.tune
 
-    from curriculum.pipeline import stage_entry
     from curriculum.plan import build_plan
     from teachers.outputs import teacher_forward_counts
     from trainers.ray_train import TuneSession, run_sequence
@@ -185,13 +199,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             setattr(member, key, value)
     workdir = Path(ray.tune.get_context().get_trial_dir())
     device = "cuda" if ctx["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-    # The run's stage entries, with the trial's threads, device and evaluation, and without the trainer's worker
-    # hooks (a trial is not a Ray Train worker).
-    entries = [stage_entry(job, st, ctx["init"] if st.index == 0 else None, workdir, continues=st.index > 0,
-                           progress=False, eval_images=ctx["eval_images"], threads_per_worker=max(1, ctx["threads"]),
-                           eval_every=1, use_gpu=device == "cuda", worker_hooks=[],
-                           shard_stores={m.name: ctx["stores"][m.name] for m in st.teachers if m.name in ctx["stores"]})
-               for st in stages]
+    entries = trial_entries(job, stages, ctx["init"], workdir, eval_images=ctx["eval_images"],
+                            threads=ctx["threads"], use_gpu=device == "cuda", shard_stores=ctx["stores"])
     session = TuneSession(resume=ray.tune.get_checkpoint(), device=device,
                           extra=lambda m: {"teacher_forwards": teacher_forward_counts()["teacher"] - forwards0})
     run_sequence(entries, session)  # the shard stores are the sweep's: they stay filled for the other trials
