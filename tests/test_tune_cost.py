@@ -4,6 +4,7 @@ tests/test_tune.py)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,18 @@ def test_a_cached_trials_time_is_split_into_its_fixed_cost_and_its_epochs_excess
     # a trial of one epoch has no later epoch to set its first against
     assert bench.trial_breakdown({"trials_s": 10.0, "trials": [{"seconds": 10.0, "iterations_s": [10.0]}]},
                                  [[12.0, 10.0]]) == {}
+
+
+def test_the_epoch_clock_times_each_report_of_a_training():
+    bench = _bench()
+
+    def train(session):
+        time.sleep(0.05)
+        session.report({"epoch": 1}, None)
+        time.sleep(0.15)
+        session.report({"epoch": 2}, None)
+
+    total, epochs = bench.timed_by_epoch(train)
+    assert len(epochs) == 2
+    assert 0.05 <= epochs[0] < 0.15 and 0.15 <= epochs[1] < 0.3
+    assert total == pytest.approx(sum(epochs), abs=0.02)
