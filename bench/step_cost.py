@@ -368,12 +368,20 @@ def plain_feed(batches: list[Batch], n: int) -> Feed:
         yield images, targets, None
 
 
-def cache_feed(batches: list[Batch], n: int, reader: Any) -> Feed:
+def cache_feed(batches: list[Batch], n: int, reader: Any, reads: list[tuple[float, float]]) -> Feed:
     """As `trainers.ray_train` reads the cache: the next batch's targets read in a background thread while the
-    current step computes (`TargetReadAhead`); the step's "targets" time is then its wait for them."""
+    current step computes (`TargetReadAhead`); the step's "targets" time is then its wait for them. Each read's
+    (seconds, its thread's CPU seconds) go to `reads`: on a machine with no core to spare it holds up the step."""
     from trainers.ray_train import TargetReadAhead
 
-    source = TargetReadAhead(lambda images, targets: reader.targets_for(targets))
+    def read(images: list, targets: list) -> Any:
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return reader.targets_for(targets)
+        finally:
+            reads.append((time.perf_counter() - start, time.thread_time() - cpu))
+
+    source = TargetReadAhead(read)
     for images, targets in source.wrap(batch_stream(batches, n)):
         yield images, targets, source
 
@@ -419,15 +427,21 @@ def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch],
         reader = CacheReader(t.reader_path, memory_bytes=1 << 30, components=args.components)  # cold LRU
         channels = reader.feature_channels()  # the components' with --components
     s = new_learner(template, channels, device, args)
+    reads: list[tuple[float, float]] = []
     if arm == "a":
         feed = plain_feed(batches, n)
     elif arm == "b":
-        feed = cache_feed(batches, n, reader)
+        feed = cache_feed(batches, n, reader, reads)
     elif arm == "c":
         feed = serve_feed(batches, n, t.server, args.prefetch_depth)
     else:
         feed = inline_feed(batches, n, t.detector, s.distiller.required_teacher_targets(), device)
-    return measure(s, feed, args.warmup, args.steps, sync_parts)
+    res = measure(s, feed, args.warmup, args.steps, sync_parts)
+    if reads:  # the reads of the timed steps' batches (each read runs one batch ahead of its step)
+        timed = reads[args.warmup:args.warmup + args.steps] or reads
+        res["parts_ms"]["read"] = 1000.0 * sum(r[0] for r in timed) / len(timed)
+        res["parts_ms"]["read_cpu"] = 1000.0 * sum(r[1] for r in timed) / len(timed)
+    return res
 
 
 PARTS = ("targets", "move", "losses", "forward", "backward")
@@ -439,6 +453,8 @@ def breakdown(rows: list[dict[str, Any]]) -> dict[str, float]:
     out = {"step": med([1000.0 / r["steps_per_s"] for r in rows])}
     out.update({k: med([r["parts_ms"].get(k, 0.0) for r in rows]) for k in PARTS})
     out["other"] = out["step"] - sum(out[k] for k in PARTS)
+    for k in ("read", "read_cpu"):  # the background reads overlap the parts; not one of them
+        out[k] = med([r["parts_ms"].get(k, 0.0) for r in rows])
     return out
 
 
@@ -528,9 +544,16 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
                       f"targets {b['targets'] + b['move']:.2f}, the losses' forward {b['losses']:.2f}, the larger student "
                       f"forward {b['forward'] - a['forward']:.2f} and backward {b['backward'] - a['backward']:.2f} "
                       "(the losses' share of backward; (a) and (b) come from separate passes).",
+                  "", f"Reading the targets in the background thread took {b['read']:.2f} ms per step, "
+                      f"{b['read_cpu']:.2f} ms of it the thread's own CPU (Arrow's decoding threads come on top; each "
+                      "arm's reader starts with an empty LRU, so its first read of a shard decodes it, as in a training "
+                      "run's first epoch). The reads overlap the step, but where the student's threads fill the cores "
+                      "they hold it up: part of the larger forward and backward above is theirs.",
                   "", f"What the cache itself costs: (a) / ((a) + waiting + moving) = "
-                      f"{a['step'] / (a['step'] + b['targets'] + b['move']):.3f}; the rest of (b)'s gap is the "
-                      "loss's own compute (e.g. MGD's generation blocks), which any way of getting targets pays."]
+                      f"{a['step'] / (a['step'] + b['targets'] + b['move']):.3f}, and if the reads held the step up "
+                      f"for all their time, {a['step'] / (a['step'] + b['targets'] + b['move'] + b['read']):.3f}; "
+                      "the rest of (b)'s gap is the loss's own compute (e.g. MGD's generation blocks), which any way "
+                      "of getting targets pays."]
     return lines
 
 

@@ -38,8 +38,11 @@ def test_step_cost_smoke(shapes_root, tmp_path, ray_session):
     assert a["targets"] == a["losses"] == 0.0
     parts = ("targets", "move", "losses", "forward", "backward", "other")
     assert abs(sum(b[k] for k in parts) - b["step"]) < 1e-6
+    # the background reads, beside the parts of the step: their time, their thread's CPU within it
+    assert b["read"] >= b["read_cpu"] > 0 and a["read"] == a["read_cpu"] == 0.0
     table = (out / "step_cost_cpu.md").read_text()
     assert "(b) from the cache" in table and "Where the time of (b) goes" in table
+    assert f"took {b['read']:.2f} ms per step, {b['read_cpu']:.2f} ms of it the thread's own CPU" in table
 
 
 def test_step_cost_from_principal_components(shapes_root, tmp_path, ray_session):
