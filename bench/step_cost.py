@@ -14,9 +14,9 @@ per teacher:
 - (d) the same step with the teacher inline in the step (`TeacherTargets.inline`, as `teacher_mode: inline` and
   other frameworks do).
 
-It prints (b)/(a), (c)/(a), (d)/(a) per teacher and where the time of (b) goes (reading the targets, moving them
-to the device, the distillation losses, the rest), with the machine and the resources each figure was measured
-on. Arms are interleaved (a, b, c, d, a, b, ...) for `--repeats` rounds and each ratio is taken within a round,
+It prints (b)/(a), (c)/(a), (d)/(a) per teacher and where the time of (b) goes (waiting for the targets, moving them
+to the device, the distillation losses, the rest; beside them, the background reads' own time and CPU), with the
+machine and the resources each figure was measured on. Arms are interleaved (a, b, c, d, a, b, ...) for `--repeats` rounds and each ratio is taken within a round,
 because the load of a shared machine drifts; the tables give medians over rounds.
 
     # the real measurement, CPU (the two default teachers: CNN fcos_resnet18_half and Swin fcos_swin_mini)
