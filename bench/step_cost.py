@@ -533,7 +533,7 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
     for label, key in (("waiting for the targets (CacheReader, read one batch ahead)", "targets"),
                        (f"moving them to `{device}`", "move"),
                        ("the distillation losses, forward (distiller)", "losses"),
-                       ("student forward (with losses; (b) also records what its loss reads)", "forward"),
+                       ("student forward (with losses; in (b) it records what its loss reads, beside the background read)", "forward"),
                        ("backward (student and losses, one graph), clipping, AdamW step", "backward"),
                        ("the rest (batch to the device, loss sum and reads, loop)", "other"),
                        ("the step", "step")):
