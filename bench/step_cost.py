@@ -438,7 +438,7 @@ def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch],
         feed = inline_feed(batches, n, t.detector, s.distiller.required_teacher_targets(), device)
     res = measure(s, feed, args.warmup, args.steps, sync_parts)
     if reads:  # the reads of the timed steps' batches (each read runs one batch ahead of its step)
-        timed = reads[args.warmup:args.warmup + args.steps] or reads
+        timed = reads[args.warmup:args.warmup + args.steps]
         res["parts_ms"]["read"] = 1000.0 * sum(r[0] for r in timed) / len(timed)
         res["parts_ms"]["read_cpu"] = 1000.0 * sum(r[1] for r in timed) / len(timed)
     return res
