@@ -7,12 +7,20 @@ per teacher:
 - (a) the plain student step: forward with losses, backward, gradient clipping, AdamW step (as
   `trainers.train.train_one_epoch` does it);
 - (b) the same step distilling from a real Parquet cache (`teachers.precompute.precompute`, beforehand and not timed,
-  for exactly the benchmark's images and views), read with `teachers.readers.CacheReader` one batch ahead in a
-  background thread (`trainers.ray_train.TargetReadAhead`, as the Ray Train loop does); the step waits for it;
+  for exactly the benchmark's images and views), read one batch ahead in a background thread
+  (`trainers.ray_train.TargetReadAhead`, as the Ray Train loop does); the step waits for it. `--reader
+  object_store` (the default, as `curriculum run` and `curriculum tune` read it): a
+  `teachers.readers.ObjectStoreShards` actor holds every shard decoded in Ray's object store (decoded before the
+  arms, not timed, as a sweep's later trials find it) and each arm's fresh reader gets the rows zero-copy;
+  `--reader parquet`: the process decodes the Parquet rows itself (`teachers.readers.CacheReader`, as with
+  `object_store: false`);
 - (c) the same step distilling from `teachers.serving.TeacherServer` actors, `teachers.serving.prefetch` keeping the
   next batches' requests in flight while the student computes;
 - (d) the same step with the teacher inline in the step (`TeacherTargets.inline`, as `teacher_mode: inline` and
-  other frameworks do).
+  other frameworks do);
+- (e) arm (b) with every convolution of the loss's connectors on PyTorch's default path (oneDNN on the CPU):
+  `trainers.distill.common.SmallMapConv2d` off, to show what running its small convolutions with PyTorch's
+  im2col kernel saves.
 
 It prints (b)/(a), (c)/(a), (d)/(a) per teacher and where the time of (b) goes (waiting for the targets, moving them
 to the device, the distillation losses, the rest; beside them, the background reads' own time and CPU), with the
@@ -76,13 +84,14 @@ from curriculum.config import (  # noqa: E402
 from curriculum.data import collate_fn  # noqa: E402
 from teachers.zoo import Detector, build_detector  # noqa: E402
 from trainers.distill import TeacherTargets, build_distiller  # noqa: E402
+from trainers.distill.common import SmallMapConv2d  # noqa: E402
 from trainers.distillation import DistillStep  # noqa: E402
 from trainers.train import build_dataset, make_optimizer, make_scheduler  # noqa: E402
 
-ARMS = ("a", "b", "c", "d")
+ARMS = ("a", "b", "c", "d", "e")
 ARM_LABELS = {"a": "(a) no distillation", "b": "(b) from the cache", "c": "(c) from serving actors",
-              "d": "(d) teacher inline"}
-GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5"}
+              "d": "(d) teacher inline", "e": "(e) (b), small connector convs on oneDNN"}
+GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5", "e": ""}
 def loss_entries(names: str) -> list[dict[str, Any]]:
     """`--loss a,b`: the distiller entries (MGD with the authors' RetinaNet preset, the others as configured)."""
     return [{"name": n, "preset": "retinanet"} if n == "mgd" else {"name": n} for n in names.split(",")]
@@ -386,6 +395,18 @@ def cache_feed(batches: list[Batch], n: int, reader: Any, reads: list[tuple[floa
         yield images, targets, source
 
 
+def warm_store(path: str) -> Any:
+    """An `ObjectStoreShards` on the cache with every shard decoded into the object store (not timed), as a
+    sweep's trials after the first and a run's later epochs find it."""
+    from teachers.readers import ObjectStoreShards
+
+    store = ObjectStoreShards(path, budget_bytes=1 << 30)
+    warm = store.reader()
+    for i in range(warm.manifest["num_shards"]):
+        warm.shard_nbytes(i)
+    return store
+
+
 def serve_feed(batches: list[Batch], n: int, server: Any, depth: int) -> Feed:
     from teachers.serving import prefetch
 
@@ -413,18 +434,28 @@ class TeacherSetup:
     detector: Detector  # on the student's device, for (d)
     cache: dict[str, Any] | None = None
     reader_path: str | None = None
+    store: Any = None  # ObjectStoreShards with every shard decoded (--reader object_store)
     server: Any = None
     serving: dict[str, Any] = field(default_factory=dict)
 
 
 def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch], device: torch.device,
             args: argparse.Namespace, sync_parts: bool) -> dict[str, Any]:
+    if arm == "e":  # (b) with the connectors' small convolutions back on PyTorch's default path
+        saved, SmallMapConv2d.max_macs = SmallMapConv2d.max_macs, 0
+        try:
+            return run_arm("b", t, template, batches, device, args, sync_parts)
+        finally:
+            SmallMapConv2d.max_macs = saved
     n = args.warmup + args.steps
     channels = None if arm == "a" else t.detector.level_channels
-    if arm == "b":
+    if arm == "b":  # a fresh reader per arm, holding no shard yet
         from teachers.readers import CacheReader
 
-        reader = CacheReader(t.reader_path, memory_bytes=1 << 30, components=args.components)  # cold LRU
+        if args.reader == "object_store":
+            reader = t.store.reader(memory_bytes=1 << 30, components=args.components)
+        else:  # its first read of a shard decodes it, as in a training run's first epoch
+            reader = CacheReader(t.reader_path, memory_bytes=1 << 30, components=args.components)
         channels = reader.feature_channels()  # the components' with --components
     s = new_learner(template, channels, device, args)
     reads: list[tuple[float, float]] = []
@@ -459,7 +490,7 @@ def breakdown(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def summarise(t: TeacherSetup, rounds: list[dict[str, dict[str, Any]]], profile: dict[str, dict[str, Any]],
-              arms: list[str], batch: int) -> dict[str, Any]:
+              arms: list[str], batch: int, reader: str = "object_store") -> dict[str, Any]:
     """Medians over rounds; ratios to (a) within each round; the breakdown of (b) next to (a)'s.
 
     `profile`: synchronised passes of (a) and (b) on a GPU, else empty (the timed passes serve)."""
@@ -473,9 +504,12 @@ def summarise(t: TeacherSetup, rounds: list[dict[str, dict[str, Any]]], profile:
                             "step_ms": 1000.0 / med(sps), "parts_ms": parts}
         if "a" in arms:
             res["ratios"][arm] = med([r[arm]["steps_per_s"] / r["a"]["steps_per_s"] for r in rounds])
+    if "b" in arms and "e" in arms:  # what SmallMapConv2d saves, within each round
+        res["b_over_e"] = med([r["b"]["steps_per_s"] / r["e"]["steps_per_s"] for r in rounds])
     if "b" in arms:
         rows = {arm: [profile[arm]] if profile else [r[arm] for r in rounds] for arm in ("b", "a") if arm in arms}
-        res["breakdown_b"] = {"synchronised": bool(profile), "ms": {arm: breakdown(v) for arm, v in rows.items()}}
+        res["breakdown_b"] = {"synchronised": bool(profile), "reader": reader,
+                              "ms": {arm: breakdown(v) for arm, v in rows.items()}}
     return res
 
 
@@ -508,11 +542,17 @@ def markdown(results: list[dict[str, Any]], head: dict[str, Any]) -> str:
         for arm, v in r["arms"].items():
             p = v["parts_ms"]
             note = {"b": f"; waits {p.get('targets', 0):.1f} ms for the targets",
+                    "e": f"; waits {p.get('targets', 0):.1f} ms for the targets",
                     "c": f"; waits {p.get('wait', 0):.1f} ms for the teachers",
                     "d": f"; teacher forward {p.get('targets', 0):.1f} ms"}.get(arm, "")
             ratio = r["ratios"].get(arm)
             lines.append(f"| {ARM_LABELS[arm]} | {v['steps_per_s']:.2f} | {v['images_per_s']:.1f} | "
                          f"{'-' if ratio is None else f'{ratio:.3f}'} | {GOALS[arm]} | {v['step_ms']:.1f} ms{note} |")
+        if "b_over_e" in r:
+            b, e = r["arms"]["b"]["step_ms"], r["arms"]["e"]["step_ms"]
+            lines += ["", f"Small connector convolutions on PyTorch's im2col kernel (`SmallMapConv2d`, below "
+                          f"{SmallMapConv2d.max_macs} multiply-adds on the CPU): (b) {b:.1f} ms per step against (e) "
+                          f"{e:.1f} ms on oneDNN, (b)/(e) speed {r['b_over_e']:.3f} (median of the rounds' ratios)."]
         if r.get("cache"):
             c = r["cache"]
             made = "reused" if c["reused"] else f"{c['precompute_s']:.1f} s"
@@ -530,7 +570,8 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
     lines = ["Where the time of (b) goes (ms per step, median"
              + (", from passes of (a) and (b) synchronised around each part)" if bd["synchronised"] else ")")
              + ":", "", "| part | (b) ms/step | share of (b) | (a) ms/step |", "|---|---:|---:|---:|"]
-    for label, key in (("waiting for the targets (CacheReader, read one batch ahead)", "targets"),
+    reader = "ObjectStoreReader" if bd.get("reader", "parquet") == "object_store" else "CacheReader"
+    for label, key in ((f"waiting for the targets ({reader}, read one batch ahead)", "targets"),
                        (f"moving them to `{device}`", "move"),
                        ("the distillation losses, forward (distiller)", "losses"),
                        ("student forward (with losses; in (b) it records what its loss reads, beside the background read)", "forward"),
@@ -546,8 +587,8 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
                       "(the losses' share of backward; (a) and (b) come from separate passes).",
                   "", f"Reading the targets in the background thread took {b['read']:.2f} ms per step, "
                       f"{b['read_cpu']:.2f} ms of it the thread's own CPU (Arrow's decoding threads come on top; each "
-                      "arm's reader starts with an empty LRU, so its first read of a shard decodes it, as in a training "
-                      "run's first epoch). The reads overlap the step, but where the student's threads fill the cores "
+                      "arm's reader starts with no shard: from Parquet its first read of a shard decodes it, as in a "
+                      "training run's first epoch; from the object store it fetches the decoded shard). The reads overlap the step, but where the student's threads fill the cores "
                       "they hold it up: part of the larger forward and backward above is theirs.",
                   "", f"What the cache itself costs: (a) / ((a) + waiting + moving) = "
                       f"{a['step'] / (a['step'] + b['targets'] + b['move']):.3f}, and if the reads held the step up "
@@ -588,7 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"repeatable (default: {' and '.join(DEFAULT_TEACHERS)}, random weights)")
     p.add_argument("--loss", default="mgd", help="distillation loss(es), comma separated registry names (default "
                    "mgd; e.g. fitnet or hinton_kd to see the cost of getting targets under a lighter loss)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma list of a,b,c,d (default: all)")
+    p.add_argument("--arms", default="a,b,c,d", help="comma list of a,b,c,d,e (default: a,b,c,d)")
     p.add_argument("--steps", type=int, default=40, help="measured steps per arm and round")
     p.add_argument("--warmup", type=int, default=5, help="steps before the clock starts")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the arms, interleaved (medians reported)")
@@ -603,6 +644,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-threads", type=int, default=1, help="torch threads per actor")
     p.add_argument("--prefetch-depth", type=int, default=1, help="batches kept in flight ahead of the step")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of a local Ray (actors schedule on 2 cores)")
+    p.add_argument("--reader", choices=("object_store", "parquet"), default="object_store",
+                   help="how (b) reads the cache: decoded once into Ray's object store (the default of runs and "
+                        "sweeps) or decoded from Parquet by the step's process (object_store: false)")
     p.add_argument("--cache-dtype", choices=("fp32", "fp16", "int8"), default="fp16")
     p.add_argument("--pca", type=int, default=0, help="cache the features as this many principal components")
     p.add_argument("--components", action="store_true",
@@ -651,9 +695,11 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             t = TeacherSetup(name, ckpt, weights, load_teacher(ckpt, name, device=str(device)), serving=serving)
             print(f"teacher {name} ({weights}): preparing", flush=True)
             kinds, levels = cache_spec(template, t.detector, loss_entries(args.loss))
-            if "b" in args.arms:
+            if "b" in args.arms or "e" in args.arms:
                 t.cache = build_cache(ckpt, data, kinds, levels, serve_gpus, args, out)
                 t.reader_path = t.cache["path"]
+                if args.reader == "object_store":
+                    t.store = warm_store(t.reader_path)
             if "c" in args.arms:
                 t.server = TeacherServer(ckpt, targets=kinds, levels=levels, actors=args.serve_actors,
                                          cpus_per_actor=args.serve_cpus, gpus_per_actor=serve_gpus,
@@ -671,7 +717,9 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             finally:
                 if t.server is not None:
                     t.server.shutdown()
-            res = summarise(t, rounds, profile, args.arms, args.batch_size)
+                if t.store is not None:
+                    t.store.close()
+            res = summarise(t, rounds, profile, args.arms, args.batch_size, args.reader)
             res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             results.append(res)
             write(out, device, head, results)

@@ -87,3 +87,55 @@ def test_half_precision_sums_are_taken_in_float32():
     t = torch.full((1, 4, 64, 64), 4.0, dtype=torch.float16)
     out = mgd_level_loss(s, t, torch.ones(1, 1, 64, 64, dtype=torch.float16), torch.nn.Identity())
     assert out.dtype == torch.float32 and out.item() == 16.0 * 16384
+
+
+def _ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 2), (3, 1, 1), (1, 1, 4), (3, 2, 5), (3, 1, 96)])
+def test_small_map_conv_is_nn_conv2d(kernel, stride, size):
+    """SmallMapConv2d gives nn.Conv2d's output and gradients (same weights), on its own kernel below the bound."""
+    from trainers.distill.common import SmallMapConv2d
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 5, kernel, stride=stride, padding=kernel // 2).double()
+    conv = SmallMapConv2d(6, 5, kernel, stride=stride, padding=kernel // 2).double()
+    conv.load_state_dict(ref.state_dict())
+    assert list(conv.state_dict()) == ["weight", "bias"]  # checkpoints of either load into the other
+    x = torch.randn(3, 6, size, size, dtype=torch.double, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn_like(ref(x))
+    ops = _ops(lambda: conv(x).backward(g))
+    ref(x2).backward(g)
+    torch.testing.assert_close(conv(x), ref(x2))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(conv.bias.grad, ref.bias.grad)
+    small = conv._macs(x) < SmallMapConv2d.max_macs
+    assert small == (size < 96)
+    assert ("aten::_convolution" not in ops) == small  # its own kernel, not nn.Conv2d's dispatch
+
+
+def test_mgd_connectors_take_small_map_path_only_when_small(monkeypatch):
+    """MGD's align and generation convs run on the im2col kernel on a tiny map, not on a large one; with the
+    bound at 0 (bench/step_cost.py's arm (e)) never, and the loss is the same."""
+    from trainers.distill.common import SmallMapConv2d
+
+    d = build_distiller([{"name": "mgd"}], {"p3": 8}, {"p3": 4})
+    s = {"p3": torch.randn(2, 8, 2, 2)}
+    tt = TeacherTargets(features={"p3": torch.randn(2, 4, 2, 2)})
+
+    def loss(bound):
+        monkeypatch.setattr(SmallMapConv2d, "max_macs", bound)
+        out = {}
+        out["ops"] = _ops(lambda: out.setdefault(
+            "v", d({"features": s}, tt, generator=torch.Generator().manual_seed(3))["distill_mgd"]))
+        return out
+
+    small, default = loss(1 << 22), loss(0)
+    assert "aten::thnn_conv2d" in small["ops"] and "aten::_convolution" not in small["ops"]
+    assert "aten::_convolution" in default["ops"]
+    torch.testing.assert_close(small["v"], default["v"])

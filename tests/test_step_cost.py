@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +45,9 @@ def test_step_cost_smoke(shapes_root, tmp_path, ray_session):
     table = (out / "step_cost_cpu.md").read_text()
     assert "(b) from the cache" in table and "Where the time of (b) goes" in table
     assert f"took {b['read']:.2f} ms per step, {b['read_cpu']:.2f} ms of it the thread's own CPU" in table
+    # by default (b) reads as runs and sweeps do: through Ray's object store
+    assert res["breakdown_b"]["reader"] == "object_store"
+    assert "waiting for the targets (ObjectStoreReader, read one batch ahead)" in table
 
 
 def test_step_cost_from_principal_components(shapes_root, tmp_path, ray_session):
@@ -51,8 +56,15 @@ def test_step_cost_from_principal_components(shapes_root, tmp_path, ray_session)
     out = tmp_path / "out"
     argv = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1", "--teacher", "fcos_resnet_mini",
             "--serve-cpus", "0.5", "--shard-size", "8", "--data-root", str(shapes_root), "--out", str(out),
-            "--arms", "a,b", "--pca", "8", "--components"]
+            "--arms", "a,b,e", "--pca", "8", "--components", "--reader", "parquet"]
     assert bench.main(argv) == 0
     (res,) = json.loads((out / "step_cost_cpu.json").read_text())["results"]
     assert res["cache"]["pca"] == 8 and res["cache"]["components"] is True
-    assert set(res["arms"]) == {"a", "b"} and res["ratios"]["b"] > 0
+    assert set(res["arms"]) == {"a", "b", "e"} and res["ratios"]["b"] > 0 and res["ratios"]["e"] > 0
+    # (e): (b) with the connectors' small convolutions on PyTorch's default path, compared within each round
+    b, e = res["arms"]["b"]["rounds"], res["arms"]["e"]["rounds"]
+    assert res["b_over_e"] == pytest.approx(b[0] / e[0])
+    assert res["breakdown_b"]["reader"] == "parquet"
+    table = (out / "step_cost_cpu.md").read_text()
+    assert "(e) (b), small connector convs on oneDNN" in table and f"speed {res['b_over_e']:.3f}" in table
+    assert "waiting for the targets (CacheReader, read one batch ahead)" in table

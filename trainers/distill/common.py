@@ -152,9 +152,42 @@ def level_stride(level: str, strides: Mapping[str, int] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# Below this many multiply-adds a CPU convolution is dominated by oneDNN's fixed cost per call, and PyTorch's
+# own im2col kernel is faster (bench/step_cost.py: arm (e) runs the loss without it, beside (b) with it).
+SMALL_CONV_MACS = 1 << 22
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same state dict) that runs a small CPU convolution with PyTorch's im2col
+    kernel (``thnn_conv2d``, forward and backward) instead of oneDNN; the result is the same convolution.
+
+    Distillation connectors run on every FPN level, and on the coarse ones (P5..P7 of a small input, a few
+    cells) with few channels (principal components) each call is tiny: there oneDNN's fixed cost per call,
+    not the arithmetic, is the time. Larger calls, other devices and tracing go through ``nn.Conv2d``."""
+
+    max_macs: int = SMALL_CONV_MACS
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if input.device.type == "cpu" and input.dim() == 4 and self._plain() and not torch.jit.is_tracing() \
+                and input.dtype in (torch.float32, torch.float64) and self._macs(input) < self.max_macs:
+            return torch._C._nn.thnn_conv2d(input, weight, self.kernel_size, bias, self.stride, self.padding)
+        return super()._conv_forward(input, weight, bias)
+
+    def _plain(self) -> bool:
+        return self.groups == 1 and self.padding_mode == "zeros" and self.dilation == (1, 1) \
+            and not isinstance(self.padding, str)
+
+    def _macs(self, input: Tensor) -> int:
+        n, _, h, w = input.shape
+        kh, kw = self.kernel_size
+        out_h = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
+        out_w = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        return n * out_h * out_w * self.out_channels * self.in_channels * kh * kw
+
+
 def conv1x1(in_channels: int, out_channels: int, init: str = "default") -> nn.Conv2d:
     """The 1x1 adapter of Chen et al., FitNets, Zhang & Ma; ``init='identity'`` needs equal channels."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+    conv = SmallMapConv2d(in_channels, out_channels, kernel_size=1)
     if init == "identity":
         set_identity_(conv)
     return conv

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .common import FeatureTerm, check_choice, check_number
+from .common import FeatureTerm, SmallMapConv2d, check_choice, check_number
 from .context import DistillContext
 
 PRESETS = {
@@ -57,9 +57,9 @@ class MGDGenerator(nn.Sequential):
 
     def __init__(self, channels: int) -> None:
         super().__init__(
-            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            SmallMapConv2d(channels, channels, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            SmallMapConv2d(channels, channels, kernel_size=3, padding=1),
         )
 
 
@@ -94,7 +94,7 @@ class MGDLoss(FeatureTerm):
         )
         self.align = nn.ModuleDict(
             {
-                lvl: nn.Conv2d(self.student_channels[lvl], self.teacher_channels[lvl], kernel_size=1)
+                lvl: SmallMapConv2d(self.student_channels[lvl], self.teacher_channels[lvl], kernel_size=1)
                 for lvl in self.levels
                 if self.student_channels[lvl] != self.teacher_channels[lvl]
             }
