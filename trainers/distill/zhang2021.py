@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from curriculum.errors import ConfigError
 
-from .common import FeatureTerm, check_bool, check_choice, check_level_dict, check_number, safe_sqrt, set_identity_
+from .common import FeatureTerm, SmallMapConv2d, check_bool, check_choice, check_level_dict, check_number, safe_sqrt, set_identity_
 from .context import DistillContext
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -149,10 +149,10 @@ class NonLocalBlock(nn.Module):
         self.channels = channels
         self.inter_channels = inter_channels or max(1, channels // 2)
         self.downsample = int(downsample)
-        self.theta = nn.Conv2d(channels, self.inter_channels, 1)
-        self.phi = nn.Conv2d(channels, self.inter_channels, 1)
-        self.g = nn.Conv2d(channels, self.inter_channels, 1)
-        self.W = nn.Conv2d(self.inter_channels, channels, 1)
+        self.theta = SmallMapConv2d(channels, self.inter_channels, 1)
+        self.phi = SmallMapConv2d(channels, self.inter_channels, 1)
+        self.g = SmallMapConv2d(channels, self.inter_channels, 1)
+        self.W = SmallMapConv2d(self.inter_channels, channels, 1)
         self.bn = nn.BatchNorm2d(channels) if bn else None
         if self.bn is not None:
             nn.init.zeros_(self.bn.weight)
@@ -286,7 +286,7 @@ class ZhangAttentionLoss(_ZhangBase):
             {lvl: nn.Linear(self.student_channels[lvl], self.teacher_channels[lvl]) for lvl in self.levels}
         )
         self.spatial_adapters = nn.ModuleDict(
-            {lvl: nn.Conv2d(1, 1, kernel_size=3, padding=1) for lvl in self.levels}
+            {lvl: SmallMapConv2d(1, 1, kernel_size=3, padding=1) for lvl in self.levels}
         )
         if adapter_init == "identity":
             for m in list(self.channel_adapters.values()) + list(self.spatial_adapters.values()):
