@@ -6,15 +6,17 @@ distillation, in this process). Interleaved `--repeats` times on one local Ray, 
   on `--threads` CPUs), with the CPU seconds of every process on the machine while it runs (from /proc): the
   trial's, this driver's and the rest (Ray's own processes, other jobs);
 - distilled: the trial's stages distilled from the teacher cache in this process (`run_sequence`, the cache read
-  from its Parquet shards, the sweep's default trial), as a trial runs them minus Tune.
+  from its Parquet shards, the sweep's default trial), as a trial runs them minus Tune;
+- distilled_onednn (with `--onednn-arm`): the same with the distillers' small convolutions on PyTorch's default path
+  (`trainers.distill.common.SmallMapConv2d` off), so distilled_onednn / distilled is what it saves a trial.
 
 So alone_tune / alone is what Tune's trial process costs, distilled / alone what the distillation costs (its loss
 compute, target reads and calibration); tune_cost's cached arm is the two together plus the gaps between trials.
 A Tune trial's first epoch also pays its fresh process's imports, which a sweep pays once (`reuse_actors`).
 The cache is `--cache` (tune_cost's `<out>/<stamp>/cache` of the same settings), precomputed there when missing
 (not timed). Writes `bench/results/trial_cost.json` ({"rounds": [...], "distilled_over_alone",
-"distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share"}) and prints
-the table.
+"distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share"}, and
+"onednn_over_small_conv" with `--onednn-arm`) and prints the table.
 
     python bench/trial_cost.py --set "cache.compression={dtype: int8, pca: 32}" --set cache.features=components \
         --cache runs/bench_tune_cost/<stamp>/cache
@@ -108,13 +110,16 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     def med(values: Any, digits: int = 3) -> float:
         return round(statistics.median(values), digits)
 
-    return {
+    out = {
         "distilled_over_alone": med(r["distilled_s"] / r["alone_s"] for r in rounds),
         "distilled_later_epoch_ratio": med(later(r["distilled_epochs_s"]) / later(r["alone_epochs_s"]) for r in rounds),
         "tune_later_epoch_ratio": med(later(r["alone_tune_epochs_s"]) / later(r["alone_epochs_s"]) for r in rounds),
         "tune_first_epoch_excess_s": med((r["alone_tune_epochs_s"][0] - r["alone_epochs_s"][0] for r in rounds), 2),
         "trial_cpu_share": med(r["cpu_s"]["trial"] / r["cpu_s"]["total"] for r in rounds),
     }
+    if all("distilled_onednn_s" in r for r in rounds):
+        out["onednn_over_small_conv"] = med(r["distilled_onednn_s"] / r["distilled_s"] for r in rounds)
+    return out
 
 
 def tune_trial(loop: dict[str, Any], storage: Path, name: str, threads: int) -> tuple[float, list[float]]:
@@ -168,6 +173,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_trial_cost"))
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "trial_cost.json"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--onednn-arm", action="store_true",
+                    help="also time the distilled trial with SmallMapConv2d off (every connector conv on oneDNN)")
     args = ap.parse_args()
 
     from curriculum.cluster import ensure_ray
@@ -187,10 +194,20 @@ def main() -> int:
         with CpuWatch() as watch:
             tune_s, tune_epochs = tune_trial(loop, out / "ray", f"alone_tune_{r}", args.threads)
         dist_s, dist_epochs = distilled_in_process(job, prep, init, out / f"distilled_{r}")
+        onednn = {}
+        if args.onednn_arm:
+            from trainers.distill.common import SmallMapConv2d
+
+            saved, SmallMapConv2d.max_macs = SmallMapConv2d.max_macs, 0
+            try:
+                s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}")
+            finally:
+                SmallMapConv2d.max_macs = saved
+            onednn = {"distilled_onednn_s": round(s, 2), "distilled_onednn_epochs_s": [round(x, 2) for x in epochs]}
         rounds.append({"alone_s": round(alone_s, 2), "alone_epochs_s": [round(x, 2) for x in alone_epochs],
                        "alone_tune_s": round(tune_s, 2), "alone_tune_epochs_s": [round(x, 2) for x in tune_epochs],
                        "distilled_s": round(dist_s, 2), "distilled_epochs_s": [round(x, 2) for x in dist_epochs],
-                       "cpu_s": split_cpu(watch.spent(), os.getpid())})
+                       **onednn, "cpu_s": split_cpu(watch.spent(), os.getpid())})
         print(json.dumps(rounds[-1]), flush=True)
     result = {**summarise(rounds), "rounds": rounds, "overrides": common[:-2],
               "machine": f"{os.cpu_count()} CPUs, threads {args.threads}"}
@@ -210,6 +227,10 @@ def main() -> int:
               f"{result['distilled_later_epoch_ratio']:.3f}); a later epoch as a Tune trial / in process "
               f"{result['tune_later_epoch_ratio']:.3f}, its first epoch +{result['tune_first_epoch_excess_s']:.2f} s; "
               f"the Tune trial's share of the CPU seconds while it ran {100 * result['trial_cpu_share']:.1f}%."]
+    if "onednn_over_small_conv" in result:
+        lines += ["", "Distilled with every connector convolution on oneDNN (s, epochs): " + "; ".join(
+            row(r["distilled_onednn_s"], r["distilled_onednn_epochs_s"]) for r in rounds)
+            + f". Median of the rounds' distilled_onednn / distilled: {result['onednn_over_small_conv']:.3f}."]
     print("\n" + "\n".join(lines))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -50,3 +50,8 @@ def test_the_cpu_split_and_the_summary_from_made_up_rounds():
     assert bench.summarise(rounds) == {"distilled_over_alone": 1.15, "distilled_later_epoch_ratio": 1.15,
                                        "tune_later_epoch_ratio": 1.042, "tune_first_epoch_excess_s": 2.0,
                                        "trial_cpu_share": 0.9}
+    # --onednn-arm: the same trial with SmallMapConv2d off, over the distilled one: 31.395/29.9 = 1.05,
+    # 42.9/42.9 = 1.0, 28.704/27.6 = 1.04 -> 1.04
+    for r, s in zip(rounds, (31.395, 42.9, 28.704)):
+        r["distilled_onednn_s"] = s
+    assert bench.summarise(rounds)["onednn_over_small_conv"] == 1.04
