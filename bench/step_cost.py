@@ -24,8 +24,9 @@ per teacher:
 
 It prints (b)/(a), (c)/(a), (d)/(a) per teacher and where the time of (b) goes (waiting for the targets, moving them
 to the device, the distillation losses, the rest; beside them, the background reads' own time and CPU), with the
-machine and the resources each figure was measured on. Arms are interleaved (a, b, c, d, a, b, ...) for `--repeats` rounds and each ratio is taken within a round,
-because the load of a shared machine drifts; the tables give medians over rounds.
+machine and the resources each figure was measured on. Arms are interleaved (a, b, c, d, a, b, ...) for `--repeats`
+rounds and each ratio is taken within a round, because the load of a shared machine drifts; the tables give medians
+over rounds.
 
     # the real measurement, CPU (the two default teachers: CNN fcos_resnet18_half and Swin fcos_swin_mini)
     .venv/bin/python bench/step_cost.py --steps 40 --warmup 5 --repeats 3 --threads 1
@@ -442,11 +443,8 @@ class TeacherSetup:
 def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch], device: torch.device,
             args: argparse.Namespace, sync_parts: bool) -> dict[str, Any]:
     if arm == "e":  # (b) with the connectors' small convolutions back on PyTorch's default path
-        saved, SmallMapConv2d.max_macs = SmallMapConv2d.max_macs, 0
-        try:
+        with SmallMapConv2d.bound(0):
             return run_arm("b", t, template, batches, device, args, sync_parts)
-        finally:
-            SmallMapConv2d.max_macs = saved
     n = args.warmup + args.steps
     channels = None if arm == "a" else t.detector.level_channels
     if arm == "b":  # a fresh reader per arm, holding no shard yet
@@ -574,7 +572,8 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
     for label, key in ((f"waiting for the targets ({reader}, read one batch ahead)", "targets"),
                        (f"moving them to `{device}`", "move"),
                        ("the distillation losses, forward (distiller)", "losses"),
-                       ("student forward (with losses; in (b) it records what its loss reads, beside the background read)", "forward"),
+                       ("student forward (with losses; in (b) it records what its loss reads, beside the background "
+                        "read)", "forward"),
                        ("backward (student and losses, one graph), clipping, AdamW step", "backward"),
                        ("the rest (batch to the device, loss sum and reads, loop)", "other"),
                        ("the step", "step")):
@@ -588,8 +587,9 @@ def breakdown_table(bd: dict[str, Any], device: str) -> list[str]:
                   "", f"Reading the targets in the background thread took {b['read']:.2f} ms per step, "
                       f"{b['read_cpu']:.2f} ms of it the thread's own CPU (Arrow's decoding threads come on top; each "
                       "arm's reader starts with no shard: from Parquet its first read of a shard decodes it, as in a "
-                      "training run's first epoch; from the object store it fetches the decoded shard). The reads overlap the step, but where the student's threads fill the cores "
-                      "they hold it up: part of the larger forward and backward above is theirs.",
+                      "training run's first epoch; from the object store it fetches the decoded shard). The reads "
+                      "overlap the step, but where the student's threads fill the cores they hold it up: part of the "
+                      "larger forward and backward above is theirs.",
                   "", f"What the cache itself costs: (a) / ((a) + waiting + moving) = "
                       f"{a['step'] / (a['step'] + b['targets'] + b['move']):.3f}, and if the reads held the step up "
                       f"for all their time, {a['step'] / (a['step'] + b['targets'] + b['move'] + b['read']):.3f}; "

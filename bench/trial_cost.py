@@ -198,11 +198,8 @@ def main() -> int:
         if args.onednn_arm:
             from trainers.distill.common import SmallMapConv2d
 
-            saved, SmallMapConv2d.max_macs = SmallMapConv2d.max_macs, 0
-            try:
+            with SmallMapConv2d.bound(0):
                 s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}")
-            finally:
-                SmallMapConv2d.max_macs = saved
             onednn = {"distilled_onednn_s": round(s, 2), "distilled_onednn_epochs_s": [round(x, 2) for x in epochs]}
         rounds.append({"alone_s": round(alone_s, 2), "alone_epochs_s": [round(x, 2) for x in alone_epochs],
                        "alone_tune_s": round(tune_s, 2), "alone_tune_epochs_s": [round(x, 2) for x in tune_epochs],

@@ -6,9 +6,10 @@ Everything here is pure torch on tensors. Teacher tensors reaching these helpers
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,6 +167,17 @@ class SmallMapConv2d(nn.Conv2d):
     not the arithmetic, is the time. Larger calls, other devices and tracing go through ``nn.Conv2d``."""
 
     max_macs: int = SMALL_CONV_MACS
+
+    @classmethod
+    @contextlib.contextmanager
+    def bound(cls, max_macs: int) -> Iterator[None]:
+        """Within the block, calls of at least `max_macs` take ``nn.Conv2d``'s path (0: every call; the benchmarks
+        compare with it)."""
+        saved, cls.max_macs = cls.max_macs, max_macs
+        try:
+            yield
+        finally:
+            cls.max_macs = saved
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if input.device.type == "cpu" and input.dim() == 4 and self._plain() and not torch.jit.is_tracing() \
