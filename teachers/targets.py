@@ -115,6 +115,17 @@ def _to(x: Any, device: torch.device | str) -> Any:
     return x
 
 
+def _all_finite(tensors: Sequence[Any]) -> bool:
+    """True when every floating tensor given is free of NaN and inf, in one reduction per tensor (this runs every
+    step): a sum is finite when all its values are. False also when a sum of finite values overflows, so a False
+    only sends the caller to its exact, per-image search."""
+    sums = [t.sum(dtype=torch.float32) for t in tensors
+            if isinstance(t, Tensor) and torch.is_floating_point(t) and t.numel()]
+    if not sums:
+        return True
+    return bool(torch.isfinite(torch.stack([x.to(sums[0].device) for x in sums])).all())
+
+
 def _bad_images(t: Tensor) -> list[int]:
     """Batch positions (dim 0) whose slice holds NaN or inf."""
     if t.numel() == 0 or not torch.is_floating_point(t):
@@ -297,6 +308,9 @@ class TeacherTargets:
         """
         maps = [(f"features[{lvl}]", t) for lvl, t in (self.features or {}).items()]
         maps += [(f"{name}[{i}]", t) for name in _PER_LEVEL_FIELDS for i, t in enumerate(getattr(self, name) or [])]
+        if _all_finite([t for _, t in maps] + [getattr(self, name) for name in _ROI_FIELDS]
+                       + [t for det in self.detections or [] for t in det.values()]):
+            return
         for label, t in maps:
             bad = _bad_images(t)
             if bad:

@@ -36,6 +36,16 @@ def test_check_finite_passes_on_clean_targets():
     tt.check_finite()
 
 
+def test_check_finite_passes_large_finite_values_whose_sum_overflows():
+    """The one-sum-per-tensor check overflows on these; the exact search then finds nothing and passes. A NaN
+    beside them is still found."""
+    big = torch.full((2, 3, 2, 2), 3e38)
+    TeacherTargets(features={"p3": big}, roi_class_logits=torch.full((4, 2), 3e38), image_ids=[1, 2]).check_finite()
+    big[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"features\[p3\].*image_id 1 "):
+        TeacherTargets(features={"p3": big}, image_ids=[1, 2]).check_finite()
+
+
 def test_check_finite_names_feature_level_and_image():
     f = torch.zeros(2, 3, 2, 2)
     f[1, 2, 0, 1] = float("nan")

@@ -133,6 +133,33 @@ def test_the_transformer_recipe_keeps_weight_decay_off_norms_biases_and_position
     assert group["weight_decay"] == 0.05 and len(group["params"]) == len(named)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_the_fused_optimizer_makes_torchs_reference_update(kind):
+    """make_optimizer runs torch's fused kernel on the CPU; its updates (weight decay on weights only) match
+    torch's per-tensor reference loop to float rounding over several steps."""
+    from trainers.train import make_optimizer
+
+    t = TrainConfig(optimizer=kind, lr=0.05, weight_decay=0.01, momentum=0.9, decay_norm_and_bias=False)
+    torch.manual_seed(0)
+    start = {"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4), "fc.weight": torch.randn(5, 7)}
+    grads = [{n: torch.randn_like(w) for n, w in start.items()} for _ in range(5)]
+    params = {n: torch.nn.Parameter(w.clone()) for n, w in start.items()}
+    opt = make_optimizer(params.items(), t)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = {n: torch.nn.Parameter(w.clone()) for n, w in start.items()}
+    groups = [{"params": [ref["conv.weight"], ref["fc.weight"]]}, {"params": [ref["conv.bias"]], "weight_decay": 0.0}]
+    ref_opt = (torch.optim.SGD(groups, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=False) if kind == "sgd"
+               else torch.optim.AdamW(groups, lr=0.05, weight_decay=0.01, foreach=False))
+    for g in grads:
+        for n in start:
+            params[n].grad, ref[n].grad = g[n].clone(), g[n].clone()
+        opt.step()
+        ref_opt.step()
+    for n in start:
+        assert not torch.equal(params[n], start[n])
+        torch.testing.assert_close(params[n], ref[n], rtol=1e-6, atol=1e-6)
+
+
 def test_optimizer_state_by_name_goes_on_in_an_optimizer_over_other_parameters():
     """A student's AdamW moments, taken by name into a new optimizer that also holds a new adapter, make the
     same update as the old optimizer going on; a parameter whose shape changed starts fresh."""
