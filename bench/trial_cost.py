@@ -5,18 +5,27 @@ distillation, in this process). Interleaved `--repeats` times on one local Ray, 
 - alone_tune: the same S as a Ray Tune trial (`trainers.ray_train.TuneSession`, a checkpoint every epoch, one trial
   on `--threads` CPUs), with the CPU seconds of every process on the machine while it runs (from /proc): the
   trial's, this driver's and the rest (Ray's own processes, other jobs);
-- distilled: the trial's stages distilled from the teacher cache in this process (`run_sequence`, the cache read
-  from its Parquet shards, the sweep's default trial), as a trial runs them minus Tune;
+- distilled: the trial's stages distilled from the teacher cache in this process (`run_sequence`, the sweep's
+  default trial), as a trial runs them minus Tune. `--reader object_store` (the default, as a sweep's trials read
+  it): through a `teachers.readers.ObjectStoreShards` holding every shard decoded (decoded before the rounds, not
+  timed, as a sweep's later trials find it); `--reader parquet`: the process decodes the Parquet shards itself;
+- distilled_tune: one trial of the sweep's space (`--space`) as `curriculum tune` runs it (`tune_spaces.sweep.
+  run_sweep`, `tune.include_default: false`, one sample: a sweep of its own, with its own shard store, which decodes
+  the shards in the trial's first epoch, as in a sweep's first trial), with the CPU seconds of every process while it
+  runs, as for alone_tune;
 - distilled_onednn (with `--onednn-arm`): the same with the distillers' small convolutions on PyTorch's default path
   (`trainers.distill.common.SmallMapConv2d` off), so distilled_onednn / distilled is what it saves a trial.
 
 So alone_tune / alone is what Tune's trial process costs, distilled / alone what the distillation costs (its loss
-compute, target reads and calibration); tune_cost's cached arm is the two together plus the gaps between trials.
+compute, target reads and calibration), distilled_tune / distilled what Tune costs a distilled trial; tune_cost's
+cached arm is distilled_tune's trials one after the other plus the gaps between them.
 A Tune trial's first epoch also pays its fresh process's imports, which a sweep pays once (`reuse_actors`).
 The cache is `--cache` (tune_cost's `<out>/<stamp>/cache` of the same settings), precomputed there when missing
 (not timed). Writes `bench/results/trial_cost.json` ({"rounds": [...], "distilled_over_alone",
-"distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share"}, and
-"onednn_over_small_conv" with `--onednn-arm`) and prints the table.
+"distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share",
+"distilled_tune_later_epoch_ratio" (a later epoch of distilled_tune over distilled's), "distilled_tune_over_alone"
+(over alone's, what tune_cost's `epoch_excess` measures), "reader"}, and "onednn_over_small_conv" with
+`--onednn-arm`) and prints the table.
 
     python bench/trial_cost.py --set "cache.compression={dtype: int8, pca: 32}" --set cache.features=components \
         --cache runs/bench_tune_cost/<stamp>/cache
@@ -116,6 +125,10 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "tune_later_epoch_ratio": med(later(r["alone_tune_epochs_s"]) / later(r["alone_epochs_s"]) for r in rounds),
         "tune_first_epoch_excess_s": med((r["alone_tune_epochs_s"][0] - r["alone_epochs_s"][0] for r in rounds), 2),
         "trial_cpu_share": med(r["cpu_s"]["trial"] / r["cpu_s"]["total"] for r in rounds),
+        "distilled_tune_later_epoch_ratio": med(later(r["distilled_tune_epochs_s"]) / later(r["distilled_epochs_s"])
+                                                for r in rounds),
+        "distilled_tune_over_alone": med(later(r["distilled_tune_epochs_s"]) / later(r["alone_epochs_s"])
+                                         for r in rounds),
     }
     if all("distilled_onednn_s" in r for r in rounds):
         out["onednn_over_small_conv"] = med(r["distilled_onednn_s"] / r["distilled_s"] for r in rounds)
@@ -152,15 +165,42 @@ def prepare_distilled(job: Any, out: Path) -> tuple[Any, Path]:
     return prep, init
 
 
-def distilled_in_process(job: Any, prep: Any, init: Path, out: Path) -> tuple[float, list[float]]:
-    """The sweep's default trial (the config's own values), its stages distilled from the cache in this process:
-    seconds and each epoch's (the first with the set-up and the stage's calibration)."""
+def warm_stores(prep: Any, budget_bytes: int) -> dict[str, Any]:
+    """{teacher: `ObjectStoreShards`} over the trial's caches, every shard decoded into the object store (not timed),
+    as a sweep's trials after the first find them."""
+    from teachers.readers import ObjectStoreShards
+
+    stores = {}
+    for m in (m for st in prep.stages for m in st.teachers if m.cache):
+        stores[m.name] = ObjectStoreShards(m.cache, budget_bytes=budget_bytes)
+        reader = stores[m.name].reader()
+        for i in range(reader.manifest["num_shards"]):
+            reader.shard_nbytes(i)
+    return stores
+
+
+def distilled_in_process(job: Any, prep: Any, init: Path, out: Path, stores: dict[str, Any] | None = None
+                         ) -> tuple[float, list[float]]:
+    """The sweep's default trial (the config's own values), its stages distilled from the cache in this process
+    (through `stores`' object store; without: from the Parquet shards): seconds and each epoch's (the first with the
+    set-up and the stage's calibration)."""
     from trainers.ray_train import run_sequence
     from tune_spaces.sweep import trial_entries
 
     entries = trial_entries(job, prep.stages, init, out, eval_images=job.tune.eval_images,
-                            threads=job.tune.threads_per_trial)
+                            threads=job.tune.threads_per_trial,
+                            shard_stores={t: st.name for t, st in (stores or {}).items()})
     return tune_cost.timed_by_epoch(lambda session: run_sequence(entries, session))
+
+
+def distilled_tune(config: str, common: list[str], space: Any, name: str) -> tuple[float, list[float]]:
+    """One sampled trial of `space` as `curriculum tune` runs it, a sweep of its own: Tune's time for the trial and
+    its time per report (epoch)."""
+    arm = tune_cost.run_arm(config, common, ["tune.include_default=false"], space, 1, name)
+    (trial,) = arm["trials"]
+    if trial["status"] != "finished" or not trial["iterations_s"]:
+        raise RuntimeError(f"the distilled_tune trial {name} ended {trial['status']}: {trial}")
+    return float(trial["seconds"]), trial["iterations_s"]
 
 
 def main() -> int:
@@ -173,12 +213,16 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_trial_cost"))
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "trial_cost.json"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--reader", choices=("object_store", "parquet"), default="object_store",
+                    help="how the in-process distilled arms read the cache (a sweep's trials: object_store)")
+    ap.add_argument("--space", default="mgd", help="the sweep space of the distilled_tune arm")
     ap.add_argument("--onednn-arm", action="store_true",
                     help="also time the distilled trial with SmallMapConv2d off (every connector conv on oneDNN)")
     args = ap.parse_args()
 
     from curriculum.cluster import ensure_ray
     from curriculum.pipeline import absolute_paths, load_run_config
+    from tune_spaces import load_space
 
     out = Path(args.out).resolve() / time.strftime("%Y%m%d-%H%M%S")
     cache = Path(args.cache).resolve() if args.cache else out / "cache"
@@ -188,42 +232,55 @@ def main() -> int:
     loop = tune_cost.student_alone_loop(job, out / "tune").to_dict()
     ensure_ray(job.ray)
     prep, init = prepare_distilled(job, out / "prepared")
+    stores = warm_stores(prep, job.cache.memory_bytes) if args.reader == "object_store" else None
+    space = load_space(args.space)
     rounds = []
     for r in range(args.repeats):
         alone_s, alone_epochs = tune_cost.student_alone_seconds(job, out / f"alone_{r}")
         with CpuWatch() as watch:
             tune_s, tune_epochs = tune_trial(loop, out / "ray", f"alone_tune_{r}", args.threads)
-        dist_s, dist_epochs = distilled_in_process(job, prep, init, out / f"distilled_{r}")
+        dist_s, dist_epochs = distilled_in_process(job, prep, init, out / f"distilled_{r}", stores)
         onednn = {}
         if args.onednn_arm:
             from trainers.distill.common import SmallMapConv2d
 
             with SmallMapConv2d.bound(0):
-                s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}")
+                s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}", stores)
             onednn = {"distilled_onednn_s": round(s, 2), "distilled_onednn_epochs_s": [round(x, 2) for x in epochs]}
+        with CpuWatch() as tune_watch:
+            dtune_s, dtune_epochs = distilled_tune(args.config, common, space, f"distilled_tune_{r}")
         rounds.append({"alone_s": round(alone_s, 2), "alone_epochs_s": [round(x, 2) for x in alone_epochs],
                        "alone_tune_s": round(tune_s, 2), "alone_tune_epochs_s": [round(x, 2) for x in tune_epochs],
                        "distilled_s": round(dist_s, 2), "distilled_epochs_s": [round(x, 2) for x in dist_epochs],
-                       **onednn, "cpu_s": split_cpu(watch.spent(), os.getpid())})
+                       **onednn, "distilled_tune_s": round(dtune_s, 2),
+                       "distilled_tune_epochs_s": [round(x, 2) for x in dtune_epochs],
+                       "cpu_s": split_cpu(watch.spent(), os.getpid()),
+                       "distilled_tune_cpu_s": split_cpu(tune_watch.spent(), os.getpid())})
         print(json.dumps(rounds[-1]), flush=True)
-    result = {**summarise(rounds), "rounds": rounds, "overrides": common[:-2],
+    result = {**summarise(rounds), "reader": args.reader, "rounds": rounds, "overrides": common[:-2],
               "machine": f"{os.cpu_count()} CPUs, threads {args.threads}"}
 
     def row(seconds: float, epochs: list[float]) -> str:
         return f"{seconds:.1f} ({', '.join(f'{x:.2f}' for x in epochs)})"
 
     lines = ["| round | alone, in process: s (epochs) | alone, as a Tune trial | distilled from the cache, in process "
-             "| CPU s while the Tune trial ran: trial / driver / rest |", "|---|---|---|---|---|"]
+             "| distilled, as a sweep's trial | CPU s while each Tune trial ran (alone / distilled): trial / driver / "
+             "rest |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):
-        c = r["cpu_s"]
+        c, d = r["cpu_s"], r["distilled_tune_cpu_s"]
         lines.append(f"| {i} | {row(r['alone_s'], r['alone_epochs_s'])} | "
                      f"{row(r['alone_tune_s'], r['alone_tune_epochs_s'])} | "
                      f"{row(r['distilled_s'], r['distilled_epochs_s'])} | "
-                     f"{c['trial']:.1f} / {c['driver']:.1f} / {c['other']:.1f} |")
-    lines += ["", f"Medians over rounds: distilled / alone {result['distilled_over_alone']:.3f} (a later epoch "
-              f"{result['distilled_later_epoch_ratio']:.3f}); a later epoch as a Tune trial / in process "
-              f"{result['tune_later_epoch_ratio']:.3f}, its first epoch +{result['tune_first_epoch_excess_s']:.2f} s; "
-              f"the Tune trial's share of the CPU seconds while it ran {100 * result['trial_cpu_share']:.1f}%."]
+                     f"{row(r['distilled_tune_s'], r['distilled_tune_epochs_s'])} | "
+                     f"{c['trial']:.1f} / {c['driver']:.1f} / {c['other']:.1f}; "
+                     f"{d['trial']:.1f} / {d['driver']:.1f} / {d['other']:.1f} |")
+    lines += ["", f"Reader of the in-process distilled arms: {args.reader}. Medians over rounds: distilled / alone "
+              f"{result['distilled_over_alone']:.3f} (a later epoch {result['distilled_later_epoch_ratio']:.3f}); "
+              f"a later epoch as a Tune trial / in process: alone {result['tune_later_epoch_ratio']:.3f}, distilled "
+              f"{result['distilled_tune_later_epoch_ratio']:.3f} (over alone's in process "
+              f"{result['distilled_tune_over_alone']:.3f}); alone's first epoch in Tune "
+              f"+{result['tune_first_epoch_excess_s']:.2f} s; the alone Tune trial's share of the CPU seconds while "
+              f"it ran {100 * result['trial_cpu_share']:.1f}%."]
     if "onednn_over_small_conv" in result:
         lines += ["", "Distilled with every connector convolution on oneDNN (s, epochs): " + "; ".join(
             row(r["distilled_onednn_s"], r["distilled_onednn_epochs_s"]) for r in rounds)
