@@ -38,12 +38,14 @@ def test_the_cpu_split_and_the_summary_from_made_up_rounds():
     assert bench.split_cpu(spent, 11) == {"trial": 32.0, "driver": 2.0, "other": 1.5, "total": 35.5}
     rounds = [
         {"alone_s": 26.0, "alone_epochs_s": [14.0, 12.0], "alone_tune_epochs_s": [16.0, 12.6],
-         "distilled_s": 29.9, "distilled_epochs_s": [16.1, 13.8], "distilled_tune_epochs_s": [17.0, 14.52], "cpu_s": {"trial": 27.0, "total": 30.0}},
+         "distilled_s": 29.9, "distilled_epochs_s": [16.1, 13.8], "distilled_tune_epochs_s": [17.0, 14.52],
+         "cpu_s": {"trial": 27.0, "total": 30.0}},
         {"alone_s": 39.0, "alone_epochs_s": [15.0, 13.0, 11.0], "alone_tune_epochs_s": [16.0, 12.0, 13.0],
          "distilled_s": 42.9, "distilled_epochs_s": [16.9, 13.0, 13.0],
          "distilled_tune_epochs_s": [17.0, 13.0, 13.0], "cpu_s": {"trial": 24.0, "total": 30.0}},
         {"alone_s": 23.0, "alone_epochs_s": [13.0, 10.0], "alone_tune_epochs_s": [16.0, 10.0],
-         "distilled_s": 27.6, "distilled_epochs_s": [15.6, 12.0], "distilled_tune_epochs_s": [16.0, 13.2], "cpu_s": {"trial": 28.5, "total": 30.0}},
+         "distilled_s": 27.6, "distilled_epochs_s": [15.6, 12.0], "distilled_tune_epochs_s": [16.0, 13.2],
+         "cpu_s": {"trial": 28.5, "total": 30.0}},
     ]
     # distilled / alone: 29.9/26 = 1.15, 42.9/39 = 1.1, 27.6/23 = 1.2 -> 1.15; its later epochs 13.8/12 = 1.15,
     # 13/12 = 1.0833, 12/10 = 1.2 -> 1.15; Tune's later epochs 12.6/12 = 1.05, 12.5/12 = 1.0417, 10/10 = 1 -> 1.0417;
