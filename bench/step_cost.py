@@ -396,12 +396,12 @@ def cache_feed(batches: list[Batch], n: int, reader: Any, reads: list[tuple[floa
         yield images, targets, source
 
 
-def warm_store(path: str) -> Any:
+def warm_store(path: str, budget_bytes: int = 1 << 30) -> Any:
     """An `ObjectStoreShards` on the cache with every shard decoded into the object store (not timed), as a
     sweep's trials after the first and a run's later epochs find it."""
     from teachers.readers import ObjectStoreShards
 
-    store = ObjectStoreShards(path, budget_bytes=1 << 30)
+    store = ObjectStoreShards(path, budget_bytes=budget_bytes)
     warm = store.reader()
     for i in range(warm.manifest["num_shards"]):
         warm.shard_nbytes(i)

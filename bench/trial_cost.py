@@ -166,17 +166,11 @@ def prepare_distilled(job: Any, out: Path) -> tuple[Any, Path]:
 
 
 def warm_stores(prep: Any, budget_bytes: int) -> dict[str, Any]:
-    """{teacher: `ObjectStoreShards`} over the trial's caches, every shard decoded into the object store (not timed),
-    as a sweep's trials after the first find them."""
-    from teachers.readers import ObjectStoreShards
+    """{teacher: `step_cost.warm_store`} over the trial's caches, every shard decoded into the object store (not
+    timed), as a sweep's trials after the first find them."""
+    from step_cost import warm_store
 
-    stores = {}
-    for m in (m for st in prep.stages for m in st.teachers if m.cache):
-        stores[m.name] = ObjectStoreShards(m.cache, budget_bytes=budget_bytes)
-        reader = stores[m.name].reader()
-        for i in range(reader.manifest["num_shards"]):
-            reader.shard_nbytes(i)
-    return stores
+    return {m.name: warm_store(m.cache, budget_bytes) for st in prep.stages for m in st.teachers if m.cache}
 
 
 def distilled_in_process(job: Any, prep: Any, init: Path, out: Path, stores: dict[str, Any] | None = None
