@@ -9,6 +9,9 @@ distillation, in this process). Interleaved `--repeats` times on one local Ray, 
   default trial), as a trial runs them minus Tune. `--reader object_store` (the default, as a sweep's trials read
   it): through a `teachers.readers.ObjectStoreShards` holding every shard decoded (decoded before the rounds, not
   timed, as a sweep's later trials find it); `--reader parquet`: the process decodes the Parquet shards itself;
+- distilled_plain_tune: the distilled arm's stages, timed the same way, inside a plain Tune function trainable (one
+  trial on `--threads` CPUs): Tune's fresh trial process and runner thread without the sweep's machinery (its
+  shard store, trial config, `TuneSession` checkpoints);
 - distilled_tune: one trial of the sweep's space (`--space`) as `curriculum tune` runs it (`tune_spaces.sweep.
   run_sweep`, `tune.include_default: false`, one sample: a sweep of its own, with its own shard store, which decodes
   the shards in the trial's first epoch, as in a sweep's first trial), with the CPU seconds of every process while it
@@ -17,15 +20,20 @@ distillation, in this process). Interleaved `--repeats` times on one local Ray, 
   (`trainers.distill.common.SmallMapConv2d` off), so distilled_onednn / distilled is what it saves a trial.
 
 So alone_tune / alone is what Tune's trial process costs, distilled / alone what the distillation costs (its loss
-compute, target reads and calibration), distilled_tune / distilled what Tune costs a distilled trial; tune_cost's
-cached arm is distilled_tune's trials one after the other plus the gaps between them.
+compute, target reads and calibration), distilled_plain_tune / distilled what Tune's process and thread cost a
+distilled trial, distilled_tune / distilled what a sweep's trial costs on top; tune_cost's cached arm is
+distilled_tune's trials one after the other plus the gaps between them.
+Before the rounds, the floating-point operations of one training step of the trial's first stage on its first batch
+are counted (`step_flops`: torch's FlopCounterMode, forward and backward, the connectors' convolutions included),
+without and with the distillation: what the floor N x S + T leaves out by construction.
 A Tune trial's first epoch also pays its fresh process's imports, which a sweep pays once (`reuse_actors`).
 The cache is `--cache` (tune_cost's `<out>/<stamp>/cache` of the same settings), precomputed there when missing
 (not timed). Writes `bench/results/trial_cost.json` ({"rounds": [...], "distilled_over_alone",
 "distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share",
 "distilled_tune_later_epoch_ratio" (a later epoch of distilled_tune over distilled's), "distilled_tune_over_alone"
-(over alone's, what tune_cost's `epoch_excess` measures), "reader"}, and "onednn_over_small_conv" with
-`--onednn-arm`) and prints the table.
+(over alone's, what tune_cost's `epoch_excess` measures), "distilled_plain_tune_later_epoch_ratio" (a later epoch of
+distilled_plain_tune over distilled's), "flops" ({"student_step_gflop", "distilled_step_gflop",
+"distill_flops_share"}), "reader"}, and "onednn_over_small_conv" with `--onednn-arm`) and prints the table.
 
     python bench/trial_cost.py --set "cache.compression={dtype: int8, pca: 32}" --set cache.features=components \
         --cache runs/bench_tune_cost/<stamp>/cache
@@ -130,6 +138,9 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "distilled_tune_over_alone": med(later(r["distilled_tune_epochs_s"]) / later(r["alone_epochs_s"])
                                          for r in rounds),
     }
+    if all("distilled_plain_tune_epochs_s" in r for r in rounds):
+        out["distilled_plain_tune_later_epoch_ratio"] = med(
+            later(r["distilled_plain_tune_epochs_s"]) / later(r["distilled_epochs_s"]) for r in rounds)
     if all("distilled_onednn_s" in r for r in rounds):
         out["onednn_over_small_conv"] = med(r["distilled_onednn_s"] / r["distilled_s"] for r in rounds)
     return out
@@ -187,6 +198,71 @@ def distilled_in_process(job: Any, prep: Any, init: Path, out: Path, stores: dic
     return tune_cost.timed_by_epoch(lambda session: run_sequence(entries, session))
 
 
+def distilled_plain_tune(entries: list[Any], storage: Path, name: str, threads: int) -> tuple[float, list[float]]:
+    """The distilled arm's `entries` (`tune_spaces.sweep.trial_entries`) in one plain Tune function trainable, timed
+    inside it as the in-process arm times them (a report per epoch): seconds and each epoch's."""
+    from ray import tune
+
+    def trainable(config: dict[str, Any]) -> None:
+        import time
+
+        import torch
+
+        from trainers.ray_train import LocalSession, run_sequence
+
+        torch.set_num_threads(threads)
+        marks = [time.perf_counter()]
+
+        class EpochClock(LocalSession):
+            def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+                marks.append(time.perf_counter())
+
+        run_sequence(entries, EpochClock())
+        tune.report({"seconds": marks[-1] - marks[0], "epochs": [b - a for a, b in zip(marks, marks[1:])]})
+
+    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": threads}),
+                       run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0))
+    result = tuner.fit()[0]
+    if result.error is not None:
+        raise result.error
+    return float(result.metrics["seconds"]), [float(x) for x in result.metrics["epochs"]]
+
+
+def step_flops(entry: Any) -> dict[str, float]:
+    """Floating-point operations of one training step (forward with the detector's losses, backward) of `entry`'s
+    stage on its first batch, as it starts: the student alone and with the stage's distillation terms. Counted by
+    torch's FlopCounterMode (convolutions and matrix products) with every connector convolution on `nn.Conv2d`'s
+    path, which it counts (`SmallMapConv2d.bound(0)`; the arithmetic is the same)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from curriculum.config import TrainJobConfig, config_from_dict
+    from trainers.distill.common import SmallMapConv2d
+    from trainers.distillation import stage_start
+
+    loop = entry.loop
+    job = config_from_dict(TrainJobConfig, loop["job"], "the trial's job")
+    start = stage_start(job, loop["stage"], loop["init"], loop["memory_bytes"], loop["shard_stores"], batches=1)
+    (images, targets), = start.batches
+    step = start.step(job.train.seed)
+    start.student.train(), start.distiller.train()
+
+    def flops(distil: bool) -> int:
+        with SmallMapConv2d.bound(0), FlopCounterMode(display=False) as counter:
+            out = start.student(images, targets, want=step.want if distil else ("losses",))
+            terms = dict(out.losses)
+            if distil:
+                terms.update(step(out, targets, images))
+            sum(terms.values()).backward()
+        start.student.zero_grad(set_to_none=True), start.distiller.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    with torch.random.fork_rng():
+        plain, distilled = flops(False), flops(True)
+    return {"student_step_gflop": round(plain / 1e9, 3), "distilled_step_gflop": round(distilled / 1e9, 3),
+            "distill_flops_share": round(distilled / plain - 1, 4)}
+
+
 def distilled_tune(config: str, common: list[str], space: Any, name: str) -> tuple[float, list[float]]:
     """One sampled trial of `space` as `curriculum tune` runs it, a sweep of its own: Tune's time for the trial and
     its time per report (epoch)."""
@@ -228,6 +304,15 @@ def main() -> int:
     prep, init = prepare_distilled(job, out / "prepared")
     stores = warm_stores(prep, job.cache.memory_bytes) if args.reader == "object_store" else None
     space = load_space(args.space)
+    from tune_spaces.sweep import trial_entries
+
+    def entries(tag: str) -> list[Any]:  # the distilled arms' stages, as distilled_in_process builds them
+        return trial_entries(job, prep.stages, init, out / tag, eval_images=job.tune.eval_images,
+                             threads=job.tune.threads_per_trial,
+                             shard_stores={t: st.name for t, st in (stores or {}).items()})
+
+    flops = step_flops(entries("flops")[0])
+    print(json.dumps({"flops": flops}), flush=True)
     rounds = []
     for r in range(args.repeats):
         alone_s, alone_epochs = tune_cost.student_alone_seconds(job, out / f"alone_{r}")
@@ -241,40 +326,49 @@ def main() -> int:
             with SmallMapConv2d.bound(0):
                 s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}", stores)
             onednn = {"distilled_onednn_s": round(s, 2), "distilled_onednn_epochs_s": [round(x, 2) for x in epochs]}
+        plain_s, plain_epochs = distilled_plain_tune(entries(f"distilled_plain_tune_{r}"), out / "ray",
+                                                     f"distilled_plain_tune_{r}", args.threads)
         with CpuWatch() as tune_watch:
             dtune_s, dtune_epochs = distilled_tune(args.config, common, space, f"distilled_tune_{r}")
         rounds.append({"alone_s": round(alone_s, 2), "alone_epochs_s": [round(x, 2) for x in alone_epochs],
                        "alone_tune_s": round(tune_s, 2), "alone_tune_epochs_s": [round(x, 2) for x in tune_epochs],
                        "distilled_s": round(dist_s, 2), "distilled_epochs_s": [round(x, 2) for x in dist_epochs],
-                       **onednn, "distilled_tune_s": round(dtune_s, 2),
+                       **onednn, "distilled_plain_tune_s": round(plain_s, 2),
+                       "distilled_plain_tune_epochs_s": [round(x, 2) for x in plain_epochs],
+                       "distilled_tune_s": round(dtune_s, 2),
                        "distilled_tune_epochs_s": [round(x, 2) for x in dtune_epochs],
                        "cpu_s": split_cpu(watch.spent(), os.getpid()),
                        "distilled_tune_cpu_s": split_cpu(tune_watch.spent(), os.getpid())})
         print(json.dumps(rounds[-1]), flush=True)
-    result = {**summarise(rounds), "reader": args.reader, "rounds": rounds, "overrides": common[:-2],
+    result = {**summarise(rounds), "flops": flops, "reader": args.reader, "rounds": rounds, "overrides": common[:-2],
               "machine": f"{os.cpu_count()} CPUs, threads {args.threads}"}
 
     def row(seconds: float, epochs: list[float]) -> str:
         return f"{seconds:.1f} ({', '.join(f'{x:.2f}' for x in epochs)})"
 
     lines = ["| round | alone, in process: s (epochs) | alone, as a Tune trial | distilled from the cache, in process "
-             "| distilled, as a sweep's trial | CPU s while each Tune trial ran (alone / distilled): trial / driver / "
-             "rest |", "|---|---|---|---|---|---|"]
+             "| distilled, in a plain Tune trial | distilled, as a sweep's trial | CPU s while each Tune trial ran "
+             "(alone / distilled): trial / driver / rest |", "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):
         c, d = r["cpu_s"], r["distilled_tune_cpu_s"]
         lines.append(f"| {i} | {row(r['alone_s'], r['alone_epochs_s'])} | "
                      f"{row(r['alone_tune_s'], r['alone_tune_epochs_s'])} | "
                      f"{row(r['distilled_s'], r['distilled_epochs_s'])} | "
+                     f"{row(r['distilled_plain_tune_s'], r['distilled_plain_tune_epochs_s'])} | "
                      f"{row(r['distilled_tune_s'], r['distilled_tune_epochs_s'])} | "
                      f"{c['trial']:.1f} / {c['driver']:.1f} / {c['other']:.1f}; "
                      f"{d['trial']:.1f} / {d['driver']:.1f} / {d['other']:.1f} |")
     lines += ["", f"Reader of the in-process distilled arms: {args.reader}. Medians over rounds: distilled / alone "
               f"{result['distilled_over_alone']:.3f} (a later epoch {result['distilled_later_epoch_ratio']:.3f}); "
               f"a later epoch as a Tune trial / in process: alone {result['tune_later_epoch_ratio']:.3f}, distilled "
-              f"{result['distilled_tune_later_epoch_ratio']:.3f} (over alone's in process "
+              f"{result['distilled_tune_later_epoch_ratio']:.3f}, distilled in a plain Tune trial "
+              f"{result['distilled_plain_tune_later_epoch_ratio']:.3f} (the sweep's over alone's in process "
               f"{result['distilled_tune_over_alone']:.3f}); alone's first epoch in Tune "
               f"+{result['tune_first_epoch_excess_s']:.2f} s; the alone Tune trial's share of the CPU seconds while "
-              f"it ran {100 * result['trial_cpu_share']:.1f}%."]
+              f"it ran {100 * result['trial_cpu_share']:.1f}%.", "",
+              f"One training step of the first stage on its first batch: {flops['student_step_gflop']:.3f} GFLOP "
+              f"alone, {flops['distilled_step_gflop']:.3f} with the distillation "
+              f"(+{100 * flops['distill_flops_share']:.1f}%)."]
     if "onednn_over_small_conv" in result:
         lines += ["", "Distilled with every connector convolution on oneDNN (s, epochs): " + "; ".join(
             row(r["distilled_onednn_s"], r["distilled_onednn_epochs_s"]) for r in rounds)

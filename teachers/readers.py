@@ -359,14 +359,17 @@ class _ShardStoreActor:
         self._lru: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # shard -> (ObjectRef, decoded bytes)
         self._loading: dict[int, Any] = {}  # shard -> threading.Event while one thread decodes it
         self._resident = 0
-        self._stats = {"loads": 0, "hits": 0, "evictions": 0, "max_resident_bytes": 0, "max_shard_bytes": 0}
+        self._generation = 0  # bumped by `release`: a `fill` under way stops
+        self._stats = {"loads": 0, "hits": 0, "evictions": 0, "filled": 0, "max_resident_bytes": 0,
+                       "max_shard_bytes": 0}
 
     def info(self) -> dict[str, Any]:
         return {"uri": self.cache.uri, "manifest": self.cache.manifest, "projection": self.cache.projection(),
                 "image_ids": [int(i) for i in self.cache.image_ids()], "pid": os.getpid()}
 
-    def shard(self, i: int) -> list[Any]:
-        """[ObjectRef] of shard i's decoded rows (in a list, so that Ray hands over the reference itself)."""
+    def shard(self, i: int, hit: bool = True) -> list[Any]:
+        """[ObjectRef] of shard i's decoded rows (in a list, so that Ray hands over the reference itself). `hit`:
+        count an already decoded shard as a reader's hit (`fill` does not)."""
         import threading
 
         import ray
@@ -375,7 +378,7 @@ class _ShardStoreActor:
             with self._lock:
                 if i in self._lru:
                     self._lru.move_to_end(i)
-                    self._stats["hits"] += 1
+                    self._stats["hits"] += hit
                     return [self._lru[i][0]]
                 event = self._loading.get(i)
                 if event is None:  # this thread decodes it; others asking for it meanwhile wait
@@ -407,6 +410,30 @@ class _ShardStoreActor:
                 self._loading.pop(i, None)
             event.set()
 
+    def fill(self) -> int:
+        """Decode shards in order, before any reader asks, while the next one is expected to fit the budget (the
+        largest shard so far taken as its size): what a first epoch would otherwise wait for, decoded while the
+        readers' processes start. Stops at a `release` or at a shard that fails to decode (its reader will get
+        the error); returns how many shards it decoded."""
+        generation, done = self._generation, 0
+        for i in range(self.cache.manifest["num_shards"]):
+            with self._lock:
+                if self._generation != generation:
+                    break
+                if i in self._lru or i in self._loading:
+                    continue
+                if self._lru and self._resident + self._stats["max_shard_bytes"] > self.budget:
+                    break
+            try:
+                self.shard(i, hit=False)
+            except Exception as e:  # noqa: BLE001 (a reader asking for this shard gets the error itself)
+                self._stats["fill_error"] = f"shard {i}: {type(e).__name__}: {e}"
+                break
+            done += 1
+        with self._lock:
+            self._stats["filled"] += done
+        return done
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {**self._stats, "budget_bytes": self.budget, "resident_bytes": self._resident,
@@ -414,8 +441,9 @@ class _ShardStoreActor:
 
     def release(self) -> int:
         """Drop every shard's reference (a sequence's later stages do not read this teacher); returns how many.
-        A shard asked again is decoded again."""
+        A shard asked again is decoded again; a `fill` under way stops."""
         with self._lock:
+            self._generation += 1
             n = len(self._lru)
             self._stats["evictions"] += n
             self._lru.clear()
@@ -444,14 +472,19 @@ class ObjectStoreShards:
     at most the budget plus what the readers pin (for budgets above one shard). Ray's object store must be big
     enough for that (``ray.init(object_store_memory=...)``); beyond it Ray spills to disk rather than fail.
 
-    `num_cpus`: the actor's CPU reservation (default 0: it only decodes when workers wait for it, and on a
-    small machine a reserved CPU would starve the training workers). `max_concurrency`: shards decoded in
-    parallel for different workers (a shard asked by two workers at once is decoded once).
+    `fill`: the actor starts decoding the shards in order at once (`_ShardStoreActor.fill`, up to the budget),
+    while the workers' processes start, instead of when a worker first asks for each; `filled()` waits for it.
+    Without it a first epoch waits for every shard's decode in turn.
+
+    `num_cpus`: the actor's CPU reservation (default 0: it only decodes when workers wait for it or it fills,
+    and on a small machine a reserved CPU would starve the training workers). `max_concurrency`: shards decoded
+    in parallel for different workers (a shard asked by two workers at once is decoded once); a filling store
+    has one thread more.
     """
 
     def __init__(self, cache: TeacherCache | str, budget_bytes: int, *, name: str | None = None,
                  namespace: str = STORE_NAMESPACE, num_cpus: float = 0.0, max_concurrency: int = 2,
-                 check_sha: bool = True, wait: bool = True) -> None:
+                 check_sha: bool = True, wait: bool = True, fill: bool = False) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -463,12 +496,13 @@ class ObjectStoreShards:
         self.uri, self.budget_bytes, self.namespace = uri, int(budget_bytes), namespace
         self.name = name or f"teacher-shards-{uuid.uuid4().hex[:10]}"
         cls = ray.remote(_ShardStoreActor).options(
-            name=self.name, namespace=namespace, num_cpus=num_cpus, max_concurrency=max(1, max_concurrency),
+            name=self.name, namespace=namespace, num_cpus=num_cpus, max_concurrency=max(1, max_concurrency) + fill,
             max_restarts=0,  # a restarted owner would not have the objects: readers are told instead
             runtime_env=storage_runtime_env(),
         )
         self.actor = cls.remote(uri, self.budget_bytes, check_sha)
         self._started = self.actor.info.remote()
+        self._filling = self.actor.fill.remote() if fill else None
         if wait:
             self.ready()
 
@@ -482,6 +516,14 @@ class ObjectStoreShards:
             self._started = None
         return self
 
+    def filled(self) -> int:
+        """Wait for the `fill` begun at the start (if any): how many shards it decoded (0 without one)."""
+        import ray
+
+        if self._filling is None:
+            return 0
+        return int(ray.get(self._filling))
+
     def reader(self, roi_head: Any = None, keep_shards: int = 1, memory_bytes: int | None = None,
                components: bool = False) -> ObjectStoreReader:
         """A reader on this store (in the driver; workers build theirs by name: `ObjectStoreReader(name)`)."""
@@ -489,7 +531,8 @@ class ObjectStoreShards:
                                  memory_bytes=memory_bytes, components=components)
 
     def stats(self) -> dict[str, Any]:
-        """loads, hits, evictions, resident_bytes, max_resident_bytes, max_shard_bytes, resident_shards."""
+        """loads, hits, evictions, filled (shards `fill` decoded), resident_bytes, max_resident_bytes, max_shard_bytes,
+        resident_shards; fill_error when a fill stopped at a shard that failed."""
         import ray
 
         return ray.get(self.actor.stats.remote())

@@ -168,6 +168,32 @@ def test_a_released_store_holds_nothing_and_serves_the_same_rows_again(cache, ra
     assert release_shard_store(store.name) == 0  # closed: nothing to release, no error
 
 
+def test_a_filling_store_decodes_every_shard_before_any_reader_asks_and_serves_the_same_rows(cache, ray_session):
+    """`fill`: the shards are decoded at the start, so a first epoch's reads are all hits; within a budget, the
+    fill stops before the next shard would not fit and never evicts."""
+    c, ds = cache
+    keys = every_row(ds)
+    direct = CacheReader(c)
+    sizes = [decode_shard(c, i)["nbytes"] for i in range(c.manifest["num_shards"])]
+    with ObjectStoreShards(c, budget_bytes=1 << 30, fill=True) as store:
+        assert store.filled() == 3
+        stats = store.stats()
+        assert (stats["loads"], stats["filled"], stats["hits"], stats["resident_shards"]) == (3, 3, 0, [0, 1, 2])
+        reader = store.reader()
+        for iid, view in keys:
+            assert_rows_equal(reader.rows([iid], [view])[0], direct.rows([iid], [view])[0], (iid, view))
+        stats = store.stats()
+        assert stats["loads"] == 3 and stats["hits"] == 3 and stats["evictions"] == 0  # nothing decoded again
+    budget = sizes[0] + sizes[1] + min(sizes) // 2  # two shards fit, the third would not
+    with ObjectStoreShards(c, budget_bytes=budget, fill=True) as store:
+        assert store.filled() == 2
+        stats = store.stats()
+        assert stats["resident_shards"] == [0, 1] and stats["evictions"] == 0
+        assert stats["resident_bytes"] == sizes[0] + sizes[1] <= budget
+    with ObjectStoreShards(c, budget_bytes=1 << 30) as store:  # without fill: nothing until asked
+        assert store.filled() == 0 and store.stats()["loads"] == 0
+
+
 def test_object_store_errors_name_what_to_do(cache, ray_session, tmp_path):
     c, ds = cache
     with pytest.raises(CacheError, match="no teacher shard store named 'nobody'"):
@@ -181,6 +207,11 @@ def test_object_store_errors_name_what_to_do(cache, ray_session, tmp_path):
         assert reader.rows([ds.image_ids[0]], [ds.view_for(0)])
         with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet.*rebuild"):
             reader.rows([ds.image_ids[2]], [ds.view_for(2)])
+    # A fill stops at the corrupt shard, quietly: the reader that asks for it gets the same named error.
+    with ObjectStoreShards(str(tmp_path / "copy"), budget_bytes=1 << 30, fill=True) as store:
+        assert store.filled() == 1 and store.stats()["fill_error"].startswith("shard 1: CorruptShardError")
+        with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet.*rebuild"):
+            store.reader().rows([ds.image_ids[2]], [ds.view_for(2)])
     # The owner closed before the readers finished: a clear error, not a hang.
     with pytest.raises(CacheError, match="is gone.*keep ObjectStoreShards open"):
         reader.rows([ds.image_ids[4]], [ds.view_for(4)])

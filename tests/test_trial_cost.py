@@ -56,6 +56,10 @@ def test_the_cpu_split_and_the_summary_from_made_up_rounds():
                                        "tune_later_epoch_ratio": 1.042, "tune_first_epoch_excess_s": 2.0,
                                        "trial_cpu_share": 0.9, "distilled_tune_later_epoch_ratio": 1.052,
                                        "distilled_tune_over_alone": 1.21}
+    # The plain Tune arm's later epochs over in process: 14.49/13.8 = 1.05, 13.26/13 = 1.02, 12.12/12 = 1.01 -> 1.02
+    for r, later in zip(rounds, ([16.0, 14.49], [17.0, 13.26, 13.26], [16.0, 12.12])):
+        r["distilled_plain_tune_epochs_s"] = later
+    assert bench.summarise(rounds)["distilled_plain_tune_later_epoch_ratio"] == 1.02
     # --onednn-arm: the same trial with SmallMapConv2d off, over the distilled one: 31.395/29.9 = 1.05,
     # 42.9/42.9 = 1.0, 28.704/27.6 = 1.04 -> 1.04
     for r, s in zip(rounds, (31.395, 42.9, 28.704)):

@@ -282,19 +282,29 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
     return {k: factor for k in keys}
 
 
-def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_bytes: int,
-                      shard_stores: dict[str, str] | None = None, batches: int = 4) -> dict[str, float]:
-    """`kd_ratio`: one factor for `stage`'s feature terms (`Stage.to_dict()`) so that they add up to kd_ratio x the
-    detector loss on the first `batches` training batches of `job` (a `TrainJobConfig`: data, student, schedule;
-    data-set order, epoch 0 views), with the student as the stage starts from `init` (`feature_factors`).
+@dataclass
+class StageStart:
+    """A stage's student and distiller as its training worker builds them, with its teacher links, its training
+    data (epoch 0 views) and the first `batches` collated batches in data-set order (`stage_start`)."""
 
-    Student and distiller are built as the stage's training worker builds them (`build_student`, same seed), so
-    the adapters measured are the adapters trained; the caller's random state is restored. Nothing is trained.
-    `shard_stores` ({teacher: store name}, as the stage's): its targets are read through the same decoded shards
-    the training reads, not decoded again from the cache.
-    """
-    if stage.get("kd_ratio") is None or not stage.get("teachers"):
-        return {}
+    student: torch.nn.Module
+    distiller: torch.nn.Module
+    links: list[TeacherLink]
+    batches: list[tuple[list, list]]
+
+    def step(self, seed: int) -> DistillStep:
+        """The stage's distillation step over these links (masks drawn from a generator seeded with `seed`)."""
+        return DistillStep(stage_source(self.links, self.distiller), self.distiller,
+                           generator=torch.Generator().manual_seed(seed), class_map=stage_class_maps(self.links))
+
+
+def stage_start(job: Any, stage: dict[str, Any], init: str | None, memory_bytes: int,
+                shard_stores: dict[str, str] | None = None, batches: int = 4) -> StageStart:
+    """`stage` (`Stage.to_dict()`) as it starts from `init`: student and distiller built as the stage's training
+    worker builds them (`build_student`, same seed, so the adapters are the adapters trained), each teacher linked
+    to its cache (`shard_stores` {teacher: store name}: through the same decoded shards the training reads) or, a
+    teacher without one, inline, and the first `batches` training batches of `job` (a `TrainJobConfig`). The
+    caller's random state is restored."""
     from curriculum.data import collate_fn
     from curriculum.seeds import preserved_random_state
     from teachers.zoo import needs_masks
@@ -302,7 +312,6 @@ def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_
 
     ds = build_dataset(job.data, "train", seed=job.train.seed, masks=needs_masks(job.model.name))
     ds.set_epoch(0)
-    # Each teacher from its cache; without one (a sweep arm whose trials run the teacher inline) on the same batches.
     links = [open_teacher(dict(m), memory_bytes=memory_bytes // len(stage["teachers"]),
                           shard_store=(shard_stores or {}).get(m["name"])) for m in stage["teachers"]]
     bs = job.train.batch_size
@@ -313,10 +322,27 @@ def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_
                                            image_size=job.data.image_size, overrides=job.model.overrides(),
                                            init=init, losses=stage["losses"], teachers=links,
                                            adapters_from=stage.get("adapters_from"))
-        bind_teacher_heads(links, distiller)
-        return feature_factors(student, distiller, data, stage_source(links, distiller), stage["kd_ratio"],
-                               job.train.seed, class_map=stage_class_maps(links))
+    bind_teacher_heads(links, distiller)
+    return StageStart(student, distiller, links, data)
 
 
-__all__ = ["DistillStep", "InlineSource", "TeacherLink", "bind_teacher_heads", "build_student", "calibrate_factors",
-           "carry_adapters", "feature_factors", "load_plain", "open_teacher", "stage_class_maps", "stage_source"]
+def calibrate_factors(job: Any, stage: dict[str, Any], init: str | None, memory_bytes: int,
+                      shard_stores: dict[str, str] | None = None, batches: int = 4) -> dict[str, float]:
+    """`kd_ratio`: one factor for `stage`'s feature terms (`Stage.to_dict()`) so that they add up to kd_ratio x the
+    detector loss on the first `batches` training batches of `job` (a `TrainJobConfig`: data, student, schedule;
+    data-set order, epoch 0 views), with the student as the stage starts from `init` (`stage_start`,
+    `feature_factors`). Nothing is trained."""
+    if stage.get("kd_ratio") is None or not stage.get("teachers"):
+        return {}
+    from curriculum.seeds import preserved_random_state
+
+    with preserved_random_state():
+        start = stage_start(job, stage, init, memory_bytes, shard_stores, batches)
+        return feature_factors(start.student, start.distiller, start.batches,
+                               stage_source(start.links, start.distiller), stage["kd_ratio"], job.train.seed,
+                               class_map=stage_class_maps(start.links))
+
+
+__all__ = ["DistillStep", "InlineSource", "StageStart", "TeacherLink", "bind_teacher_heads", "build_student",
+           "calibrate_factors", "carry_adapters", "feature_factors", "load_plain", "open_teacher", "stage_class_maps",
+           "stage_source", "stage_start"]

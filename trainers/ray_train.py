@@ -908,7 +908,9 @@ def _shard_stores(entries: Sequence[SequenceEntry], memory_bytes: int) -> dict[s
         cached = [m for m in stage.get("teachers", []) if m.get("cache") and not m.get("adapter")]
         for m in cached:
             shares[m["cache"]] = min(shares.get(m["cache"], memory_bytes), memory_bytes // len(cached))
-    stores = {cache: ObjectStoreShards(cache, budget_bytes=share, wait=False) for cache, share in shares.items()}
+    # Each decodes its shards (`fill`) while the worker group starts, rather than as the first epoch asks.
+    stores = {cache: ObjectStoreShards(cache, budget_bytes=share, wait=False, fill=True)
+              for cache, share in shares.items()}
     try:
         for store in stores.values():  # their processes start in parallel
             store.ready()

@@ -280,9 +280,11 @@ def run_sweep(job: RunJobConfig, space: Space, num_samples: int, name: str | Non
         from teachers.readers import ObjectStoreShards
 
         # One store per teacher cache for the whole sweep, owned by this driver: every trial reads the same
-        # decoded shards from Ray's object store. Not waited for: its process starts while Tune starts the first
-        # trial's, whose reader waits for it (the cache itself was checked complete here).
-        stores = {t: ObjectStoreShards(c, budget_bytes=job.cache.memory_bytes, wait=False) for t, c in caches.items()}
+        # decoded shards from Ray's object store. Not waited for: its process starts, and decodes the shards
+        # (`fill`), while Tune starts the first trial's, whose reader waits for it (the cache itself was checked
+        # complete here).
+        stores = {t: ObjectStoreShards(c, budget_bytes=job.cache.memory_bytes, wait=False, fill=True)
+                  for t, c in caches.items()}
     ctx = {"job": base, "space": space, "checkpoints": prep.checkpoints, "order": prep.order,
            "members": members,
            "stores": {t: st.name for t, st in stores.items()}, "init": str(init),
