@@ -148,8 +148,6 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def tune_trial(loop: dict[str, Any], storage: Path, name: str, threads: int) -> tuple[float, list[float]]:
     """S as one Tune trial; returns Tune's time for it and its time per report (epoch)."""
-    from ray import tune
-
     def trainable(config: dict[str, Any]) -> None:
         import torch
 
@@ -158,12 +156,21 @@ def tune_trial(loop: dict[str, Any], storage: Path, name: str, threads: int) -> 
         torch.set_num_threads(threads)
         run_training(LoopConfig(**loop), TuneSession())
 
+    result = one_trial(trainable, storage, name, threads)
+    return float(result.metrics["time_total_s"]), [float(x) for x in result.metrics_dataframe["time_this_iter_s"]]
+
+
+def one_trial(trainable: Any, storage: Path, name: str, threads: int) -> Any:
+    """`trainable` run as the one trial of a Tune experiment on `threads` CPUs: its `ray.tune.Result` (its error
+    raised)."""
+    from ray import tune
+
     tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": threads}),
                        run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0))
     result = tuner.fit()[0]
     if result.error is not None:
         raise result.error
-    return float(result.metrics["time_total_s"]), [float(x) for x in result.metrics_dataframe["time_this_iter_s"]]
+    return result
 
 
 def prepare_distilled(job: Any, out: Path) -> tuple[Any, Path]:
@@ -220,11 +227,7 @@ def distilled_plain_tune(entries: list[Any], storage: Path, name: str, threads: 
         run_sequence(entries, EpochClock())
         tune.report({"seconds": marks[-1] - marks[0], "epochs": [b - a for a, b in zip(marks, marks[1:])]})
 
-    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": threads}),
-                       run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0))
-    result = tuner.fit()[0]
-    if result.error is not None:
-        raise result.error
+    result = one_trial(trainable, storage, name, threads)
     return float(result.metrics["seconds"]), [float(x) for x in result.metrics["epochs"]]
 
 

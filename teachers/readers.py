@@ -496,7 +496,8 @@ class ObjectStoreShards:
         self.uri, self.budget_bytes, self.namespace = uri, int(budget_bytes), namespace
         self.name = name or f"teacher-shards-{uuid.uuid4().hex[:10]}"
         cls = ray.remote(_ShardStoreActor).options(
-            name=self.name, namespace=namespace, num_cpus=num_cpus, max_concurrency=max(1, max_concurrency) + fill,
+            name=self.name, namespace=namespace, num_cpus=num_cpus,
+            max_concurrency=max(1, max_concurrency) + (1 if fill else 0),  # fill holds a thread of its own
             max_restarts=0,  # a restarted owner would not have the objects: readers are told instead
             runtime_env=storage_runtime_env(),
         )
