@@ -220,6 +220,7 @@ def distilled_plain_tune(entries: list[Any], storage: Path, name: str, threads: 
         torch.set_num_threads(threads)
         marks = [time.perf_counter()]
 
+        # tune_cost.timed_by_epoch's clock, defined here: a trial's process cannot import the bench/ modules
         class EpochClock(LocalSession):
             def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
                 marks.append(time.perf_counter())

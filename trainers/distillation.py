@@ -284,8 +284,8 @@ def feature_factors(student: torch.nn.Module, distiller: torch.nn.Module, batche
 
 @dataclass
 class StageStart:
-    """A stage's student and distiller as its training worker builds them, with its teacher links, its training
-    data (epoch 0 views) and the first `batches` collated batches in data-set order (`stage_start`)."""
+    """A stage's student and distiller as its training worker builds them, with its teacher links and its first
+    training batches, collated in data-set order with epoch 0's views (`stage_start`)."""
 
     student: torch.nn.Module
     distiller: torch.nn.Module
