@@ -367,9 +367,10 @@ class _ShardStoreActor:
         return {"uri": self.cache.uri, "manifest": self.cache.manifest, "projection": self.cache.projection(),
                 "image_ids": [int(i) for i in self.cache.image_ids()], "pid": os.getpid()}
 
-    def shard(self, i: int, hit: bool = True) -> list[Any]:
+    def shard(self, i: int, hit: bool = True, generation: int | None = None) -> list[Any]:
         """[ObjectRef] of shard i's decoded rows (in a list, so that Ray hands over the reference itself). `hit`:
-        count an already decoded shard as a reader's hit (`fill` does not)."""
+        count an already decoded shard as a reader's hit (`fill` does not). `generation` (`fill`'s): a shard whose
+        decode a `release` overtook is not kept, and the list is empty."""
         import threading
 
         import ray
@@ -392,6 +393,8 @@ class _ShardStoreActor:
             payload = decode_shard(self.cache, i, self.check_sha)  # outside the lock: decodes run in parallel
             nbytes = payload["nbytes"]
             with self._lock:
+                if generation is not None and generation != self._generation:
+                    return []  # released meanwhile: keeping it would hold what the release freed
                 # Room first, then the put: what this actor holds never exceeds the budget (a single shard
                 # bigger than the whole budget is held alone).
                 while self._lru and self._resident + nbytes > self.budget:
@@ -425,7 +428,8 @@ class _ShardStoreActor:
                 if self._lru and self._resident + self._stats["max_shard_bytes"] > self.budget:
                     break
             try:
-                self.shard(i, hit=False)
+                if not self.shard(i, hit=False, generation=generation):
+                    break
             except Exception as e:  # noqa: BLE001 (a reader asking for this shard gets the error itself)
                 self._stats["fill_error"] = f"shard {i}: {type(e).__name__}: {e}"
                 break

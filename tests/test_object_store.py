@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from curriculum.config import CacheConfig, CompressionConfig
 from curriculum.errors import CacheError, CorruptShardError
 from teachers.cache import TeacherCache
 from teachers.precompute import open_dataset
+import teachers.readers
 from teachers.readers import CacheReader, ObjectStoreReader, ObjectStoreShards, decode_shard
 from test_cache import build_cache, make_subset, one_thread, save_teacher  # noqa: F401 (autouse fixture)
 
@@ -192,6 +194,34 @@ def test_a_filling_store_decodes_every_shard_before_any_reader_asks_and_serves_t
         assert stats["resident_bytes"] == sizes[0] + sizes[1] <= budget
     with ObjectStoreShards(c, budget_bytes=1 << 30) as store:  # without fill: nothing until asked
         assert store.filled() == 0 and store.stats()["loads"] == 0
+
+
+def test_a_release_during_a_fill_keeps_nothing_the_fill_was_decoding(cache, ray_session, monkeypatch):
+    """A `release` that overtakes the fill's decode of a shard: the fill stops and the shard is not kept, so the
+    store holds nothing after the release (the store's class run in this process, its decode held at shard 0)."""
+    c, _ = cache
+    decoding, go = threading.Event(), threading.Event()
+    real = teachers.readers.decode_shard
+
+    def held_decode(cache_, i, check_sha=True):
+        decoding.set()
+        assert go.wait(30)
+        return real(cache_, i, check_sha)
+
+    monkeypatch.setattr(teachers.readers, "decode_shard", held_decode)
+    store = teachers.readers._ShardStoreActor(c.uri, 1 << 30, True)
+    filled = []
+    fill = threading.Thread(target=lambda: filled.append(store.fill()))
+    fill.start()
+    assert decoding.wait(30)
+    assert store.release() == 0  # nothing decoded yet
+    go.set()
+    fill.join(30)
+    stats = store.stats()
+    assert filled == [0] and stats["resident_shards"] == [] and stats["resident_bytes"] == 0
+    assert stats["loads"] == 0
+    monkeypatch.setattr(teachers.readers, "decode_shard", real)
+    assert len(store.shard(0)) == 1 and store.stats()["resident_shards"] == [0]  # a reader's ask still decodes
 
 
 def test_object_store_errors_name_what_to_do(cache, ray_session, tmp_path):
