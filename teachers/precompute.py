@@ -118,7 +118,7 @@ def produce_shard(
     batches = shard_batches(start, stop, views, batch_size)
     t_fwd = 0.0
     # Two batches ahead, not one: a load queued behind the encoding of the previous shard in the I/O process
-    # made the forward wait (the py-spy figures are in the README).
+    # made the forward wait (seen with py-spy, session notes).
     pending = deque(load_batch(*batches[b]) for b in range(min(LOAD_AHEAD, len(batches))))
     for b, (idx, view_name) in enumerate(batches):
         loaded = pending.popleft().result()
