@@ -76,8 +76,9 @@ def test_the_variance_other_teachers_leave_outside_r_components_shrinks_with_r(s
     assert "fcos_resnet_mini (64 channels): variance outside r components, per level: r 8: p3" in text
 
 
-def test_the_committed_result_has_the_issues_fields():
-    path = ROOT / "bench" / "results" / "cache_frontier.json"
+@pytest.mark.parametrize("name", ["cache_frontier", "cache_frontier_components16"])
+def test_the_committed_result_has_the_issues_fields(name):
+    path = ROOT / "bench" / "results" / f"{name}.json"
     r = json.loads(path.read_text())
     fields = {"setting", "bytes_per_image", "bytes_per_image_coco", "ap", "ap_gain_kept"}
     assert r["rows"] and all(fields <= set(row) for row in r["rows"])

@@ -34,7 +34,8 @@ def test_the_sweep_is_set_against_n_times_the_student_alone_plus_the_precompute(
     assert "tune.max_concurrent=1" in o and "tune.threads_per_trial=3" in o and o[0].startswith("teachers=[{name: t")
 
 
-@pytest.mark.parametrize("name", ["tune_cost", "tune_cost_pca32_components"])
+@pytest.mark.parametrize("name", ["tune_cost", "tune_cost_pca32_components", "tune_cost_fitnet_pca16_components",
+                                  "tune_cost_fitnet_pca16_components_run2"])
 def test_the_committed_result_has_the_issues_fields(name):
     r = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
     fields = {"trials", "teacher", "student", "sweep_s", "precompute_s", "student_alone_s", "inline_sweep_s",
