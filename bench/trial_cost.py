@@ -12,17 +12,19 @@ distillation, in this process). Interleaved `--repeats` times on one local Ray, 
 - distilled_plain_tune: the distilled arm's stages, timed the same way, inside a plain Tune function trainable (one
   trial on `--threads` CPUs): Tune's fresh trial process and runner thread without the sweep's machinery (its
   shard store, trial config, `TuneSession` checkpoints);
-- distilled_tune: one trial of the sweep's space (`--space`) as `curriculum tune` runs it (`tune_spaces.sweep.
-  run_sweep`, `tune.include_default: false`, one sample: a sweep of its own, with its own shard store, which decodes
-  the shards in the trial's first epoch, as in a sweep's first trial), with the CPU seconds of every process while it
-  runs, as for alone_tune;
+- distilled_tune: the first of two trials of the sweep's space (`--space`) as `curriculum tune` runs them
+  (`tune_spaces.sweep.run_sweep`, `tune.include_default: false`, two samples: a sweep of its own, with its own shard
+  store, which decodes the shards while the first trial's process starts, as in a sweep's first trial), with the CPU
+  seconds of every process while the two run (as for alone_tune);
+- distilled_tune_warm: that sweep's second trial, which takes over the first one's process and finds the store
+  filled: what a sweep's later trials are (tune_cost's cached arm is one first trial and N - 1 of these);
 - distilled_onednn (with `--onednn-arm`): the same with the distillers' small convolutions on PyTorch's default path
   (`trainers.distill.common.SmallMapConv2d` off), so distilled_onednn / distilled is what it saves a trial.
 
 So alone_tune / alone is what Tune's trial process costs, distilled / alone what the distillation costs (its loss
 compute, target reads and calibration), distilled_plain_tune / distilled what Tune's process and thread cost a
-distilled trial, distilled_tune / distilled what a sweep's trial costs on top; tune_cost's cached arm is
-distilled_tune's trials one after the other plus the gaps between them.
+distilled trial, distilled_tune / distilled and distilled_tune_warm / distilled what a sweep's first and later trials
+cost on top.
 Before the rounds, the floating-point operations of one training step of the trial's first stage on its first batch
 are counted (`step_flops`: torch's FlopCounterMode, forward and backward, the connectors' convolutions included),
 without and with the distillation: what the floor N x S + T leaves out by construction.
@@ -31,9 +33,11 @@ The cache is `--cache` (tune_cost's `<out>/<stamp>/cache` of the same settings),
 (not timed). Writes `bench/results/trial_cost.json` ({"rounds": [...], "distilled_over_alone",
 "distilled_later_epoch_ratio", "tune_later_epoch_ratio", "tune_first_epoch_excess_s", "trial_cpu_share",
 "distilled_tune_later_epoch_ratio" (a later epoch of distilled_tune over distilled's), "distilled_tune_over_alone"
-(over alone's, what tune_cost's `epoch_excess` measures), "distilled_plain_tune_later_epoch_ratio" (a later epoch of
+(over alone's, what tune_cost's `epoch_excess` measures), "distilled_tune_warm_later_epoch_ratio" and
+"distilled_tune_warm_over_alone" (the same for distilled_tune_warm; absent from rounds without it, as in the results
+of sessions 22 and 23), "distilled_plain_tune_later_epoch_ratio" (a later epoch of
 distilled_plain_tune over distilled's), "flops" ({"student_step_gflop", "distilled_step_gflop",
-"distill_flops_share"}), "reader"}, and "onednn_over_small_conv" with `--onednn-arm`) and prints the table.
+"distill_flops_share"}), "reader", "niceness" ({"driver", "trial"}: this process's and the plain Tune trial's)}, and "onednn_over_small_conv" with `--onednn-arm`) and prints the table.
 
     python bench/trial_cost.py --set "cache.compression={dtype: int8, pca: 32}" --set cache.features=components \
         --cache runs/bench_tune_cost/<stamp>/cache
@@ -138,6 +142,11 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "distilled_tune_over_alone": med(later(r["distilled_tune_epochs_s"]) / later(r["alone_epochs_s"])
                                          for r in rounds),
     }
+    if all("distilled_tune_warm_epochs_s" in r for r in rounds):
+        out["distilled_tune_warm_later_epoch_ratio"] = med(
+            later(r["distilled_tune_warm_epochs_s"]) / later(r["distilled_epochs_s"]) for r in rounds)
+        out["distilled_tune_warm_over_alone"] = med(
+            later(r["distilled_tune_warm_epochs_s"]) / later(r["alone_epochs_s"]) for r in rounds)
     if all("distilled_plain_tune_epochs_s" in r for r in rounds):
         out["distilled_plain_tune_later_epoch_ratio"] = med(
             later(r["distilled_plain_tune_epochs_s"]) / later(r["distilled_epochs_s"]) for r in rounds)
@@ -205,12 +214,15 @@ def distilled_in_process(job: Any, prep: Any, init: Path, out: Path, stores: dic
     return tune_cost.timed_by_epoch(lambda session: run_sequence(entries, session))
 
 
-def distilled_plain_tune(entries: list[Any], storage: Path, name: str, threads: int) -> tuple[float, list[float]]:
+def distilled_plain_tune(entries: list[Any], storage: Path, name: str, threads: int
+                         ) -> tuple[float, list[float], int]:
     """The distilled arm's `entries` (`tune_spaces.sweep.trial_entries`) in one plain Tune function trainable, timed
-    inside it as the in-process arm times them (a report per epoch): seconds and each epoch's."""
+    inside it as the in-process arm times them (a report per epoch): seconds, each epoch's, and the trial process's
+    niceness (Ray starts its workers at `RAY_worker_niceness`, 15 unless set)."""
     from ray import tune
 
     def trainable(config: dict[str, Any]) -> None:
+        import os
         import time
 
         import torch
@@ -226,10 +238,12 @@ def distilled_plain_tune(entries: list[Any], storage: Path, name: str, threads: 
                 marks.append(time.perf_counter())
 
         run_sequence(entries, EpochClock())
-        tune.report({"seconds": marks[-1] - marks[0], "epochs": [b - a for a, b in zip(marks, marks[1:])]})
+        tune.report({"seconds": marks[-1] - marks[0], "epochs": [b - a for a, b in zip(marks, marks[1:])],
+                     "niceness": os.nice(0)})
 
     result = one_trial(trainable, storage, name, threads)
-    return float(result.metrics["seconds"]), [float(x) for x in result.metrics["epochs"]]
+    return (float(result.metrics["seconds"]), [float(x) for x in result.metrics["epochs"]],
+            int(result.metrics["niceness"]))
 
 
 def step_flops(entry: Any) -> dict[str, float]:
@@ -267,14 +281,23 @@ def step_flops(entry: Any) -> dict[str, float]:
             "distill_flops_share": round(distilled / plain - 1, 4)}
 
 
-def distilled_tune(config: str, common: list[str], space: Any, name: str) -> tuple[float, list[float]]:
-    """One sampled trial of `space` as `curriculum tune` runs it, a sweep of its own: Tune's time for the trial and
-    its time per report (epoch)."""
-    arm = tune_cost.run_arm(config, common, ["tune.include_default=false"], space, 1, name)
-    (trial,) = arm["trials"]
-    if trial["status"] != "finished" or not trial["iterations_s"]:
-        raise RuntimeError(f"the distilled_tune trial {name} ended {trial['status']}: {trial}")
-    return float(trial["seconds"]), trial["iterations_s"]
+def distilled_tune(config: str, common: list[str], space: Any, name: str, trials: int = 2
+                   ) -> list[tuple[float, list[float]]]:
+    """`trials` sampled trials of `space` as `curriculum tune` runs them, one at a time, a sweep of their own: Tune's
+    time for each trial and its time per report (epoch), in the order they ran (the first starts its process while
+    the sweep's shard store fills; the others take over that process and find the store filled)."""
+    from curriculum.pipeline import load_run_config
+    from tune_spaces.sweep import run_sweep
+
+    job = load_run_config(config, common + ["tune.include_default=false"])
+    report = run_sweep(job, space, trials, name=name, progress=False, base_dir=REPO)
+    out = []
+    for t in sorted(report["trials"], key=lambda t: t["path"]):  # trial directories are named by their index
+        epochs = tune_cost.iteration_seconds(t["path"])
+        if t["status"] != "finished" or not epochs:
+            raise RuntimeError(f"a distilled_tune trial of {name} ended {t['status']}: {t}")
+        out.append((float(t["seconds"]), epochs))
+    return out
 
 
 def main() -> int:
@@ -330,10 +353,11 @@ def main() -> int:
             with SmallMapConv2d.bound(0):
                 s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}", stores)
             onednn = {"distilled_onednn_s": round(s, 2), "distilled_onednn_epochs_s": [round(x, 2) for x in epochs]}
-        plain_s, plain_epochs = distilled_plain_tune(entries(f"distilled_plain_tune_{r}"), out / "ray",
+        plain_s, plain_epochs, niceness = distilled_plain_tune(entries(f"distilled_plain_tune_{r}"), out / "ray",
                                                      f"distilled_plain_tune_{r}", args.threads)
         with CpuWatch() as tune_watch:
-            dtune_s, dtune_epochs = distilled_tune(args.config, common, space, f"distilled_tune_{r}")
+            (dtune_s, dtune_epochs), (warm_s, warm_epochs) = distilled_tune(args.config, common, space,
+                                                                             f"distilled_tune_{r}")
         rounds.append({"alone_s": round(alone_s, 2), "alone_epochs_s": [round(x, 2) for x in alone_epochs],
                        "alone_tune_s": round(tune_s, 2), "alone_tune_epochs_s": [round(x, 2) for x in tune_epochs],
                        "distilled_s": round(dist_s, 2), "distilled_epochs_s": [round(x, 2) for x in dist_epochs],
@@ -341,18 +365,22 @@ def main() -> int:
                        "distilled_plain_tune_epochs_s": [round(x, 2) for x in plain_epochs],
                        "distilled_tune_s": round(dtune_s, 2),
                        "distilled_tune_epochs_s": [round(x, 2) for x in dtune_epochs],
+                       "distilled_tune_warm_s": round(warm_s, 2),
+                       "distilled_tune_warm_epochs_s": [round(x, 2) for x in warm_epochs],
                        "cpu_s": split_cpu(watch.spent(), os.getpid()),
                        "distilled_tune_cpu_s": split_cpu(tune_watch.spent(), os.getpid())})
         print(json.dumps(rounds[-1]), flush=True)
-    result = {**summarise(rounds), "flops": flops, "reader": args.reader, "rounds": rounds, "overrides": common[:-2],
+    result = {**summarise(rounds), "flops": flops, "reader": args.reader,
+              "niceness": {"driver": os.nice(0), "trial": niceness}, "rounds": rounds, "overrides": common[:-2],
               "machine": f"{os.cpu_count()} CPUs, threads {args.threads}"}
 
     def row(seconds: float, epochs: list[float]) -> str:
         return f"{seconds:.1f} ({', '.join(f'{x:.2f}' for x in epochs)})"
 
     lines = ["| round | alone, in process: s (epochs) | alone, as a Tune trial | distilled from the cache, in process "
-             "| distilled, in a plain Tune trial | distilled, as a sweep's trial | CPU s while each Tune trial ran "
-             "(alone / distilled): trial / driver / rest |", "|---|---|---|---|---|---|---|"]
+             "| distilled, in a plain Tune trial | distilled, as a sweep's first trial | the same sweep's second trial "
+             "| CPU s while each Tune trial ran (alone / the sweep's two): trial / driver / rest |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):
         c, d = r["cpu_s"], r["distilled_tune_cpu_s"]
         lines.append(f"| {i} | {row(r['alone_s'], r['alone_epochs_s'])} | "
@@ -360,14 +388,17 @@ def main() -> int:
                      f"{row(r['distilled_s'], r['distilled_epochs_s'])} | "
                      f"{row(r['distilled_plain_tune_s'], r['distilled_plain_tune_epochs_s'])} | "
                      f"{row(r['distilled_tune_s'], r['distilled_tune_epochs_s'])} | "
+                     f"{row(r['distilled_tune_warm_s'], r['distilled_tune_warm_epochs_s'])} | "
                      f"{c['trial']:.1f} / {c['driver']:.1f} / {c['other']:.1f}; "
                      f"{d['trial']:.1f} / {d['driver']:.1f} / {d['other']:.1f} |")
     lines += ["", f"Reader of the in-process distilled arms: {args.reader}. Medians over rounds: distilled / alone "
               f"{result['distilled_over_alone']:.3f} (a later epoch {result['distilled_later_epoch_ratio']:.3f}); "
               f"a later epoch as a Tune trial / in process: alone {result['tune_later_epoch_ratio']:.3f}, distilled "
-              f"{result['distilled_tune_later_epoch_ratio']:.3f}, distilled in a plain Tune trial "
+              f"{result['distilled_tune_later_epoch_ratio']:.3f} (the sweep's second trial "
+              f"{result['distilled_tune_warm_later_epoch_ratio']:.3f}), distilled in a plain Tune trial "
               f"{result['distilled_plain_tune_later_epoch_ratio']:.3f} (the sweep's over alone's in process "
-              f"{result['distilled_tune_over_alone']:.3f}); alone's first epoch in Tune "
+              f"{result['distilled_tune_over_alone']:.3f}, its second trial's "
+              f"{result['distilled_tune_warm_over_alone']:.3f}); alone's first epoch in Tune "
               f"+{result['tune_first_epoch_excess_s']:.2f} s; the alone Tune trial's share of the CPU seconds while "
               f"it ran {100 * result['trial_cpu_share']:.1f}%.", "",
               f"One training step of the first stage on its first batch: {flops['student_step_gflop']:.3f} GFLOP "

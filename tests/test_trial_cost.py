@@ -60,6 +60,12 @@ def test_the_cpu_split_and_the_summary_from_made_up_rounds():
     for r, later in zip(rounds, ([16.0, 14.49], [17.0, 13.26, 13.26], [16.0, 12.12])):
         r["distilled_plain_tune_epochs_s"] = later
     assert bench.summarise(rounds)["distilled_plain_tune_later_epoch_ratio"] == 1.02
+    # The sweep's second (warm) trial: later epochs 14.21/13.8 = 1.03, 13.26/13 = 1.02, 12.6/12 = 1.05 -> 1.03 over
+    # in process; over alone's 14.21/12 = 1.1842, 13.26/12 = 1.105, 12.6/10 = 1.26 -> 1.184
+    for r, later in zip(rounds, ([15.0, 14.21], [15.0, 13.26, 13.26], [14.0, 12.6])):
+        r["distilled_tune_warm_epochs_s"] = later
+    got = bench.summarise(rounds)
+    assert (got["distilled_tune_warm_later_epoch_ratio"], got["distilled_tune_warm_over_alone"]) == (1.03, 1.184)
     # --onednn-arm: the same trial with SmallMapConv2d off, over the distilled one: 31.395/29.9 = 1.05,
     # 42.9/42.9 = 1.0, 28.704/27.6 = 1.04 -> 1.04
     for r, s in zip(rounds, (31.395, 42.9, 28.704)):
