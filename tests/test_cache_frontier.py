@@ -76,7 +76,7 @@ def test_the_variance_other_teachers_leave_outside_r_components_shrinks_with_r(s
     assert "fcos_resnet_mini (64 channels): variance outside r components, per level: r 8: p3" in text
 
 
-@pytest.mark.parametrize("name", ["cache_frontier", "cache_frontier_components16"])
+@pytest.mark.parametrize("name", ["cache_frontier", "cache_frontier_components16", "cache_frontier_mgd_components"])
 def test_the_committed_result_has_the_issues_fields(name):
     path = ROOT / "bench" / "results" / f"{name}.json"
     r = json.loads(path.read_text())
