@@ -37,7 +37,8 @@ The cache is `--cache` (tune_cost's `<out>/<stamp>/cache` of the same settings),
 "distilled_tune_warm_over_alone" (the same for distilled_tune_warm; absent from rounds without it, as in the results
 of sessions 22 and 23), "distilled_plain_tune_later_epoch_ratio" (a later epoch of
 distilled_plain_tune over distilled's), "flops" ({"student_step_gflop", "distilled_step_gflop",
-"distill_flops_share"}), "reader", "niceness" ({"driver", "trial"}: this process's and the plain Tune trial's)}, and "onednn_over_small_conv" with `--onednn-arm`) and prints the table.
+"distill_flops_share"}), "reader", "niceness" ({"driver", "trial"}: this process's and the plain Tune trial's)}, and
+"onednn_over_small_conv" with `--onednn-arm`) and prints the table.
 
     python bench/trial_cost.py --set "cache.compression={dtype: int8, pca: 32}" --set cache.features=components \
         --cache runs/bench_tune_cost/<stamp>/cache
@@ -354,7 +355,7 @@ def main() -> int:
                 s, epochs = distilled_in_process(job, prep, init, out / f"distilled_onednn_{r}", stores)
             onednn = {"distilled_onednn_s": round(s, 2), "distilled_onednn_epochs_s": [round(x, 2) for x in epochs]}
         plain_s, plain_epochs, niceness = distilled_plain_tune(entries(f"distilled_plain_tune_{r}"), out / "ray",
-                                                     f"distilled_plain_tune_{r}", args.threads)
+                                                               f"distilled_plain_tune_{r}", args.threads)
         with CpuWatch() as tune_watch:
             (dtune_s, dtune_epochs), (warm_s, warm_epochs) = distilled_tune(args.config, common, space,
                                                                              f"distilled_tune_{r}")
