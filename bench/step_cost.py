@@ -20,7 +20,12 @@ per teacher:
   other frameworks do);
 - (e) arm (b) with every convolution of the loss's connectors on PyTorch's default path (oneDNN on the CPU):
   `trainers.distill.common.SmallMapConv2d` off, to show what running its small convolutions with PyTorch's
-  im2col kernel saves.
+  im2col kernel saves;
+- (f) arm (b)'s loss on the same targets read before the arm (held in memory: no read, no read-ahead thread), so
+  (f)/(a) is the loss's own compute and (b)/(f) what reading the cache costs the step. Small `--steps` with many
+  `--repeats` interleave the arms finely enough that a drifting machine load cancels in the ratios;
+- (g) arm (b) reading each batch's targets in the step itself, without the read-ahead thread: (b)/(g) is what
+  reading ahead in a thread gains (or, where the student's threads fill the cores, costs) the step.
 
 It prints (b)/(a), (c)/(a), (d)/(a) per teacher and where the time of (b) goes (waiting for the targets, moving them
 to the device, the distillation losses, the rest; beside them, the background reads' own time and CPU), with the
@@ -89,10 +94,11 @@ from trainers.distill.common import SmallMapConv2d  # noqa: E402
 from trainers.distillation import DistillStep  # noqa: E402
 from trainers.train import build_dataset, make_optimizer, make_scheduler  # noqa: E402
 
-ARMS = ("a", "b", "c", "d", "e")
+ARMS = ("a", "b", "c", "d", "e", "f", "g")
 ARM_LABELS = {"a": "(a) no distillation", "b": "(b) from the cache", "c": "(c) from serving actors",
-              "d": "(d) teacher inline", "e": "(e) (b), small connector convs on oneDNN"}
-GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5", "e": ""}
+              "d": "(d) teacher inline", "e": "(e) (b), small connector convs on oneDNN",
+              "f": "(f) (b)'s loss, targets read beforehand", "g": "(g) (b), read in the step, no thread"}
+GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5", "e": "", "f": "", "g": ""}
 def loss_entries(names: str) -> list[dict[str, Any]]:
     """`--loss a,b`: the distiller entries (MGD with the authors' RetinaNet preset, the others as configured)."""
     return [{"name": n, "preset": "retinanet"} if n == "mgd" else {"name": n} for n in names.split(",")]
@@ -345,6 +351,19 @@ def train_step(s: Learner, images: list[torch.Tensor], targets: list[dict[str, A
         s.stats[k] = float(v.detach())
 
 
+def held_feed(batches: list[Batch], n: int, reader: Any) -> Feed:
+    """(b)'s targets, every batch's read before the first step and held: the steps read nothing."""
+    held = [reader.targets_for(targets) for _, targets in batches[:n]]
+    for i, (images, targets) in enumerate(batch_stream(batches, n)):
+        yield images, targets, (lambda _i, _t, tt=held[i % len(held)]: tt)
+
+
+def inline_read_feed(batches: list[Batch], n: int, reader: Any) -> Feed:
+    """(b)'s reads, each batch's in its own step (its "targets" part) rather than one batch ahead in a thread."""
+    for images, targets in batch_stream(batches, n):
+        yield images, targets, (lambda _i, t: reader.targets_for(t))
+
+
 def measure(s: Learner, feed: Feed, warmup: int, steps: int, sync_parts: bool) -> dict[str, Any]:
     """Run warmup + steps steps from `feed`; the wall time of the last `steps` (waiting for the feed included)."""
     clock = Clock(s.device, sync_parts)
@@ -447,7 +466,7 @@ def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch],
             return run_arm("b", t, template, batches, device, args, sync_parts)
     n = args.warmup + args.steps
     channels = None if arm == "a" else t.detector.level_channels
-    if arm == "b":  # a fresh reader per arm, holding no shard yet
+    if arm in ("b", "f", "g"):  # a fresh reader per arm, holding no shard yet
         from teachers.readers import CacheReader
 
         if args.reader == "object_store":
@@ -461,6 +480,10 @@ def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch],
         feed = plain_feed(batches, n)
     elif arm == "b":
         feed = cache_feed(batches, n, reader, reads)
+    elif arm == "f":
+        feed = held_feed(batches, n, reader)
+    elif arm == "g":
+        feed = inline_read_feed(batches, n, reader)
     elif arm == "c":
         feed = serve_feed(batches, n, t.server, args.prefetch_depth)
     else:
@@ -504,6 +527,10 @@ def summarise(t: TeacherSetup, rounds: list[dict[str, dict[str, Any]]], profile:
             res["ratios"][arm] = med([r[arm]["steps_per_s"] / r["a"]["steps_per_s"] for r in rounds])
     if "b" in arms and "e" in arms:  # what SmallMapConv2d saves, within each round
         res["b_over_e"] = med([r["b"]["steps_per_s"] / r["e"]["steps_per_s"] for r in rounds])
+    if "b" in arms and "f" in arms:  # what reading the cache costs the step, within each round
+        res["b_over_f"] = med([r["b"]["steps_per_s"] / r["f"]["steps_per_s"] for r in rounds])
+    if "b" in arms and "g" in arms:  # reading ahead in a thread against reading in the step, within each round
+        res["b_over_g"] = med([r["b"]["steps_per_s"] / r["g"]["steps_per_s"] for r in rounds])
     if "b" in arms:
         rows = {arm: [profile[arm]] if profile else [r[arm] for r in rounds] for arm in ("b", "a") if arm in arms}
         res["breakdown_b"] = {"synchronised": bool(profile), "reader": reader,
@@ -551,6 +578,13 @@ def markdown(results: list[dict[str, Any]], head: dict[str, Any]) -> str:
             lines += ["", f"Small connector convolutions on PyTorch's im2col kernel (`SmallMapConv2d`, below "
                           f"{SmallMapConv2d.max_macs} multiply-adds on the CPU): (b) {b:.1f} ms per step against (e) "
                           f"{e:.1f} ms on oneDNN, (b)/(e) speed {r['b_over_e']:.3f} (median of the rounds' ratios)."]
+        if "b_over_f" in r:
+            lines += ["", f"Reading the cache, against the same loss on targets held in memory: (b)/(f) speed "
+                          f"{r['b_over_f']:.3f} (median of the rounds' ratios); the loss's own compute: (f)/(a) "
+                          f"{r['ratios'].get('f', float('nan')):.3f}."]
+        if "b_over_g" in r:
+            lines += ["", f"Reading one batch ahead in a thread, against reading in the step: (b)/(g) speed "
+                          f"{r['b_over_g']:.3f} (median of the rounds' ratios; above 1: the thread gains)."]
         if r.get("cache"):
             c = r["cache"]
             made = "reused" if c["reused"] else f"{c['precompute_s']:.1f} s"
@@ -629,7 +663,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"repeatable (default: {' and '.join(DEFAULT_TEACHERS)}, random weights)")
     p.add_argument("--loss", default="mgd", help="distillation loss(es), comma separated registry names (default "
                    "mgd; e.g. fitnet or hinton_kd to see the cost of getting targets under a lighter loss)")
-    p.add_argument("--arms", default="a,b,c,d", help="comma list of a,b,c,d,e (default: a,b,c,d)")
+    p.add_argument("--arms", default="a,b,c,d", help="comma list of a,b,c,d,e,f,g (default: a,b,c,d)")
     p.add_argument("--steps", type=int, default=40, help="measured steps per arm and round")
     p.add_argument("--warmup", type=int, default=5, help="steps before the clock starts")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the arms, interleaved (medians reported)")
@@ -695,7 +729,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             t = TeacherSetup(name, ckpt, weights, load_teacher(ckpt, name, device=str(device)), serving=serving)
             print(f"teacher {name} ({weights}): preparing", flush=True)
             kinds, levels = cache_spec(template, t.detector, loss_entries(args.loss))
-            if "b" in args.arms or "e" in args.arms:
+            if {"b", "e", "f", "g"} & set(args.arms):
                 t.cache = build_cache(ckpt, data, kinds, levels, serve_gpus, args, out)
                 t.reader_path = t.cache["path"]
                 if args.reader == "object_store":

@@ -56,15 +56,41 @@ def test_step_cost_from_principal_components(shapes_root, tmp_path, ray_session)
     out = tmp_path / "out"
     argv = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--threads", "1", "--teacher", "fcos_resnet_mini",
             "--serve-cpus", "0.5", "--shard-size", "8", "--data-root", str(shapes_root), "--out", str(out),
-            "--arms", "a,b,e", "--pca", "8", "--components", "--reader", "parquet"]
+            "--arms", "a,b,e,f,g", "--pca", "8", "--components", "--reader", "parquet"]
     assert bench.main(argv) == 0
     (res,) = json.loads((out / "step_cost_cpu.json").read_text())["results"]
     assert res["cache"]["pca"] == 8 and res["cache"]["components"] is True
-    assert set(res["arms"]) == {"a", "b", "e"} and res["ratios"]["b"] > 0 and res["ratios"]["e"] > 0
+    assert set(res["arms"]) == {"a", "b", "e", "f", "g"} and all(res["ratios"][k] > 0 for k in "befg")
     # (e): (b) with the connectors' small convolutions on PyTorch's default path, compared within each round
     b, e = res["arms"]["b"]["rounds"], res["arms"]["e"]["rounds"]
     assert res["b_over_e"] == pytest.approx(b[0] / e[0])
+    # (f): (b)'s loss on targets held in memory; (b)/(f) is what reading costs the step, within each round
+    assert res["b_over_f"] == pytest.approx(b[0] / res["arms"]["f"]["rounds"][0])
+    # (g): (b)'s reads in the step, no read-ahead thread: its "targets" part is the read itself
+    assert res["b_over_g"] == pytest.approx(b[0] / res["arms"]["g"]["rounds"][0])
+    assert res["arms"]["g"]["parts_ms"]["targets"] > 0
     assert res["breakdown_b"]["reader"] == "parquet"
     table = (out / "step_cost_cpu.md").read_text()
     assert "(e) (b), small connector convs on oneDNN" in table and f"speed {res['b_over_e']:.3f}" in table
     assert "waiting for the targets (CacheReader, read one batch ahead)" in table
+    assert "(f) (b)'s loss, targets read beforehand" in table and f"(b)/(f) speed {res['b_over_f']:.3f}" in table
+    assert "(g) (b), read in the step, no thread" in table and f"(b)/(g) speed {res['b_over_g']:.3f}" in table
+
+
+def test_held_feed_reads_every_batch_before_the_first_step():
+    """Arm (f)'s feed: each batch's targets read once, all before the first step, and given back in batch order
+    (cycling over the batches as the other feeds do)."""
+    bench = _bench()
+    calls = []
+
+    class Reader:  # the feed's only use of a reader: targets_for
+        def targets_for(self, targets):
+            calls.append(targets[0]["image_id"])
+            return {"for": targets[0]["image_id"]}
+
+    batches = [([None], [{"image_id": i}]) for i in (7, 8)]
+    feed = bench.held_feed(batches, 5, Reader())
+    images, targets, teacher = next(feed)
+    assert calls == [7, 8]  # both read before the first step
+    got = [teacher(images, targets)] + [t(i, tg) for i, tg, t in feed]
+    assert calls == [7, 8] and [g["for"] for g in got] == [7, 8, 7, 8, 7]
