@@ -1,8 +1,8 @@
 """Step cost of distillation: training steps per second with and without a teacher ("cost, scale and faults").
 
 For one student, the same batches in the same order and the same loss (by default MGD, the authors' RetinaNet
-preset; `--loss` picks others; via `trainers.distill.build_distiller` with the teacher's level channels), four arms
-per teacher:
+preset; `--loss` picks others; via `trainers.distill.build_distiller` with the teacher's level channels), these arms
+per teacher (`--arms`; a, b, c and d by default):
 
 - (a) the plain student step: forward with losses, backward, gradient clipping, AdamW step (as
   `trainers.train.train_one_epoch` does it);
@@ -27,7 +27,7 @@ per teacher:
 - (g) arm (b) reading each batch's targets in the step itself, without the read-ahead thread: (b)/(g) is what
   reading ahead in a thread gains (or, where the student's threads fill the cores, costs) the step.
 
-It prints (b)/(a), (c)/(a), (d)/(a) per teacher and where the time of (b) goes (waiting for the targets, moving them
+It prints (b)/(a), (c)/(a), (d)/(a) per teacher (and (b)/(e), (b)/(f), (b)/(g) with those arms) and where the time of (b) goes (waiting for the targets, moving them
 to the device, the distillation losses, the rest; beside them, the background reads' own time and CPU), with the
 machine and the resources each figure was measured on. Arms are interleaved (a, b, c, d, a, b, ...) for `--repeats`
 rounds and each ratio is taken within a round, because the load of a shared machine drifts; the tables give medians
