@@ -27,11 +27,11 @@ per teacher (`--arms`; a, b, c and d by default):
 - (g) arm (b) reading each batch's targets in the step itself, without the read-ahead thread: (b)/(g) is what
   reading ahead in a thread gains (or, where the student's threads fill the cores, costs) the step.
 
-It prints (b)/(a), (c)/(a), (d)/(a) per teacher (and (b)/(e), (b)/(f), (b)/(g) with those arms) and where the time of (b) goes (waiting for the targets, moving them
-to the device, the distillation losses, the rest; beside them, the background reads' own time and CPU), with the
-machine and the resources each figure was measured on. Arms are interleaved (a, b, c, d, a, b, ...) for `--repeats`
-rounds and each ratio is taken within a round, because the load of a shared machine drifts; the tables give medians
-over rounds.
+It prints (b)/(a), (c)/(a), (d)/(a) per teacher (and (b)/(e), (b)/(f), (b)/(g) with those arms) and where the
+time of (b) goes (waiting for the targets, moving them to the device, the distillation losses, the rest; beside
+them, the background reads' own time and CPU), with the machine and the resources each figure was measured on. Arms
+are interleaved (a, b, c, d, a, b, ...) for `--repeats` rounds and each ratio is taken within a round, because the
+load of a shared machine drifts; the tables give medians over rounds.
 
     # the real measurement, CPU (the two default teachers: CNN fcos_resnet18_half and Swin fcos_swin_mini)
     .venv/bin/python bench/step_cost.py --steps 40 --warmup 5 --repeats 3 --threads 1
@@ -95,10 +95,14 @@ from trainers.distillation import DistillStep  # noqa: E402
 from trainers.train import build_dataset, make_optimizer, make_scheduler  # noqa: E402
 
 ARMS = ("a", "b", "c", "d", "e", "f", "g")
+CACHE_ARMS = ("b", "e", "f", "g")  # the arms that read the teacher cache
 ARM_LABELS = {"a": "(a) no distillation", "b": "(b) from the cache", "c": "(c) from serving actors",
               "d": "(d) teacher inline", "e": "(e) (b), small connector convs on oneDNN",
               "f": "(f) (b)'s loss, targets read beforehand", "g": "(g) (b), read in the step, no thread"}
-GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5", "e": "", "f": "", "g": ""}
+GOALS = {"a": "", "b": ">= 0.9", "c": ">= 0.8 (teachers on their own devices)", "d": "expected 0.3 to 0.5", "e": "",
+         "f": "", "g": ""}
+
+
 def loss_entries(names: str) -> list[dict[str, Any]]:
     """`--loss a,b`: the distiller entries (MGD with the authors' RetinaNet preset, the others as configured)."""
     return [{"name": n, "preset": "retinanet"} if n == "mgd" else {"name": n} for n in names.split(",")]
@@ -466,7 +470,7 @@ def run_arm(arm: str, t: TeacherSetup, template: Detector, batches: list[Batch],
             return run_arm("b", t, template, batches, device, args, sync_parts)
     n = args.warmup + args.steps
     channels = None if arm == "a" else t.detector.level_channels
-    if arm in ("b", "f", "g"):  # a fresh reader per arm, holding no shard yet
+    if arm in CACHE_ARMS:  # a fresh reader per arm, holding no shard yet
         from teachers.readers import CacheReader
 
         if args.reader == "object_store":
@@ -525,12 +529,11 @@ def summarise(t: TeacherSetup, rounds: list[dict[str, dict[str, Any]]], profile:
                             "step_ms": 1000.0 / med(sps), "parts_ms": parts}
         if "a" in arms:
             res["ratios"][arm] = med([r[arm]["steps_per_s"] / r["a"]["steps_per_s"] for r in rounds])
-    if "b" in arms and "e" in arms:  # what SmallMapConv2d saves, within each round
-        res["b_over_e"] = med([r["b"]["steps_per_s"] / r["e"]["steps_per_s"] for r in rounds])
-    if "b" in arms and "f" in arms:  # what reading the cache costs the step, within each round
-        res["b_over_f"] = med([r["b"]["steps_per_s"] / r["f"]["steps_per_s"] for r in rounds])
-    if "b" in arms and "g" in arms:  # reading ahead in a thread against reading in the step, within each round
-        res["b_over_g"] = med([r["b"]["steps_per_s"] / r["g"]["steps_per_s"] for r in rounds])
+    # (b) against its variants, within each round: what SmallMapConv2d saves (e), what reading the cache costs the
+    # step (f), what reading ahead in a thread gains over reading in the step (g)
+    for other in ("e", "f", "g"):
+        if "b" in arms and other in arms:
+            res[f"b_over_{other}"] = med([r["b"]["steps_per_s"] / r[other]["steps_per_s"] for r in rounds])
     if "b" in arms:
         rows = {arm: [profile[arm]] if profile else [r[arm] for r in rounds] for arm in ("b", "a") if arm in arms}
         res["breakdown_b"] = {"synchronised": bool(profile), "reader": reader,
@@ -729,7 +732,7 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
             t = TeacherSetup(name, ckpt, weights, load_teacher(ckpt, name, device=str(device)), serving=serving)
             print(f"teacher {name} ({weights}): preparing", flush=True)
             kinds, levels = cache_spec(template, t.detector, loss_entries(args.loss))
-            if {"b", "e", "f", "g"} & set(args.arms):
+            if set(CACHE_ARMS) & set(args.arms):
                 t.cache = build_cache(ckpt, data, kinds, levels, serve_gpus, args, out)
                 t.reader_path = t.cache["path"]
                 if args.reader == "object_store":
