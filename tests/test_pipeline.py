@@ -286,9 +286,12 @@ def ray_head(kill_matching, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head's session: ray start and the services it launched
         try:
-            proc.wait(timeout=60)
+            # `ray start --block` then waits about 30 s for services that ignore SIGTERM; nothing of the head is
+            # needed any more, so after a short grace they are killed (and anything left, by the temp dir, below).
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         kill_matching(temp)  # services that left the session (if any), found by our temp dir
         shutil.rmtree(temp, ignore_errors=True)
 
