@@ -286,8 +286,8 @@ def ray_head(kill_matching, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head's session: ray start and the services it launched
         try:
-            # `ray start --block` then waits about 30 s for services that ignore SIGTERM; nothing of the head is
-            # needed any more, so after a short grace they are killed (and anything left, by the temp dir, below).
+            # `ray start --block` then waits long for services that ignore SIGTERM; nothing of the head is needed
+            # any more, so after a short grace they are killed (and anything left, by the temp dir, below).
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
